@@ -1,0 +1,235 @@
+r"""Pure-PyTorch reference of the spread update: the definition every other code path must match.
+
+Notation (DESIGN.md §1). A sparse parameter :math:`\theta` is stored as hidden factors
+
+* element sparsity: :math:`\theta = U \odot W` (same shape), penalty :math:`\kappa(\|U\|^2 + \|W\|^2)`;
+* group sparsity: :math:`\theta_g = u_g W_g` (one scalar per group), penalty
+  :math:`\kappa(\sum_g u_g^2 + \|W\|^2)`.
+
+With :math:`g = \partial L / \partial \theta`, the factor gradients of the smooth objective are
+
+* element: :math:`\partial U = g W + 2\kappa U`, :math:`\partial W = g U + 2\kappa W`;
+* group: :math:`\partial u_g = \sum_{i \in g} g_i W_i + 2\kappa u_g`,
+  :math:`\partial W_i = u_{g(i)} g_i + 2\kappa W_i`.
+
+Every minimum of the smooth objective is a minimum of :math:`L + 2\kappa\|\theta\|_1` (element) or
+:math:`L + 2\kappa\sum_g\|\theta_g\|_2` (group).
+
+Exact zeros. ``U = W = 0`` (group: ``u = 0, W_g = 0``) is a saddle of the smooth objective: both factor
+gradients vanish there, so the base rule never moves such an entry. The reference therefore
+
+* *holds* entries that were exactly zero before the step at zero, whatever momentum the base carries,
+* *revives* such an entry when its L1 KKT condition is violated (``|g| > 2*kappa``, group:
+  ``||g_g|| > 2*kappa``) along the saddle's negative direction ``(1, -sign g)``, to the size of one
+  proximal-gradient (ISTA) step: ``|theta| = lr * (|g| - 2*kappa)``, balanced factors;
+* *snaps* an entry to exact zero when, after the step, ``|theta| <= zero_threshold`` and it shrank in
+  this step (group: the same with ``||theta_g||``). Entries that are growing away from zero (a fresh
+  revival, a coefficient changing sign) are never snapped, and a snapped entry that the L1 problem needs
+  is revived at the next step, so the final support is the L1 solution's, not the threshold's.
+
+Groups are described by a :class:`spread_optim.structure.GroupStructure`; a list of (structure, tensor)
+pairs is one *shared* group set when several parameters share the factor ``u``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from spread_optim.structure import GroupStructure
+
+
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Factors of low-precision parameters (bf16, fp16) are kept in float32."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _balanced_split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t = a * b`` exactly, ``b = 2**round(log2 sqrt|t|) > 0``, so ``|a|/b`` lies in ``[1/2, 2]``.
+
+    A power of two divides exactly in floating point, so ``a * b`` reproduces ``t`` bit for bit (a plain
+    ``sqrt|t| * sqrt|t|`` misses in about half the entries). Zeros give ``a = b = 0``.
+    """
+    nonzero = t != 0
+    safe = torch.where(nonzero, t.abs(), torch.ones_like(t))
+    b = torch.exp2(torch.round(torch.log2(safe) / 2))
+    b = torch.where(nonzero, b, torch.zeros_like(b))
+    a = torch.where(nonzero, t / torch.where(nonzero, b, torch.ones_like(b)), torch.zeros_like(t))
+    return a, b
+
+
+def init_element(theta: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(U, W)`` with ``U * W == theta`` exactly.
+
+    ``"balanced"``: ``|U| ~ |W| ~ sqrt|theta|`` (within a factor sqrt 2); zeros start on the saddle
+    ``U = W = 0`` and are revived by their KKT condition at the first step (a proximal-gradient step, so
+    a zero start is aligned with the first gradient). ``"unbalanced"``: ``U = 1, W = theta``.
+    """
+    t = theta.detach().to(factor_dtype(theta.dtype))
+    if scheme == "balanced":
+        return _balanced_split(t)
+    if scheme == "unbalanced":
+        return torch.ones_like(t), t.clone()
+    raise ValueError(f"unknown init scheme {scheme!r}")
+
+
+def init_group(
+    thetas: Sequence[torch.Tensor], structures: Sequence[GroupStructure], scheme: str
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Shared scalar ``u`` and per-parameter ``W`` with ``expand(u) * W == theta`` exactly.
+
+    ``"balanced"``: ``|u_g| ~ ||W_g|| ~ sqrt||theta_g||``, zero groups on the saddle; ``"unbalanced"``:
+    ``u = 1, W = theta``.
+    """
+    ts = [t.detach().to(factor_dtype(t.dtype)) for t in thetas]
+    if scheme == "unbalanced":
+        return torch.ones(structures[0].num_groups, dtype=ts[0].dtype, device=ts[0].device), [t.clone() for t in ts]
+    if scheme != "balanced":
+        raise ValueError(f"unknown init scheme {scheme!r}")
+    norms = group_norms(ts, structures)
+    _, u = _balanced_split(norms)  # u = power of two near sqrt(norm), 0 for zero groups
+    inv = torch.where(u != 0, 1.0 / torch.where(u != 0, u, torch.ones_like(u)), torch.zeros_like(u))
+    return u, [t * s.expand(inv) for t, s in zip(ts, structures)]
+
+
+def group_sq_sums(tensors: Sequence[torch.Tensor], structures: Sequence[GroupStructure]) -> torch.Tensor:
+    """``sum_p reduce_p(x_p**2)``: squared norm of each (possibly shared) group."""
+    total = None
+    for x, s in zip(tensors, structures):
+        part = s.reduce(x * x)
+        total = part if total is None else total + part
+    return total
+
+
+def group_norms(tensors: Sequence[torch.Tensor], structures: Sequence[GroupStructure]) -> torch.Tensor:
+    return group_sq_sums(tensors, structures).sqrt()
+
+
+# ----------------------------------------------------------------------------------------------------
+# factor gradients and penalty
+
+
+def element_factor_grads(
+    grads: list[torch.Tensor], Us: list[torch.Tensor], Ws: list[torch.Tensor], kappa: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``dU = g*W + 2*kappa*U`` and ``dW = g*U + 2*kappa*W`` for a list of tensors (foreach)."""
+    gU = torch._foreach_mul(grads, Ws)
+    torch._foreach_add_(gU, Us, alpha=2.0 * kappa)
+    gW = torch._foreach_mul(grads, Us)
+    torch._foreach_add_(gW, Ws, alpha=2.0 * kappa)
+    return gU, gW
+
+
+def group_factor_grads(
+    grads: Sequence[torch.Tensor],
+    u: torch.Tensor,
+    Ws: Sequence[torch.Tensor],
+    structures: Sequence[GroupStructure],
+    kappa: float,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``du_g = sum_{i in g} g_i W_i + 2*kappa*u_g`` and ``dW_i = u_g(i) g_i + 2*kappa*W_i``.
+
+    ``grads``, ``Ws`` and ``structures`` list the parameters sharing ``u`` (one parameter unless the
+    group is shared).
+    """
+    du = 2.0 * kappa * u
+    gWs = []
+    for g, W, s in zip(grads, Ws, structures):
+        du = du + s.reduce(g * W)
+        gWs.append(torch.addcmul(W * (2.0 * kappa), s.expand(u), g))
+    return du, gWs
+
+
+def penalty(factors: Sequence[torch.Tensor], kappa: float) -> torch.Tensor:
+    """``kappa * sum ||factor||^2``."""
+    return kappa * sum(f.pow(2).sum() for f in factors)
+
+
+# ----------------------------------------------------------------------------------------------------
+# exact zeros: hold, revive, snap
+
+
+def element_dead(U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Entries on the saddle ``U = W = 0``."""
+    return (U == 0) & (W == 0)
+
+
+def element_finish(
+    U: torch.Tensor,
+    W: torch.Tensor,
+    grad: torch.Tensor,
+    theta_old: torch.Tensor,
+    dead: torch.Tensor,
+    kappa: float,
+    lr: float,
+    zero_threshold: float,
+) -> None:
+    """After the base step: hold, revive and snap (module docstring), in place on ``U`` and ``W``."""
+    excess = grad.abs() - 2.0 * kappa
+    revive = dead & (excess > 0)
+    s = torch.sqrt(lr * excess.clamp(min=0))
+    theta = U * W
+    snap = (~dead) & (theta.abs() <= zero_threshold) & (theta.abs() < theta_old.abs())
+    zero = (dead & ~revive) | snap
+    U.copy_(torch.where(revive, s, torch.where(zero, torch.zeros_like(U), U)))
+    W.copy_(torch.where(revive, -torch.sign(grad) * s, torch.where(zero, torch.zeros_like(W), W)))
+
+
+def group_dead(u: torch.Tensor, Ws: Sequence[torch.Tensor], structures: Sequence[GroupStructure]) -> torch.Tensor:
+    """Groups on the saddle ``u_g = 0, W_g = 0``."""
+    return (u == 0) & (group_sq_sums(Ws, structures) == 0)
+
+
+def group_finish(
+    u: torch.Tensor,
+    Ws: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    thetas_old: Sequence[torch.Tensor],
+    structures: Sequence[GroupStructure],
+    dead: torch.Tensor,
+    kappa: float,
+    lr: float,
+    zero_threshold: float,
+) -> None:
+    """Group version of :func:`element_finish`, in place on ``u`` and every ``W``."""
+    gnorm = group_norms(grads, structures)
+    excess = gnorm - 2.0 * kappa
+    revive = dead & (excess > 0)
+    s = torch.sqrt(lr * excess.clamp(min=0))
+    theta_norm = u.abs() * group_norms(Ws, structures)
+    old_norm = group_norms([t.to(u.dtype) for t in thetas_old], structures)
+    snap = (~dead) & (theta_norm <= zero_threshold) & (theta_norm < old_norm)
+    zero = (dead & ~revive) | snap
+    # revived W_g = -s * g_g / ||g_g||, so theta_g = -s^2 g_g/||g_g|| (a proximal-gradient step)
+    direction = torch.where(revive, -s / torch.where(revive, gnorm, torch.ones_like(gnorm)), torch.zeros_like(s))
+    keep = (~zero & ~revive).to(u.dtype)
+    for W, g, st in zip(Ws, grads, structures):
+        W.copy_(W * st.expand(keep) + g * st.expand(direction))
+    u.copy_(torch.where(revive, s, u * keep))
+
+
+# ----------------------------------------------------------------------------------------------------
+# KKT residual of the L1 / group-lasso problem
+
+
+def element_kkt(theta: torch.Tensor, grad: torch.Tensor, kappa: float) -> torch.Tensor:
+    """Largest violation: ``max(|g|-2k, 0)`` where ``theta = 0``, ``|g + 2k sign(theta)|`` elsewhere."""
+    g = grad.to(factor_dtype(grad.dtype))
+    at_zero = (g.abs() - 2.0 * kappa).clamp(min=0)
+    off_zero = (g + 2.0 * kappa * torch.sign(theta.to(g.dtype))).abs()
+    return torch.where(theta == 0, at_zero, off_zero).max()
+
+
+def group_kkt(
+    thetas: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], structures: Sequence[GroupStructure], kappa: float
+) -> torch.Tensor:
+    """``max(||g_g|| - 2k, 0)`` for zero groups, ``||g_g + 2k theta_g/||theta_g|| ||`` elsewhere."""
+    gs = [g.to(factor_dtype(g.dtype)) for g in grads]
+    ts = [t.to(g.dtype) for t, g in zip(thetas, gs)]
+    tnorm = group_norms(ts, structures)
+    nonzero = tnorm > 0
+    inv = torch.where(nonzero, 2.0 * kappa / torch.where(nonzero, tnorm, torch.ones_like(tnorm)), torch.zeros_like(tnorm))
+    residual = group_norms([g + t * s.expand(inv) for g, t, s in zip(gs, ts, structures)], structures)
+    at_zero = (group_norms(gs, structures) - 2.0 * kappa).clamp(min=0)
+    return torch.where(nonzero, residual, at_zero).max()

@@ -1,0 +1,581 @@
+r"""``SpreadOptimizer``: exact L1 / group-lasso sparsity for any ``torch.optim`` base rule.
+
+For every parameter group with ``kappa > 0`` the optimizer keeps hidden factors in
+``optimizer.state[param]`` (``"U"``, ``"W"`` for element sparsity; ``"u"``, ``"W"`` for groups), hands
+them with the gradients of the smooth objective (see :mod:`spread_optim.kernels.reference`) to an
+instance of the base optimizer, and rewrites the model's parameter as ``theta = U*W`` (``u_g*W_g``)
+after each step. Groups with ``kappa = 0`` are handed to the base unchanged: they are updated exactly as
+the base alone would update them.
+
+The base's own state for each factor lives in ``optimizer.state[param]["base"][factor_name]`` (for a
+dense parameter, ``optimizer.state[param]`` *is* the base's state), so ``state_dict()`` and
+``load_state_dict()`` carry everything and a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch.optim import Optimizer
+
+from spread_optim.kernels import reference as ref
+from spread_optim.structure import GroupStructure, describe, validate_sparsity
+
+#: spread's own param-group keys and their defaults
+SPREAD_DEFAULTS: dict[str, Any] = {
+    "kappa": 0.0,
+    "sparsity": "element",
+    "share_groups": False,
+    "init": "balanced",
+    "zero_threshold": 1e-6,
+}
+INIT_SCHEMES = ("balanced", "unbalanced")
+_BASE_BY_NAME = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+#: factor names in the order they are handed to the base
+_FACTOR_KEYS = ("U", "u", "W")
+
+
+def resolve_base(base) -> type[Optimizer]:
+    """``"sgd"``/``"adam"``/``"adamw"`` or a ``torch.optim.Optimizer`` subclass."""
+    if isinstance(base, str):
+        try:
+            return _BASE_BY_NAME[base.lower()]
+        except KeyError:
+            raise ValueError(f"unknown base {base!r}; expected one of {sorted(_BASE_BY_NAME)} or an Optimizer class") from None
+    if isinstance(base, Optimizer):
+        raise TypeError(f"'base' must be an Optimizer class, not an instance: pass {type(base).__name__}, not {type(base).__name__}(...)")
+    if not (isinstance(base, type) and issubclass(base, Optimizer)):
+        raise TypeError(f"'base' must be a torch.optim.Optimizer subclass or one of {sorted(_BASE_BY_NAME)}, got {base!r}")
+    if issubclass(base, SpreadOptimizer):
+        raise TypeError("'base' cannot itself be a SpreadOptimizer")
+    return base
+
+
+def _single_group_base(base_cls: type[Optimizer]) -> bool:
+    """Bases that refuse several param groups (LBFGS): every group is handed to one base group."""
+    return issubclass(base_cls, torch.optim.LBFGS)
+
+
+class SpreadOptimizer(Optimizer):
+    r"""Exact L1 / group-lasso sparsity by redundant factors (*spread*), around any base optimizer.
+
+    Minimises ``loss + sum over groups of 2*kappa*R(theta)``, ``R = ||.||_1`` (``sparsity="element"``) or
+    the sum of the groups' Euclidean norms (``"row"``, ``"column"``, or a tensor of group ids), by running
+    the base rule on factors ``theta = U*W`` (``theta_g = u_g*W_g``) with the smooth penalty
+    ``kappa*(||U||^2 + ||W||^2)``.
+
+    Args:
+        params: iterable of tensors, ``(name, tensor)`` pairs, or param-group dicts (as in ``torch.optim``).
+        base: the base rule: a ``torch.optim.Optimizer`` subclass (SGD, Adam, AdamW, RMSprop, LBFGS, ...)
+            or ``"sgd"`` / ``"adam"`` / ``"adamw"``.
+        **defaults: the base's keyword arguments plus spread's param-group keys, each a default for every
+            group:
+
+            * ``kappa`` (float >= 0, default 0): strength; the group's penalty is ``2*kappa*R(theta)``.
+              ``kappa=0`` is a dense group, updated exactly as by the base alone. Whether a group is
+              sparse is fixed at its first step (use a tiny positive kappa to warm up from "almost dense").
+            * ``sparsity``: ``"element"`` (default), ``"row"`` (dim-0 slices: output neurons, conv
+              filters), ``"column"`` (dim-1 slices: input features/channels) or an integer tensor of
+              group ids with the parameter's shape (a group with one id per parameter in the group).
+            * ``share_groups`` (bool, default False): with ``"row"``/``"column"``, every parameter of the
+              group shares one factor per row/column: group ``j`` is the union of slice ``j`` of all of
+              them (the paper's ensemble feature selection). They must agree on that dimension's size.
+            * ``init``: ``"balanced"`` (default) or ``"unbalanced"``. Both reproduce theta bit for bit.
+              Balanced: ``|U| ~ |W| ~ sqrt|theta|`` (within a factor sqrt 2, a power-of-two split that is
+              exact in floating point); zero entries start on the saddle and are revived at the first step
+              where their KKT condition asks for it, with a proximal-gradient step (so a zero start is
+              aligned with the first gradient). Unbalanced: ``U = 1, W = theta``. Balanced is the default
+              because it converged in fewer steps on every lasso test problem we measured
+              (``benchmarks/init_schemes.py``, figures in BENCHMARKS.md) and starts at a balanced point,
+              where the smooth penalty already equals ``2*kappa*|theta|``.
+            * ``zero_threshold`` (float >= 0, default 1e-6): an entry (group) whose ``|theta|``
+              (``||theta_g||``) is at most this after a step *and* shrank in that step is set to exact
+              zero; an exact zero is held there until its KKT condition ``|g| > 2*kappa``
+              (``||g_g|| > 2*kappa``) is violated, then revived. Set it to 0 to snap nothing (exact zeros
+              then come only from the revival mechanism and from exact underflow).
+
+    Behaviour:
+        * The penalty enters the factors' gradient (coupled L2) whatever the base; the base's own
+          ``weight_decay`` is applied to dense groups only. ``maximize=True`` in a sparse group maximises
+          ``loss - 2*kappa*R(theta)``.
+        * ``step(closure)``: the closure sees ``theta = U*W`` at every evaluation (LBFGS), and the base
+          receives ``loss + penalty``, the smooth objective; ``step`` returns the closure's own loss of the
+          first evaluation, as ``torch.optim`` does.
+        * A parameter whose ``grad`` is None is left alone (in a shared group, its ``theta`` still follows
+          the shared factor, and its own ``W`` does not move).
+        * Gradients of sparse groups are checked before anything moves: a NaN/inf gradient raises
+          ``FloatingPointError`` naming the parameter and leaves parameters, factors and base state
+          exactly as they were (with ``torch.amp.GradScaler`` such steps are skipped before they reach
+          the optimizer). Inside a multi-evaluation closure (LBFGS) the factors are restored to their
+          values at the start of the step before raising.
+        * bf16/fp16 parameters keep float32 factors (and float32 base state for them).
+    """
+
+    def __init__(self, params, base, **defaults):
+        base_cls = resolve_base(base)
+        spread_kwargs = {k: defaults.pop(k) for k in list(defaults) if k in SPREAD_DEFAULTS}
+        if defaults.get("differentiable", False):
+            raise ValueError("differentiable=True is not supported by SpreadOptimizer")
+        # instantiating the base on a dummy tensor validates its keyword arguments and gives its defaults
+        probe = base_cls([torch.zeros(1, requires_grad=True)], **defaults)
+        self._base_cls = base_cls
+        self._base_kwargs = dict(defaults)
+        self._base_keys = tuple(probe.defaults)
+        self._base: Optimizer | None = None
+        self._base_layout: tuple | None = None
+        self._structures: dict = {}
+        all_defaults = {**probe.defaults, **SPREAD_DEFAULTS, **spread_kwargs}
+        super().__init__(params, all_defaults)
+
+    # ------------------------------------------------------------------------------------------------
+    # pickling / deepcopy: the base instance and the structure cache are derived, rebuilt on demand
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_base_cls=self._base_cls, _base_kwargs=self._base_kwargs, _base_keys=self._base_keys)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._base = None
+        self._base_layout = None
+        self._structures = {}
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace(type(self).__name__ + " (", f"{type(self).__name__}[{self._base_cls.__name__}] (", 1)
+
+    # ------------------------------------------------------------------------------------------------
+    # param groups and validation
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        index = len(self.param_groups)
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):
+            param_group["params"] = params = list(params)  # a generator is read once
+        tensors = [params] if isinstance(params, torch.Tensor) else [] if isinstance(params, set) else [p[1] if isinstance(p, tuple) else p for p in params]
+        seen = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        for p in tensors:
+            if isinstance(p, torch.Tensor) and id(p) in seen:
+                raise ValueError(
+                    f"param group {index}: a parameter of shape {tuple(p.shape)} is already in param group "
+                    f"{seen[id(p)]}; each tensor may belong to one group only"
+                )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group, index, full=True)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        self._base_layout = None  # the base is rebuilt at the next step
+
+    def _validate_group(self, group: dict[str, Any], index: int, full: bool) -> None:
+        where = f"param group {index}"
+        kappa = group["kappa"]
+        if isinstance(kappa, torch.Tensor):
+            if kappa.numel() != 1:
+                raise ValueError(f"{where}: 'kappa' must be a scalar, got a tensor of shape {tuple(kappa.shape)}")
+            kappa = group["kappa"] = float(kappa)
+        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)):
+            raise TypeError(f"{where}: 'kappa' must be a float >= 0, got {kappa!r}")
+        if math.isnan(kappa) or kappa < 0 or math.isinf(kappa):
+            raise ValueError(f"{where}: 'kappa' must be a finite float >= 0, got {kappa!r}")
+        threshold = group["zero_threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+            raise ValueError(f"{where}: 'zero_threshold' must be a float >= 0, got {threshold!r}")
+        if group["init"] not in INIT_SCHEMES:
+            raise ValueError(f"{where}: unknown 'init' {group['init']!r}; expected one of {INIT_SCHEMES}")
+        if not isinstance(group["share_groups"], bool):
+            raise TypeError(f"{where}: 'share_groups' must be a bool, got {group['share_groups']!r}")
+        if not full:
+            return
+        sparsity = group["sparsity"]
+        for p in group["params"]:
+            validate_sparsity(sparsity, p, where)
+            if kappa > 0 and (p.is_complex() or not p.is_floating_point()):
+                raise TypeError(f"{where}: a sparse group ('kappa' > 0) needs real floating-point parameters, got dtype {p.dtype}")
+            if kappa > 0 and p.is_sparse:
+                raise TypeError(f"{where}: sparse parameter tensors are not supported in a sparse group")
+        if group["share_groups"]:
+            if not isinstance(sparsity, str) or sparsity not in ("row", "column"):
+                raise ValueError(f"{where}: 'share_groups'=True needs 'sparsity' 'row' or 'column', got {describe(sparsity)!r}")
+            dim = 0 if sparsity == "row" else 1
+            sizes = {p.shape[dim] for p in group["params"]}
+            if len(sizes) > 1:
+                raise ValueError(f"{where}: 'share_groups'=True needs every parameter to have the same size along dim {dim}, got {sorted(sizes)}")
+        if _single_group_base(self._base_cls) and self.param_groups:
+            first = self.param_groups[0]
+            for k in self._base_keys:
+                if k != "weight_decay" and group.get(k) != first.get(k):
+                    raise ValueError(
+                        f"{where}: {self._base_cls.__name__} takes one set of options, but '{k}' differs from "
+                        f"param group 0 ({group.get(k)!r} vs {first.get(k)!r}); only spread's keys may differ per group"
+                    )
+
+    @staticmethod
+    def _is_sparse(group) -> bool:
+        return group["kappa"] > 0
+
+    # ------------------------------------------------------------------------------------------------
+    # factors
+
+    def _structure(self, p: torch.Tensor, group) -> GroupStructure:
+        cached = self._structures.get(p)
+        if cached is None or cached[0] is not group["sparsity"]:
+            cached = (group["sparsity"], GroupStructure(group["sparsity"], p.shape, p.device))
+            self._structures[p] = cached
+        return cached[1]
+
+    def _is_element(self, group) -> bool:
+        return isinstance(group["sparsity"], str) and group["sparsity"] == "element"
+
+    def _share_sets(self, group) -> list[list[torch.Tensor]]:
+        """Parameters that share one ``u``: all of them with ``share_groups``, else one each."""
+        return [list(group["params"])] if group["share_groups"] else [[p] for p in group["params"]]
+
+    def _init_factors(self, group, index: int) -> None:
+        """Create the factors of every parameter in a sparse group that has none yet (lazily, from theta)."""
+        for p in group["params"]:
+            st = self.state[p]
+            if st and "W" not in st:
+                raise ValueError(
+                    f"param group {index}: 'kappa' became > 0 after the group was stepped as a dense group; "
+                    "whether a group is sparse is fixed at its first step (start from a tiny kappa instead)"
+                )
+        for p in group["params"]:
+            if ("U" in self.state[p]) != self._is_element(group) and "W" in self.state[p]:
+                raise ValueError(f"param group {index}: 'sparsity' changed after the group's first step; the factors cannot follow")
+        if self._is_element(group):
+            for p in group["params"]:
+                if "W" not in self.state[p]:
+                    U, W = ref.init_element(p, group["init"])
+                    self.state[p].update(U=U, W=W, base={"U": {}, "W": {}})
+            return
+        for members in self._share_sets(group):
+            if all("W" in self.state[p] for p in members):
+                continue
+            if any("W" in self.state[p] for p in members):
+                raise ValueError(f"param group {index}: a shared group cannot gain members after its first step")
+            structures = [self._structure(p, group) for p in members]
+            u, Ws = ref.init_group(members, structures, group["init"])
+            for i, (p, W) in enumerate(zip(members, Ws)):
+                self.state[p].update(W=W, base={"W": {}})
+                if i == 0:
+                    self.state[p]["u"] = u
+                    self.state[p]["base"]["u"] = {}
+
+    def _factor_leaves(self, p) -> list[tuple[str, torch.Tensor]]:
+        st = self.state[p]
+        return [(k, st[k]) for k in _FACTOR_KEYS if k in st]
+
+    # ------------------------------------------------------------------------------------------------
+    # the base optimizer over factors (sparse groups) and parameters (dense groups)
+
+    def _prepare(self) -> None:
+        """Validate groups, create missing factors, (re)build the base, copy hyperparameters to it."""
+        for index, group in enumerate(self.param_groups):
+            self._validate_group(group, index, full=False)
+            if self._is_sparse(group):
+                for p in group["params"]:
+                    cached = self._structures.get(p)
+                    if not self._is_element(group) and (cached is None or cached[0] is not group["sparsity"]):
+                        validate_sparsity(group["sparsity"], p, f"param group {index}")
+                self._init_factors(group, index)
+            else:
+                for p in group["params"]:
+                    if "W" in self.state[p]:
+                        raise ValueError(
+                            f"param group {index}: 'kappa' became 0 after the group was stepped as a sparse group; "
+                            "whether a group is sparse is fixed at its first step (use a tiny kappa instead)"
+                        )
+        layout = tuple(
+            tuple(id(t) for p in g["params"] for t in ([p] if not self._is_sparse(g) else [t for _, t in self._factor_leaves(p)]))
+            for g in self.param_groups
+        )
+        if self._base is None or layout != self._base_layout:
+            self._build_base()
+            self._base_layout = layout
+        self._sync_hyperparameters()
+
+    def _build_base(self) -> None:
+        groups, links = [], {}
+        for group in self.param_groups:
+            tensors = []
+            for p in group["params"]:
+                if self._is_sparse(group):
+                    for key, leaf in self._factor_leaves(p):
+                        tensors.append(leaf)
+                        links[leaf] = self.state[p]["base"][key]
+                else:
+                    tensors.append(p)
+                    links[p] = self.state[p]
+            groups.append({"params": tensors})
+        if _single_group_base(self._base_cls):
+            groups = [{"params": [t for g in groups for t in g["params"]]}]
+        base = self._base_cls(groups, **self._base_kwargs)
+        for leaf, st in links.items():
+            base.state[leaf] = st
+        self._base = base
+
+    def _sync_hyperparameters(self) -> None:
+        """Copy the base's keys of each group (LR schedulers write ours) to the base's group."""
+        pairs = [(self.param_groups[0], self._base.param_groups[0])] if _single_group_base(self._base_cls) else zip(self.param_groups, self._base.param_groups)
+        for group, base_group in pairs:
+            for k in self._base_keys:
+                base_group[k] = group[k]
+            if self._is_sparse(group):
+                if "weight_decay" in base_group:
+                    base_group["weight_decay"] = 0.0  # the spread penalty replaces it (coupled, in the gradient)
+                if "maximize" in base_group:
+                    base_group["maximize"] = False  # handled by negating g
+
+    # ------------------------------------------------------------------------------------------------
+    # one step
+
+    def _sparse_params(self):
+        """``(group, members)`` for each set of parameters sharing factors, sparse groups only."""
+        for group in self.param_groups:
+            if self._is_sparse(group):
+                if self._is_element(group):
+                    yield group, list(group["params"])
+                else:
+                    for members in self._share_sets(group):
+                        yield group, members
+
+    def _loss_grad(self, p, group) -> torch.Tensor | None:
+        """``dL/dtheta`` as the factors see it (``-grad`` when maximising), in the factors' dtype."""
+        g = p.grad
+        if g is None:
+            return None
+        g = g.to(ref.factor_dtype(p.dtype))
+        return -g if group.get("maximize", False) else g
+
+    def _check_grads(self) -> None:
+        flags, names = [], []
+        for index, group in enumerate(self.param_groups):
+            if not self._is_sparse(group):
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"param group {index}: sparse gradients are not supported in a sparse group (parameter of shape {tuple(p.shape)})")
+                if p.grad.is_complex():
+                    raise TypeError(f"param group {index}: complex gradients are not supported in a sparse group")
+                flags.append(torch.isfinite(p.grad).all())
+                names.append((index, tuple(p.shape)))
+        if flags:
+            ok = torch.stack(flags)
+            if not bool(ok.all()):
+                bad = [names[i] for i in torch.nonzero(~ok).flatten().tolist()]
+                raise FloatingPointError(
+                    "non-finite gradient in " + ", ".join(f"param group {i} (parameter of shape {s})" for i, s in bad)
+                    + "; nothing was updated (use torch.amp.GradScaler or skip this batch)"
+                )
+
+    def _set_factor_grads(self) -> torch.Tensor:
+        """Hand the factor gradients of the smooth objective to the base's leaves; return the penalty."""
+        total = 0.0
+        for group, members in self._sparse_params():
+            kappa = group["kappa"]
+            grads = [self._loss_grad(p, group) for p in members]
+            if self._is_element(group):
+                live = [(p, g) for p, g in zip(members, grads) if g is not None]
+                for p, g in zip(members, grads):
+                    if g is None:
+                        self.state[p]["U"].grad = self.state[p]["W"].grad = None
+                if live:
+                    Us = [self.state[p]["U"] for p, _ in live]
+                    Ws = [self.state[p]["W"] for p, _ in live]
+                    gU, gW = ref.element_factor_grads([g for _, g in live], Us, Ws, kappa)
+                    for U, W, a, b in zip(Us, Ws, gU, gW):
+                        U.grad, W.grad = a, b
+                total = total + sum(ref.penalty([self.state[p]["U"], self.state[p]["W"]], kappa) for p in members)
+                continue
+            u = self.state[members[0]]["u"]
+            Ws = [self.state[p]["W"] for p in members]
+            if all(g is None for g in grads):
+                u.grad = None
+                for W in Ws:
+                    W.grad = None
+            else:
+                structures = [self._structure(p, group) for p in members]
+                filled = [torch.zeros_like(W) if g is None else g for g, W in zip(grads, Ws)]
+                du, dWs = ref.group_factor_grads(filled, u, Ws, structures, kappa)
+                u.grad = du
+                for W, dW, g in zip(Ws, dWs, grads):
+                    W.grad = None if g is None else dW
+            total = total + ref.penalty([u, *Ws], kappa)
+        return total
+
+    def _dead_masks(self) -> list:
+        masks = []
+        for group, members in self._sparse_params():
+            if self._is_element(group):
+                masks.append([ref.element_dead(self.state[p]["U"], self.state[p]["W"]) for p in members])
+            else:
+                structures = [self._structure(p, group) for p in members]
+                masks.append(ref.group_dead(self.state[members[0]]["u"], [self.state[p]["W"] for p in members], structures))
+        return masks
+
+    def _finish(self, dead_masks) -> None:
+        """Hold/revive/snap exact zeros, then rewrite theta from the factors."""
+        for (group, members), dead in zip(self._sparse_params(), dead_masks):
+            kappa, thr, lr = group["kappa"], group["zero_threshold"], float(group.get("lr", 1.0))
+            grads = [self._loss_grad(p, group) for p in members]
+            if self._is_element(group):
+                for p, g, d in zip(members, grads, dead):
+                    if g is None:
+                        continue
+                    st = self.state[p]
+                    ref.element_finish(st["U"], st["W"], g, p, d, kappa, lr, thr)
+                    p.copy_(st["U"] * st["W"])
+                continue
+            if all(g is None for g in grads):
+                continue
+            st0 = self.state[members[0]]
+            Ws = [self.state[p]["W"] for p in members]
+            structures = [self._structure(p, group) for p in members]
+            filled = [torch.zeros_like(W) if g is None else g for g, W in zip(grads, Ws)]
+            ref.group_finish(st0["u"], Ws, filled, list(members), structures, dead, kappa, lr, thr)
+            for p, W, s in zip(members, Ws, structures):
+                p.copy_(s.expand(st0["u"]) * W)
+
+    def _write_theta(self) -> None:
+        for group, members in self._sparse_params():
+            if self._is_element(group):
+                for p in members:
+                    p.copy_(self.state[p]["U"] * self.state[p]["W"])
+            else:
+                u = self.state[members[0]]["u"]
+                for p in members:
+                    p.copy_(self._structure(p, group).expand(u) * self.state[p]["W"])
+
+    def _factor_snapshot(self) -> list[torch.Tensor]:
+        return [t.clone() for _, members in self._sparse_params() for p in members for _, t in self._factor_leaves(p)]
+
+    def _restore(self, snapshot) -> None:
+        leaves = [t for _, members in self._sparse_params() for p in members for _, t in self._factor_leaves(p)]
+        for t, saved in zip(leaves, snapshot):
+            t.copy_(saved)
+        self._write_theta()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one optimisation step (see the class docstring for closure semantics)."""
+        self._prepare()
+        dead = self._dead_masks()
+        if closure is None:
+            self._check_grads()
+            self._set_factor_grads()
+            self._base.step()
+            self._finish(dead)
+            return None
+
+        first_loss: list = []
+        snapshot = self._factor_snapshot() if _single_group_base(self._base_cls) else None
+
+        def spread_closure():
+            with torch.no_grad():
+                if first_loss:
+                    self._write_theta()  # the base moved the factors since the last evaluation
+            with torch.enable_grad():
+                loss = closure()
+            with torch.no_grad():
+                self._check_grads()
+                pen = self._set_factor_grads()
+            if not first_loss:
+                first_loss.append(loss)
+            if isinstance(pen, torch.Tensor):  # the base minimises the smooth objective
+                return (loss.detach() if isinstance(loss, torch.Tensor) else loss) + pen
+            return loss
+
+        try:
+            self._base.step(spread_closure)
+        except FloatingPointError:
+            if snapshot is not None and first_loss:
+                self._restore(snapshot)
+            raise
+        self._finish(dead)
+        return first_loss[0] if first_loss else None
+
+    # ------------------------------------------------------------------------------------------------
+    # diagnostics
+
+    def penalty(self) -> float:
+        """The smooth penalty ``sum kappa*(||U||^2+||W||^2)`` of the current factors (0 before the first step)."""
+        total = 0.0
+        for group, members in self._sparse_params():
+            factors = [t for p in members for _, t in self._factor_leaves(p)]
+            if factors:
+                total += float(ref.penalty(factors, group["kappa"]))
+        return total
+
+    @torch.no_grad()
+    def kkt_residual(self) -> float:
+        """Largest violation of the L1 / group-lasso optimality conditions over the sparse groups.
+
+        Uses the current ``param.grad``: call it after ``backward()`` at the current parameters. For each
+        entry, ``max(|g| - 2*kappa, 0)`` where ``theta = 0`` and ``|g + 2*kappa*sign(theta)|`` elsewhere
+        (groups: ``max(||g_g|| - 2*kappa, 0)`` resp. ``||g_g + 2*kappa*theta_g/||theta_g|| ||``). Zero at
+        an exact minimum of ``loss + 2*kappa*R(theta)``; parameters without a gradient are skipped.
+        """
+        worst = 0.0
+        for group, members in self._sparse_params():
+            kappa = group["kappa"]
+            if self._is_element(group):
+                for p in members:
+                    g = self._loss_grad(p, group)
+                    if g is not None and p.numel():
+                        worst = max(worst, float(ref.element_kkt(p, g, kappa)))
+                continue
+            live = [(p, self._loss_grad(p, group)) for p in members]
+            live = [(p, g) for p, g in live if g is not None and p.numel()]
+            if live:
+                structures = [self._structure(p, group) for p, _ in live]
+                worst = max(worst, float(ref.group_kkt([p for p, _ in live], [g for _, g in live], structures, kappa)))
+        return worst
+
+    # ------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; factors and their base state keep the factors' dtype (float32 for
+        bf16 parameters), everything is moved to the parameter's device."""
+        factor_dtypes = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                factor_dtypes[p] = ref.factor_dtype(p.dtype) if self._is_sparse(group) else None
+        # Optimizer.load_state_dict casts floating state to the parameter's dtype; keep a float32 copy of
+        # sparse entries of low-precision parameters and put it back afterwards.
+        saved_groups = state_dict["param_groups"]
+        ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        keep = {}
+        if len(ids) == len(params):
+            for i, p in zip(ids, params):
+                entry = state_dict["state"].get(i)
+                if entry is not None and "W" in entry and factor_dtypes.get(p) not in (None, p.dtype):
+                    keep[p] = _map_tensors(entry, lambda k, t, d=factor_dtypes[p], dev=p.device: t.clone() if k == "step" else t.to(device=dev, dtype=d, copy=True) if t.is_floating_point() else t.to(dev, copy=True))
+        super().load_state_dict(state_dict)
+        for p, entry in keep.items():
+            self.state[p] = entry
+        self._base = None
+        self._base_layout = None
+        self._structures = {}
+
+
+def _map_tensors(value, fn, key=None):
+    """Copy of nested dicts/lists/tuples with ``fn(key, tensor)`` applied to every tensor (``key``: the
+    innermost dict key above it, as ``torch.optim`` keeps ``"step"`` apart)."""
+    if isinstance(value, torch.Tensor):
+        return fn(key, value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn, key) for v in value)
+    return value

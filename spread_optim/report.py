@@ -1,0 +1,111 @@
+"""``sparsity_report``: how sparse a model (or an optimizer's parameters) is, per parameter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+
+import torch
+
+from spread_optim.structure import GroupStructure, describe
+
+
+@dataclass
+class ParamSparsity:
+    """One row: ``zero_groups``/``num_groups`` count groups whose entries are all exactly zero (for
+    element sparsity, entries); ``kappa`` is None for a parameter no optimizer regularises."""
+
+    name: str
+    shape: tuple
+    kappa: float | None
+    sparsity: str
+    numel: int
+    zeros: int
+    zero_groups: int
+    num_groups: int
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+class SparsityReport(list):
+    """A list of :class:`ParamSparsity` rows that prints as a table."""
+
+    @property
+    def total_zero_fraction(self) -> float:
+        n = sum(r.numel for r in self)
+        return sum(r.zeros for r in self) / n if n else 0.0
+
+    def to_dicts(self) -> list[dict]:
+        return [dict(asdict(r), zero_fraction=r.zero_fraction) for r in self]
+
+    def __str__(self) -> str:
+        header = ("parameter", "shape", "kappa", "sparsity", "zeros", "zero groups")
+        rows = [
+            (
+                r.name,
+                "x".join(map(str, r.shape)) or "scalar",
+                "-" if r.kappa is None else f"{r.kappa:g}",
+                r.sparsity,
+                f"{100 * r.zero_fraction:.1f}%",
+                f"{r.zero_groups}/{r.num_groups}",
+            )
+            for r in self
+        ]
+        total = sum(r.numel for r in self)
+        rows.append(("total", str(total), "", "", f"{100 * self.total_zero_fraction:.1f}%", ""))
+        widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        out = [line(header), line(["-" * w for w in widths])]
+        out += [line(r) for r in rows[:-1]] + [line(["-" * w for w in widths]), line(rows[-1])]
+        return "\n".join(out)
+
+    __repr__ = __str__
+
+
+def _row(name: str, p: torch.Tensor, kappa, sparsity) -> ParamSparsity:
+    data = p.detach()
+    zero = data == 0
+    kind = describe(sparsity)
+    if kind == "element" or data.dim() == 0 or (kind == "column" and data.dim() < 2):
+        groups, zero_groups = data.numel(), int(zero.sum())
+    else:
+        structure = GroupStructure(sparsity, data.shape, data.device)
+        nonzero_per_group = structure.reduce((~zero).to(torch.float32))
+        groups, zero_groups = structure.num_groups, int((nonzero_per_group == 0).sum())
+    return ParamSparsity(name, tuple(data.shape), kappa, kind, data.numel(), int(zero.sum()), zero_groups, groups)
+
+
+def sparsity_report(model_or_optimizer, optimizer=None) -> SparsityReport:
+    """Per parameter: name, shape, kappa, sparsity kind, fraction of exact zeros, groups entirely zero.
+
+    ``sparsity_report(model)`` lists every parameter of a module (names from ``named_parameters``,
+    kappa ``-``, entries counted as groups); ``sparsity_report(optimizer)`` lists the parameters of every
+    param group with its ``kappa`` and ``sparsity`` (names from ``named_parameters`` passed to the
+    optimizer, else ``group<i>.<j>``); ``sparsity_report(model, optimizer)`` combines both.
+    ``print()`` the result for a table; rows are :class:`ParamSparsity`.
+    """
+    if isinstance(model_or_optimizer, torch.optim.Optimizer):
+        if optimizer is not None:
+            raise TypeError("pass sparsity_report(model, optimizer) or sparsity_report(optimizer)")
+        model, optimizer = None, model_or_optimizer
+    elif isinstance(model_or_optimizer, torch.nn.Module):
+        model = model_or_optimizer
+    else:
+        raise TypeError(f"sparsity_report expects an nn.Module or a torch.optim.Optimizer, got {type(model_or_optimizer).__name__}")
+    settings, names = {}, {}
+    if optimizer is not None:
+        for i, group in enumerate(optimizer.param_groups):
+            group_names = group.get("param_names") or [f"group{i}.{j}" for j in range(len(group["params"]))]
+            for p, name in zip(group["params"], group_names):
+                settings[p] = (group.get("kappa", 0.0), group.get("sparsity", "element"))
+                names[p] = name
+    report = SparsityReport()
+    if model is not None:
+        for name, p in model.named_parameters():
+            kappa, sparsity = settings.get(p, (None, "element"))
+            report.append(_row(name, p, kappa, sparsity))
+    else:
+        for p, (kappa, sparsity) in settings.items():
+            report.append(_row(names[p], p, kappa, sparsity))
+    return report
