@@ -22,10 +22,14 @@ gradients vanish there, so the base rule never moves such an entry. The referenc
 * *revives* such an entry when its L1 KKT condition is violated (``|g| > 2*kappa``, group:
   ``||g_g|| > 2*kappa``) along the saddle's negative direction ``(1, -sign g)``, to the size of one
   proximal-gradient (ISTA) step: ``|theta| = lr * (|g| - 2*kappa)``, balanced factors;
-* *snaps* an entry to exact zero when, after the step, ``|theta| <= zero_threshold`` and it shrank in
-  this step (group: the same with ``||theta_g||``). Entries that are growing away from zero (a fresh
-  revival, a coefficient changing sign) are never snapped, and a snapped entry that the L1 problem needs
-  is revived at the next step, so the final support is the L1 solution's, not the threshold's.
+* *snaps* an entry to exact zero when, after the step, ``|theta| <= zero_threshold`` and it did not
+  grow in this step, or when theta changed sign in this step (group: ``||theta_g||`` and a negative
+  inner product of the new and old ``theta_g``). Entries growing away from zero (a fresh revival) are
+  never snapped by the threshold. The sign test catches what no threshold can: adaptive bases (Adam)
+  make a dead factor oscillate around zero with an amplitude of about ``lr``, so ``|theta|`` never
+  falls under a fixed threshold, but it changes sign. A coefficient that truly has to cross zero is
+  snapped on the way and revived on the other side at the next step (its KKT condition is violated),
+  so the final support is the L1 solution's, not the threshold's.
 
 Groups are described by a :class:`spread_optim.structure.GroupStructure`; a list of (structure, tensor)
 pairs is one *shared* group set when several parameters share the factor ``u``.
@@ -170,7 +174,8 @@ def element_finish(
     revive = dead & (excess > 0)
     s = torch.sqrt(lr * excess.clamp(min=0))
     theta = U * W
-    snap = (~dead) & (theta.abs() <= zero_threshold) & (theta.abs() < theta_old.abs())
+    crossed = theta * theta_old < 0
+    snap = (~dead) & (((theta.abs() <= zero_threshold) & (theta.abs() <= theta_old.abs())) | crossed)
     zero = (dead & ~revive) | snap
     U.copy_(torch.where(revive, s, torch.where(zero, torch.zeros_like(U), U)))
     W.copy_(torch.where(revive, -torch.sign(grad) * s, torch.where(zero, torch.zeros_like(W), W)))
@@ -197,9 +202,11 @@ def group_finish(
     excess = gnorm - 2.0 * kappa
     revive = dead & (excess > 0)
     s = torch.sqrt(lr * excess.clamp(min=0))
+    olds = [t.to(u.dtype) for t in thetas_old]
     theta_norm = u.abs() * group_norms(Ws, structures)
-    old_norm = group_norms([t.to(u.dtype) for t in thetas_old], structures)
-    snap = (~dead) & (theta_norm <= zero_threshold) & (theta_norm < old_norm)
+    old_norm = group_norms(olds, structures)
+    inner = u * sum(st.reduce(W * old) for W, old, st in zip(Ws, olds, structures))  # <theta_new, theta_old>
+    snap = (~dead) & (((theta_norm <= zero_threshold) & (theta_norm <= old_norm)) | (inner < 0))
     zero = (dead & ~revive) | snap
     # revived W_g = -s * g_g / ||g_g||, so theta_g = -s^2 g_g/||g_g|| (a proximal-gradient step)
     direction = torch.where(revive, -s / torch.where(revive, gnorm, torch.ones_like(gnorm)), torch.zeros_like(s))

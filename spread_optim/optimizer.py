@@ -91,10 +91,12 @@ class SpreadOptimizer(Optimizer):
               (``benchmarks/init_schemes.py``, figures in BENCHMARKS.md) and starts at a balanced point,
               where the smooth penalty already equals ``2*kappa*|theta|``.
             * ``zero_threshold`` (float >= 0, default 1e-6): an entry (group) whose ``|theta|``
-              (``||theta_g||``) is at most this after a step *and* shrank in that step is set to exact
-              zero; an exact zero is held there until its KKT condition ``|g| > 2*kappa``
-              (``||g_g|| > 2*kappa``) is violated, then revived. Set it to 0 to snap nothing (exact zeros
-              then come only from the revival mechanism and from exact underflow).
+              (``||theta_g||``) is at most this after a step *and* did not grow in that step is set to
+              exact zero, and so is one whose theta changed sign in the step (adaptive bases such as Adam
+              make dead factors oscillate around zero with amplitude ~lr, so no fixed threshold catches
+              them, but the sign flip does). An exact zero is held there until its KKT condition
+              ``|g| > 2*kappa`` (``||g_g|| > 2*kappa``) is violated, then revived with one
+              proximal-gradient step. With ``zero_threshold=0`` only sign flips snap.
 
     Behaviour:
         * The penalty enters the factors' gradient (coupled L2) whatever the base; the base's own
