@@ -22,10 +22,11 @@ gradients vanish there, so the base rule never moves such an entry. The referenc
 * *revives* such an entry when its L1 KKT condition is violated (``|g| > 2*kappa``, group:
   ``||g_g|| > 2*kappa``) along the saddle's negative direction ``(1, -sign g)``, to the size of one
   proximal-gradient (ISTA) step: ``|theta| = lr * (|g| - 2*kappa)``, balanced factors;
-* *snaps* an entry to exact zero when, after the step, ``|theta| <= zero_threshold`` and it did not
-  grow in this step, or when theta changed sign in this step (group: ``||theta_g||`` and a negative
-  inner product of the new and old ``theta_g``). Entries growing away from zero (a fresh revival) are
-  never snapped by the threshold. The sign test catches what no threshold can: adaptive bases (Adam)
+* *snaps* an entry to exact zero when, after the step, ``|theta| <= zero_threshold`` and it either
+  did not grow in this step or its KKT condition says zero is optimal (``|g| <= 2*kappa``), or when
+  theta changed sign in this step (group: ``||theta_g||``, ``||g_g||`` and a negative inner product of
+  the new and old ``theta_g``). An entry growing away from zero because the L1 problem needs it (a
+  fresh revival) is never snapped by the threshold. The sign test catches what no threshold can: adaptive bases (Adam)
   make a dead factor oscillate around zero with an amplitude of about ``lr``, so ``|theta|`` never
   falls under a fixed threshold, but it changes sign. A coefficient that truly has to cross zero is
   snapped on the way and revived on the other side at the next step (its KKT condition is violated),
@@ -91,10 +92,18 @@ def init_group(
         return torch.ones(structures[0].num_groups, dtype=ts[0].dtype, device=ts[0].device), [t.clone() for t in ts]
     if scheme != "balanced":
         raise ValueError(f"unknown init scheme {scheme!r}")
-    norms = group_norms(ts, structures)
+    # the norm only picks a power of two, so float64 (no overflow of the squares) is plenty
+    norms = group_norms([t.double() for t in ts], structures)
     _, u = _balanced_split(norms)  # u = power of two near sqrt(norm), 0 for zero groups
+    u = u.to(ts[0].dtype)
     inv = torch.where(u != 0, 1.0 / torch.where(u != 0, u, torch.ones_like(u)), torch.zeros_like(u))
-    return u, [t * s.expand(inv) for t, s in zip(ts, structures)]
+    Ws = [t * s.expand(inv) for t, s in zip(ts, structures)]
+    # a group spanning a huge dynamic range can push W into subnormals (or overflow u): start it at u = 1
+    inexact = sum(s.reduce((s.expand(u) * W != t).to(t.dtype)) for W, t, s in zip(Ws, ts, structures)) > 0
+    if bool(inexact.any()):
+        u = torch.where(inexact, torch.ones_like(u), u)
+        Ws = [torch.where(s.expand(inexact), t, W) for W, t, s in zip(Ws, ts, structures)]
+    return u, Ws
 
 
 def group_sq_sums(tensors: Sequence[torch.Tensor], structures: Sequence[GroupStructure]) -> torch.Tensor:
@@ -175,7 +184,8 @@ def element_finish(
     s = torch.sqrt(lr * excess.clamp(min=0))
     theta = U * W
     crossed = theta * theta_old < 0
-    snap = (~dead) & (((theta.abs() <= zero_threshold) & (theta.abs() <= theta_old.abs())) | crossed)
+    settled = (theta.abs() <= theta_old.abs()) | (excess <= 0)  # not growing, or zero is optimal
+    snap = (~dead) & (((theta.abs() <= zero_threshold) & settled) | crossed)
     zero = (dead & ~revive) | snap
     U.copy_(torch.where(revive, s, torch.where(zero, torch.zeros_like(U), U)))
     W.copy_(torch.where(revive, -torch.sign(grad) * s, torch.where(zero, torch.zeros_like(W), W)))
@@ -206,7 +216,8 @@ def group_finish(
     theta_norm = u.abs() * group_norms(Ws, structures)
     old_norm = group_norms(olds, structures)
     inner = u * sum(st.reduce(W * old) for W, old, st in zip(Ws, olds, structures))  # <theta_new, theta_old>
-    snap = (~dead) & (((theta_norm <= zero_threshold) & (theta_norm <= old_norm)) | (inner < 0))
+    settled = (theta_norm <= old_norm) | (excess <= 0)  # not growing, or zero is optimal
+    snap = (~dead) & (((theta_norm <= zero_threshold) & settled) | (inner < 0))
     zero = (dead & ~revive) | snap
     # revived W_g = -s * g_g / ||g_g||, so theta_g = -s^2 g_g/||g_g|| (a proximal-gradient step)
     direction = torch.where(revive, -s / torch.where(revive, gnorm, torch.ones_like(gnorm)), torch.zeros_like(s))

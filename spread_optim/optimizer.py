@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 
 from spread_optim.kernels import reference as ref
-from spread_optim.structure import GroupStructure, describe, validate_sparsity
+from spread_optim.structure import GroupStructure, describe, validate_sparsity, validate_spec
 
 #: spread's own param-group keys and their defaults
 SPREAD_DEFAULTS: dict[str, Any] = {
@@ -91,8 +91,8 @@ class SpreadOptimizer(Optimizer):
               (``benchmarks/init_schemes.py``, figures in BENCHMARKS.md) and starts at a balanced point,
               where the smooth penalty already equals ``2*kappa*|theta|``.
             * ``zero_threshold`` (float >= 0, default 1e-6): an entry (group) whose ``|theta|``
-              (``||theta_g||``) is at most this after a step *and* did not grow in that step is set to
-              exact zero, and so is one whose theta changed sign in the step (adaptive bases such as Adam
+              (``||theta_g||``) is at most this after a step *and* did not grow in that step (or has
+              ``|g| <= 2*kappa``, zero being optimal) is set to exact zero, and so is one whose theta changed sign in the step (adaptive bases such as Adam
               make dead factors oscillate around zero with amplitude ~lr, so no fixed threshold catches
               them, but the sign flip does). An exact zero is held there until its KKT condition
               ``|g| > 2*kappa`` (``||g_g|| > 2*kappa``) is violated, then revived with one
@@ -128,6 +128,7 @@ class SpreadOptimizer(Optimizer):
         self._base: Optimizer | None = None
         self._base_layout: tuple | None = None
         self._structures: dict = {}
+        self._dense_stepped: set[int] = set()  # ids of parameters stepped in a dense group (SGD keeps no state)
         all_defaults = {**probe.defaults, **SPREAD_DEFAULTS, **spread_kwargs}
         super().__init__(params, all_defaults)
 
@@ -144,6 +145,7 @@ class SpreadOptimizer(Optimizer):
         self._base = None
         self._base_layout = None
         self._structures = {}
+        self._dense_stepped = set()
 
     def __repr__(self) -> str:
         return super().__repr__().replace(type(self).__name__ + " (", f"{type(self).__name__}[{self._base_cls.__name__}] (", 1)
@@ -193,22 +195,6 @@ class SpreadOptimizer(Optimizer):
             raise ValueError(f"{where}: unknown 'init' {group['init']!r}; expected one of {INIT_SCHEMES}")
         if not isinstance(group["share_groups"], bool):
             raise TypeError(f"{where}: 'share_groups' must be a bool, got {group['share_groups']!r}")
-        if not full:
-            return
-        sparsity = group["sparsity"]
-        for p in group["params"]:
-            validate_sparsity(sparsity, p, where)
-            if kappa > 0 and (p.is_complex() or not p.is_floating_point()):
-                raise TypeError(f"{where}: a sparse group ('kappa' > 0) needs real floating-point parameters, got dtype {p.dtype}")
-            if kappa > 0 and p.is_sparse:
-                raise TypeError(f"{where}: sparse parameter tensors are not supported in a sparse group")
-        if group["share_groups"]:
-            if not isinstance(sparsity, str) or sparsity not in ("row", "column"):
-                raise ValueError(f"{where}: 'share_groups'=True needs 'sparsity' 'row' or 'column', got {describe(sparsity)!r}")
-            dim = 0 if sparsity == "row" else 1
-            sizes = {p.shape[dim] for p in group["params"]}
-            if len(sizes) > 1:
-                raise ValueError(f"{where}: 'share_groups'=True needs every parameter to have the same size along dim {dim}, got {sorted(sizes)}")
         if _single_group_base(self._base_cls) and self.param_groups:
             first = self.param_groups[0]
             for k in self._base_keys:
@@ -217,6 +203,24 @@ class SpreadOptimizer(Optimizer):
                         f"{where}: {self._base_cls.__name__} takes one set of options, but '{k}' differs from "
                         f"param group 0 ({group.get(k)!r} vs {first.get(k)!r}); only spread's keys may differ per group"
                     )
+        if not full:
+            return
+        sparsity = group["sparsity"]
+        validate_spec(sparsity, where)
+        for p in group["params"]:
+            if kappa > 0:  # a dense group ignores 'sparsity' (a top-level default may not fit its biases)
+                validate_sparsity(sparsity, p, where)
+            if kappa > 0 and (p.is_complex() or not p.is_floating_point()):
+                raise TypeError(f"{where}: a sparse group ('kappa' > 0) needs real floating-point parameters, got dtype {p.dtype}")
+            if kappa > 0 and p.is_sparse:
+                raise TypeError(f"{where}: sparse parameter tensors are not supported in a sparse group")
+        if group["share_groups"] and kappa > 0:
+            if not isinstance(sparsity, str) or sparsity not in ("row", "column"):
+                raise ValueError(f"{where}: 'share_groups'=True needs 'sparsity' 'row' or 'column', got {describe(sparsity)!r}")
+            dim = 0 if sparsity == "row" else 1
+            sizes = {p.shape[dim] for p in group["params"]}
+            if len(sizes) > 1:
+                raise ValueError(f"{where}: 'share_groups'=True needs every parameter to have the same size along dim {dim}, got {sorted(sizes)}")
 
     @staticmethod
     def _is_sparse(group) -> bool:
@@ -243,7 +247,7 @@ class SpreadOptimizer(Optimizer):
         """Create the factors of every parameter in a sparse group that has none yet (lazily, from theta)."""
         for p in group["params"]:
             st = self.state[p]
-            if st and "W" not in st:
+            if (st and "W" not in st) or id(p) in self._dense_stepped:
                 raise ValueError(
                     f"param group {index}: 'kappa' became > 0 after the group was stepped as a dense group; "
                     "whether a group is sparse is fixed at its first step (start from a tiny kappa instead)"
@@ -288,6 +292,7 @@ class SpreadOptimizer(Optimizer):
                         validate_sparsity(group["sparsity"], p, f"param group {index}")
                 self._init_factors(group, index)
             else:
+                self._dense_stepped.update(id(p) for p in group["params"])
                 for p in group["params"]:
                     if "W" in self.state[p]:
                         raise ValueError(
@@ -474,11 +479,14 @@ class SpreadOptimizer(Optimizer):
         if closure is None:
             self._check_grads()
             self._set_factor_grads()
+            gradless = self._gradless_factors()
             self._base.step()
+            self._restore_gradless(gradless)
             self._finish(dead)
             return None
 
         first_loss: list = []
+        gradless: list = []
         snapshot = self._factor_snapshot() if _single_group_base(self._base_cls) else None
 
         def spread_closure():
@@ -492,6 +500,7 @@ class SpreadOptimizer(Optimizer):
                 pen = self._set_factor_grads()
             if not first_loss:
                 first_loss.append(loss)
+                gradless.extend(self._gradless_factors())
             if isinstance(pen, torch.Tensor):  # the base minimises the smooth objective
                 return (loss.detach() if isinstance(loss, torch.Tensor) else loss) + pen
             return loss
@@ -502,8 +511,22 @@ class SpreadOptimizer(Optimizer):
             if snapshot is not None and first_loss:
                 self._restore(snapshot)
             raise
+        self._restore_gradless(gradless)
         self._finish(dead)
         return first_loss[0] if first_loss else None
+
+    def _gradless_factors(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(param, leaf, copy)`` for the factors whose gradient is None: some bases (LBFGS) move a
+        parameter without a gradient along their history; spread leaves it alone."""
+        return [(p, leaf, leaf.clone()) for _, members in self._sparse_params() for p in members
+                for _, leaf in self._factor_leaves(p) if leaf.grad is None]
+
+    def _restore_gradless(self, saved) -> None:
+        """Put those factors back, and theta with them (a closure evaluation may have rewritten it)."""
+        for _, leaf, value in saved:
+            leaf.copy_(value)
+        if saved:
+            self._write_theta()
 
     # ------------------------------------------------------------------------------------------------
     # diagnostics

@@ -27,11 +27,22 @@ def describe(sparsity) -> str:
     return str(sparsity)
 
 
-def validate_sparsity(sparsity, param: torch.Tensor, where: str) -> None:
-    """Raise ValueError/TypeError when ``sparsity`` does not fit ``param``; ``where`` names the group."""
+def validate_spec(sparsity, where: str) -> None:
+    """Raise ValueError/TypeError unless ``sparsity`` is a known kind or an integer tensor of ids."""
     if isinstance(sparsity, torch.Tensor):
         if sparsity.dtype.is_floating_point or sparsity.dtype.is_complex or sparsity.dtype == torch.bool:
             raise TypeError(f"{where}: 'sparsity' group ids must be an integer tensor, got dtype {sparsity.dtype}")
+    elif not isinstance(sparsity, str) or sparsity not in SPARSITY_KINDS:
+        raise ValueError(
+            f"{where}: unknown 'sparsity' {sparsity!r}; expected one of {SPARSITY_KINDS} "
+            "or an integer tensor of group ids"
+        )
+
+
+def validate_sparsity(sparsity, param: torch.Tensor, where: str) -> None:
+    """Raise ValueError/TypeError when ``sparsity`` does not fit ``param``; ``where`` names the group."""
+    validate_spec(sparsity, where)
+    if isinstance(sparsity, torch.Tensor):
         if tuple(sparsity.shape) != tuple(param.shape):
             raise ValueError(
                 f"{where}: 'sparsity' group ids have shape {tuple(sparsity.shape)}, "
@@ -40,11 +51,6 @@ def validate_sparsity(sparsity, param: torch.Tensor, where: str) -> None:
         if sparsity.numel() and int(sparsity.min()) < 0:
             raise ValueError(f"{where}: 'sparsity' group ids must be >= 0")
         return
-    if not isinstance(sparsity, str) or sparsity not in SPARSITY_KINDS:
-        raise ValueError(
-            f"{where}: unknown 'sparsity' {sparsity!r}; expected one of {SPARSITY_KINDS} "
-            "or an integer tensor of group ids"
-        )
     if sparsity == "row" and param.dim() < 1:
         raise ValueError(f"{where}: 'sparsity'='row' needs a parameter with >= 1 dim, got a scalar")
     if sparsity == "column" and param.dim() < 2:
