@@ -1,0 +1,175 @@
+"""``spread_optim.linear``: SpreadLasso / SpreadGroupLasso against independent oracles.
+
+Oracles: scikit-learn's coordinate descent (``Lasso``, ``MultiTaskLasso``) at tol 1e-14, and for
+feature groups a NumPy accelerated proximal-gradient (FISTA) solve with the group soft-threshold, whose
+own optimality conditions are checked. Small float64 problems with correlated features, fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spread_optim.linear import SpreadGroupLasso, SpreadLasso
+
+sklearn = pytest.importorskip("sklearn")
+from sklearn.base import clone  # noqa: E402
+from sklearn.linear_model import Lasso, MultiTaskLasso  # noqa: E402
+
+COEF_TOL = 1e-5  # max |coef - oracle| asked of every fit (tol=1e-7: KKT residual <= 1e-8 * alpha_max)
+
+
+def correlated(n=50, d=80, outputs=1, seed=0, offset=1.0):
+    """AR(1)-correlated features (rho 0.5) with a nonzero mean, 8 true features, noise sd 0.3."""
+    rng = np.random.default_rng(seed)
+    cov = 0.5 ** np.abs(np.subtract.outer(np.arange(d), np.arange(d)))
+    X = rng.standard_normal((n, d)) @ np.linalg.cholesky(cov).T + offset
+    B = np.zeros((d, outputs))
+    B[rng.choice(d, 8, replace=False)] = rng.choice([-2.0, 2.0], (8, outputs)) * rng.uniform(0.5, 1.0, (8, outputs))
+    Y = X @ B + 0.3 * rng.standard_normal((n, outputs)) + 3.0
+    return X, (Y[:, 0] if outputs == 1 else Y)
+
+
+def sklearn_lasso(X, y, alpha, fit_intercept=True):
+    return Lasso(alpha=alpha, fit_intercept=fit_intercept, tol=1e-14, max_iter=10**6).fit(X, y)
+
+
+@pytest.mark.parametrize("working_set", [True, False])
+def test_lasso_matches_sklearn(working_set):
+    X, y = correlated(seed=1)
+    ref = sklearn_lasso(X, y, 0.1)
+    model = SpreadLasso(alpha=0.1, tol=1e-7, working_set=working_set).fit(X, y)
+    assert model.coef_.shape == (80,)
+    assert np.abs(model.coef_ - ref.coef_).max() < COEF_TOL
+    assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)  # exact zeros, the same support
+    assert 0 < (ref.coef_ != 0).sum() < 40
+    assert abs(model.intercept_ - ref.intercept_) < COEF_TOL
+    assert model.kkt_residual_ <= 1e-7 * np.abs((X - X.mean(0)).T @ (y - y.mean())).max() / len(y)
+
+
+@pytest.mark.parametrize("working_set", [True, False])
+def test_lasso_multi_output_is_one_lasso_per_output(working_set):
+    X, Y = correlated(n=60, d=40, outputs=3, seed=2)
+    ref = sklearn_lasso(X, Y, 0.15)
+    model = SpreadLasso(alpha=0.15, tol=1e-7, working_set=working_set).fit(X, Y)
+    assert model.coef_.shape == (3, 40) and model.intercept_.shape == (3,)
+    assert np.abs(model.coef_ - ref.coef_).max() < COEF_TOL
+    assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
+    assert np.abs(model.intercept_ - ref.intercept_).max() < COEF_TOL
+    # the outputs differ, so a mix-up of rows/columns would fail
+    assert not np.array_equal(ref.coef_[0] != 0, ref.coef_[1] != 0)
+
+
+def test_lasso_without_intercept_and_predict():
+    X, y = correlated(seed=3, offset=0.0)
+    ref = sklearn_lasso(X, y, 0.2, fit_intercept=False)
+    model = SpreadLasso(alpha=0.2, fit_intercept=False, tol=1e-7).fit(X, y)
+    assert model.intercept_ == 0.0
+    assert np.abs(model.coef_ - ref.coef_).max() < COEF_TOL
+    X_new = np.random.default_rng(4).standard_normal((7, 80))
+    pred = model.predict(X_new)
+    assert pred.shape == (7,)
+    np.testing.assert_allclose(pred, ref.predict(X_new), atol=1e-4)
+    np.testing.assert_allclose(pred, X_new @ model.coef_, rtol=0, atol=1e-12)
+
+
+def test_predict_multi_output_and_torch_input():
+    X, Y = correlated(n=60, d=30, outputs=2, seed=5)
+    model = SpreadLasso(alpha=0.2).fit(torch.from_numpy(X), torch.from_numpy(Y))
+    pred = model.predict(torch.from_numpy(X))
+    assert pred.shape == (60, 2)
+    np.testing.assert_allclose(pred, X @ model.coef_.T + model.intercept_, atol=1e-12)
+    np.testing.assert_allclose(pred, sklearn_lasso(X, Y, 0.2).predict(X), atol=1e-4)
+
+
+def test_alpha_above_alpha_max_gives_exact_zeros():
+    X, y = correlated(seed=6)
+    Xc, yc = X - X.mean(0), y - y.mean()
+    alpha_max = np.abs(Xc.T @ yc).max() / len(y)
+    model = SpreadLasso(alpha=1.01 * alpha_max).fit(X, y)
+    assert np.all(model.coef_ == 0)
+    assert model.intercept_ == pytest.approx(y.mean(), abs=1e-12)
+    below = SpreadLasso(alpha=0.9 * alpha_max).fit(X, y)
+    assert np.count_nonzero(below.coef_) >= 1
+
+
+def test_group_lasso_rows_match_multitask_lasso():
+    X, Y = correlated(n=60, d=40, outputs=3, seed=7)
+    ref = MultiTaskLasso(alpha=0.3, tol=1e-14, max_iter=10**6).fit(X, Y)
+    model = SpreadGroupLasso(alpha=0.3, tol=1e-7).fit(X, Y)
+    assert model.coef_.shape == (3, 40)
+    assert np.abs(model.coef_ - ref.coef_).max() < COEF_TOL
+    kept, ref_kept = (model.coef_ != 0).any(0), (ref.coef_ != 0).any(0)
+    assert np.array_equal(kept, ref_kept) and 0 < ref_kept.sum() < 40
+    assert np.array_equal(model.coef_ != 0, np.broadcast_to(kept, (3, 40)))  # whole rows are exactly zero
+    assert np.abs(model.intercept_ - ref.intercept_).max() < COEF_TOL
+
+
+def group_fista(X, y, groups, alpha, iters=5000):
+    """NumPy FISTA for ``||y - X w||^2/(2n) + alpha * sum_g ||w_g||`` (centred data, no intercept)."""
+    n, d = X.shape
+    L = np.linalg.norm(X, 2) ** 2 / n
+    w = z = np.zeros(d)
+    t = 1.0
+    for _ in range(iters):
+        v = z - X.T @ (X @ z - y) / n / L
+        w_new = np.zeros(d)
+        for g in np.unique(groups):
+            m = groups == g
+            norm = np.linalg.norm(v[m])
+            if norm > alpha / L:
+                w_new[m] = (1 - alpha / L / norm) * v[m]
+        t_new = (1 + np.sqrt(1 + 4 * t * t)) / 2
+        z = w_new + (t - 1) / t_new * (w_new - w)
+        w, t = w_new, t_new
+    return w
+
+
+def test_group_lasso_feature_groups_match_fista():
+    X, y = correlated(n=40, d=12, seed=8)
+    groups = np.repeat(np.arange(4), 3)
+    Xc, yc = X - X.mean(0), y - y.mean()
+    alpha = 1.0
+    oracle = group_fista(Xc, yc, groups, alpha)
+    # the oracle's own optimality conditions
+    g = Xc.T @ (Xc @ oracle - yc) / len(y)
+    for k in range(4):
+        m = groups == k
+        if np.linalg.norm(oracle[m]) == 0:
+            assert np.linalg.norm(g[m]) <= alpha + 1e-8
+        else:
+            np.testing.assert_allclose(g[m], -alpha * oracle[m] / np.linalg.norm(oracle[m]), atol=1e-7)
+    model = SpreadGroupLasso(alpha=alpha, groups=groups, tol=1e-7).fit(X, y)
+    assert model.coef_.shape == (12,)
+    assert np.abs(model.coef_ - oracle).max() < COEF_TOL
+    zero_groups = [k for k in range(4) if np.all(oracle[groups == k] == 0)]
+    assert 0 < len(zero_groups) < 4
+    for k in range(4):
+        assert np.all(model.coef_[groups == k] == 0) == (k in zero_groups)
+    assert model.intercept_ == pytest.approx(y.mean() - X.mean(0) @ model.coef_, abs=1e-12)
+
+
+def test_single_output_group_lasso_without_groups_is_the_lasso():
+    X, y = correlated(seed=9)
+    ref = sklearn_lasso(X, y, 0.1)
+    model = SpreadGroupLasso(alpha=0.1, tol=1e-7).fit(X, y)
+    assert np.abs(model.coef_ - ref.coef_).max() < COEF_TOL
+    assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
+
+
+def test_bad_input_and_sklearn_api():
+    X, y = correlated(seed=10)
+    with pytest.raises(ValueError, match="alpha"):
+        SpreadLasso(alpha=-1.0).fit(X, y)
+    with pytest.raises(ValueError, match="alpha"):
+        SpreadLasso(alpha=float("nan")).fit(X, y)
+    with pytest.raises(ValueError, match="groups"):
+        SpreadGroupLasso(alpha=0.1, groups=np.arange(5)).fit(X, y)
+    with pytest.raises(ValueError, match="samples"):
+        SpreadLasso(alpha=0.1).fit(X, y[:-1])
+    with pytest.raises(ValueError, match="finite"):
+        SpreadLasso(alpha=0.1).fit(np.where(X > 2, np.inf, X), y)
+    model = clone(SpreadLasso(alpha=0.3, working_set=False))
+    assert model.get_params()["alpha"] == 0.3 and model.get_params()["working_set"] is False
+    assert model.fit(X, y).score(X, y) > 0.5
