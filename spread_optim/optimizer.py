@@ -433,8 +433,13 @@ class SpreadOptimizer(Optimizer):
                 masks.append(ref.group_dead(self.state[members[0]]["u"], [self.state[p]["W"] for p in members], structures))
         return masks
 
-    def _finish(self, dead_masks) -> None:
-        """Hold/revive/snap exact zeros, then rewrite theta from the factors."""
+    def _finish(self, dead_masks, theta_start=None) -> None:
+        """Hold/revive/snap exact zeros, then rewrite theta from the factors.
+
+        ``p.grad`` is the gradient at the step's start (its single evaluation) or at its end (a
+        re-evaluation); ``theta_start`` maps parameters to theta at the step's start when ``p`` no longer
+        holds it."""
+        old = (lambda p: theta_start[p]) if theta_start is not None else (lambda p: p)
         for (group, members), dead in zip(self._sparse_params(), dead_masks):
             kappa, thr, lr = group["kappa"], group["zero_threshold"], float(group.get("lr", 1.0))
             grads = [self._loss_grad(p, group) for p in members]
@@ -443,7 +448,7 @@ class SpreadOptimizer(Optimizer):
                     if g is None:
                         continue
                     st = self.state[p]
-                    ref.element_finish(st["U"], st["W"], g, p, d, kappa, lr, thr)
+                    ref.element_finish(st["U"], st["W"], g, old(p), d, kappa, lr, thr)
                     p.copy_(st["U"] * st["W"])
                 continue
             if all(g is None for g in grads):
@@ -452,7 +457,7 @@ class SpreadOptimizer(Optimizer):
             Ws = [self.state[p]["W"] for p in members]
             structures = [self._structure(p, group) for p in members]
             filled = [torch.zeros_like(W) if g is None else g for g, W in zip(grads, Ws)]
-            ref.group_finish(st0["u"], Ws, filled, list(members), structures, dead, kappa, lr, thr)
+            ref.group_finish(st0["u"], Ws, filled, [old(p) for p in members], structures, dead, kappa, lr, thr)
             for p, W, s in zip(members, Ws, structures):
                 p.copy_(s.expand(st0["u"]) * W)
 
@@ -491,6 +496,8 @@ class SpreadOptimizer(Optimizer):
 
         first_loss: list = []
         gradless: list = []
+        theta_start: dict = {}
+        versions: list = []  # versions of the factor leaves at each evaluation
         snapshot = self._factor_snapshot() if _single_group_base(self._base_cls) else None
 
         def spread_closure():
@@ -505,6 +512,8 @@ class SpreadOptimizer(Optimizer):
             if not first_loss:
                 first_loss.append(loss)
                 gradless.extend(self._gradless_factors())
+                theta_start.update((p, p.detach().clone()) for _, members in self._sparse_params() for p in members)
+            versions.append(self._leaf_versions())
             if isinstance(pen, torch.Tensor):  # the base minimises the smooth objective
                 return (loss.detach() if isinstance(loss, torch.Tensor) else loss) + pen
             return loss
@@ -516,8 +525,21 @@ class SpreadOptimizer(Optimizer):
                 self._restore(snapshot)
             raise
         self._restore_gradless(gradless)
-        self._finish(dead)
+        if len(versions) > 1:
+            # A multi-evaluation base (LBFGS) may end away from its last evaluation (a rejected line-search
+            # trial): the zero pass needs the gradient at the accepted point, and theta at the step's start.
+            if versions[-1] != self._leaf_versions():
+                self._write_theta()
+                with torch.enable_grad():
+                    closure()
+                self._check_grads()
+            self._finish(dead, theta_start=theta_start)
+        else:
+            self._finish(dead)
         return first_loss[0] if first_loss else None
+
+    def _leaf_versions(self) -> list[int]:
+        return [leaf._version for _, members in self._sparse_params() for p in members for _, leaf in self._factor_leaves(p)]
 
     def _gradless_factors(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(param, leaf, copy)`` for the factors whose gradient is None: some bases (LBFGS) move a
