@@ -503,6 +503,8 @@ class SpreadOptimizer(Optimizer):
         def spread_closure():
             with torch.no_grad():
                 if first_loss:
+                    if not theta_start:  # second evaluation: p still holds theta of the step's start
+                        theta_start.update((p, p.detach().clone()) for _, members in self._sparse_params() for p in members)
                     self._write_theta()  # the base moved the factors since the last evaluation
             with torch.enable_grad():
                 loss = closure()
@@ -512,7 +514,6 @@ class SpreadOptimizer(Optimizer):
             if not first_loss:
                 first_loss.append(loss)
                 gradless.extend(self._gradless_factors())
-                theta_start.update((p, p.detach().clone()) for _, members in self._sparse_params() for p in members)
             versions.append(self._leaf_versions())
             if isinstance(pen, torch.Tensor):  # the base minimises the smooth objective
                 return (loss.detach() if isinstance(loss, torch.Tensor) else loss) + pen
