@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
+from spread_optim import fused
 from spread_optim.kernels import reference as ref
 from spread_optim.structure import GroupStructure, describe, validate_sparsity, validate_spec
 
@@ -130,6 +131,7 @@ class SpreadOptimizer(Optimizer):
         self._base_layout: tuple | None = None
         self._structures: dict = {}
         self._dense_stepped: set[int] = set()  # ids of parameters stepped in a dense group (SGD keeps no state)
+        self._fused_groups: set[int] = set()  # ids of the param groups the fused kernels step (this step)
         all_defaults = {**probe.defaults, **SPREAD_DEFAULTS, **spread_kwargs}
         super().__init__(params, all_defaults)
 
@@ -147,6 +149,7 @@ class SpreadOptimizer(Optimizer):
         self._base_layout = None
         self._structures = {}
         self._dense_stepped = set()
+        self._fused_groups = set()
 
     def __repr__(self) -> str:
         return super().__repr__().replace(type(self).__name__ + " (", f"{type(self).__name__}[{self._base_cls.__name__}] (", 1)
@@ -308,6 +311,13 @@ class SpreadOptimizer(Optimizer):
             self._build_base()
             self._base_layout = layout
         self._sync_hyperparameters()
+        self._fused_groups = {id(g) for i, g in enumerate(self.param_groups) if fused.uses_kernels(self, g, i)}
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """``torch.amp.GradScaler`` hands ``grad_scale``/``found_inf`` to the step (no host sync) when every
+        group is fused: sparse groups by the spread kernels, dense ones by the torch base's fused path."""
+        return self._base_cls in fused.FUSED_BASES and all(g.get("fused") is True for g in self.param_groups)
 
     def _build_base(self) -> None:
         groups, links = [], {}
@@ -344,10 +354,11 @@ class SpreadOptimizer(Optimizer):
     # ------------------------------------------------------------------------------------------------
     # one step
 
-    def _sparse_params(self):
-        """``(group, members)`` for each set of parameters sharing factors, sparse groups only."""
+    def _sparse_params(self, include_fused: bool = False):
+        """``(group, members)`` for each set of parameters sharing factors, sparse groups only (during a
+        step, those the reference path updates unless ``include_fused``)."""
         for group in self.param_groups:
-            if self._is_sparse(group):
+            if self._is_sparse(group) and (include_fused or id(group) not in self._fused_groups):
                 if self._is_element(group):
                     yield group, list(group["params"])
                 else:
@@ -365,8 +376,8 @@ class SpreadOptimizer(Optimizer):
     def _check_grads(self) -> None:
         flags, names = [], []
         for index, group in enumerate(self.param_groups):
-            if not self._is_sparse(group):
-                continue
+            if not self._is_sparse(group) or (id(group) in self._fused_groups and group.get("capturable")):
+                continue  # a capturable step must not synchronise with the host
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -484,16 +495,44 @@ class SpreadOptimizer(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None):
         """Perform one optimisation step (see the class docstring for closure semantics)."""
         self._prepare()
-        dead = self._dead_masks()
+        if closure is not None and self._fused_groups:
+            # the fused bases (SGD, Adam, AdamW) evaluate a closure once, before the update
+            with torch.enable_grad():
+                loss = closure()
+            self._step_without_closure()
+            return loss
         if closure is None:
-            self._check_grads()
-            self._set_factor_grads()
-            gradless = self._gradless_factors()
-            self._base.step()
-            self._restore_gradless(gradless)
-            self._finish(dead)
+            self._step_without_closure()
             return None
+        return self._step_with_closure(closure)
 
+    def _step_without_closure(self) -> None:
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        dead = self._dead_masks()
+        if found_inf is None:  # with a GradScaler's found_inf, a step with an inf is skipped on the device
+            self._check_grads()
+        self._set_factor_grads()
+        gradless = self._gradless_factors()
+        for group in self.param_groups:
+            if id(group) in self._fused_groups:
+                for p in group["params"]:
+                    for _, leaf in self._factor_leaves(p):
+                        leaf.grad = None  # the base must not step them: the kernels do
+        if grad_scale is not None or found_inf is not None:
+            self._base.grad_scale, self._base.found_inf = grad_scale, found_inf
+        try:
+            self._base.step()
+        finally:
+            for name in ("grad_scale", "found_inf"):
+                self._base.__dict__.pop(name, None)
+        self._restore_gradless(gradless)
+        self._finish(dead)
+        for group in self.param_groups:
+            if id(group) in self._fused_groups:
+                fused.step_group(self, group, grad_scale, found_inf)
+
+    def _step_with_closure(self, closure):
+        dead = self._dead_masks()
         first_loss: list = []
         gradless: list = []
         theta_start: dict = {}
@@ -561,7 +600,7 @@ class SpreadOptimizer(Optimizer):
     def penalty(self) -> float:
         """The smooth penalty ``sum kappa*(||U||^2+||W||^2)`` of the current factors (0 before the first step)."""
         total = 0.0
-        for group, members in self._sparse_params():
+        for group, members in self._sparse_params(include_fused=True):
             factors = [t for p in members for _, t in self._factor_leaves(p)]
             if factors:
                 total += float(ref.penalty(factors, group["kappa"]))
@@ -577,7 +616,7 @@ class SpreadOptimizer(Optimizer):
         an exact minimum of ``loss + 2*kappa*R(theta)``; parameters without a gradient are skipped.
         """
         worst = 0.0
-        for group, members in self._sparse_params():
+        for group, members in self._sparse_params(include_fused=True):
             kappa = group["kappa"]
             if self._is_element(group):
                 for p in members:

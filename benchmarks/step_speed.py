@@ -1,0 +1,190 @@
+"""Time per optimizer step: torch Adam (fused / foreach) against spread-Adam (reference / fused kernels).
+
+Workloads: one tensor of 1M, 16M or 128M parameters; the 62 parameter tensors of ResNet-18 (11.7M);
+~200 tensors totalling 1B parameters (GPU, where memory allows). Sparsity: element (every entry its own
+factor pair) and row (one ``u`` per output row). Every tensor is in one sparse group (spread) or one
+group (torch). Gradients are fixed random tensors set once; the timed call is ``optimizer.step()``.
+
+Per row of the table: median time per step (CUDA events on a GPU, ``perf_counter`` on CPU, after
+warm-up), the bytes a step has to move at the least (torch Adam fp32: read p, g, m, v and write p, m, v =
+28 B/element; spread element: g, U, W, 4 states read, U, W, 4 states, theta written = 56 B/element;
+spread row: 48 B/element, see ``kernels/group.py``), the achieved bandwidth for those bytes, the ratio to
+torch's fused Adam and, on a GPU, the device-to-device copy bandwidth measured in the same run (the
+ceiling). The reference path is timed with the same byte count ("effective" bandwidth).
+
+    python benchmarks/step_speed.py            # CPU: 1M and ResNet-18, torch foreach vs spread reference
+    python benchmarks/step_speed.py --full     # GPU: all workloads incl. 16M, 128M and 1B
+    python benchmarks/step_speed.py --quick    # smoke run (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from spread_optim import SpreadAdam
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BYTES = {"torch": 28, "element": 56, "row": 48}
+
+
+def resnet18_shapes() -> list[tuple[int, ...]]:
+    """The 62 parameter tensors of torchvision's ResNet-18 (conv, batch-norm weight and bias, fc)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    in_ch = 64
+    for out_ch, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            first = block == 0
+            shapes += [(out_ch, in_ch if first else out_ch, 3, 3), (out_ch,), (out_ch,), (out_ch, out_ch, 3, 3), (out_ch,), (out_ch,)]
+            if first and (stride != 1 or in_ch != out_ch):
+                shapes += [(out_ch, in_ch, 1, 1), (out_ch,), (out_ch,)]
+        in_ch = out_ch
+    shapes += [(1000, 512), (1000,)]
+    return shapes
+
+
+def workloads(full: bool, quick: bool, device: torch.device) -> dict[str, list[tuple[int, ...]]]:
+    if quick:
+        return {"1 tensor, 64K": [(256, 256)], "ResNet-18 shapes / 16": [tuple(max(1, s // 4) for s in shape) for shape in resnet18_shapes()]}
+    out = {"1 tensor, 1M": [(1024, 1024)]}
+    if device.type == "cuda" or full:
+        out["1 tensor, 16M"] = [(4096, 4096)]
+    if device.type == "cuda":
+        out["1 tensor, 128M"] = [(16384, 8192)]
+    out["ResNet-18 (62 tensors, 11.7M)"] = resnet18_shapes()
+    if device.type == "cuda" and full:
+        out["200 tensors, 1.0B"] = [(4096, 4096)] * 60 + [(4096,)] * 140
+    return out
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def median_ms(self, fn, warmup: int, repeats: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def copy_bandwidth(timer: Timer, device: torch.device) -> float | None:
+    """GB/s of ``dst.copy_(src)`` on 1 GiB (read + write counted)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(2**28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = timer.median_ms(lambda: dst.copy_(src), 3, 20)
+    del src, dst
+    return 2 * 2**30 / (ms * 1e-3) / 1e9
+
+
+def make_params(shapes, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = (torch.randn(shape, device=device, generator=gen) * 0.1).requires_grad_()
+        p.grad = torch.randn(shape, device=device, generator=gen) * 0.01
+        params.append(p)
+    return params
+
+
+def methods(device: torch.device):
+    """(name, bytes key, factory(params) -> optimizer)."""
+    out = [("torch Adam foreach", "torch", lambda ps, s: torch.optim.Adam(ps, lr=1e-3, foreach=True))]
+    if device.type == "cuda":
+        out.insert(0, ("torch Adam fused", "torch", lambda ps, s: torch.optim.Adam(ps, lr=1e-3, fused=True)))
+    for sparsity in ("element", "row"):
+        out.append((f"spread reference ({sparsity})", sparsity,
+                    lambda ps, s, sp=sparsity: SpreadAdam(ps, lr=1e-3, kappa=1e-4, sparsity=sp, fused=False)))
+        if device.type == "cuda":
+            out.append((f"spread fused ({sparsity})", sparsity,
+                        lambda ps, s, sp=sparsity: SpreadAdam(ps, lr=1e-3, kappa=1e-4, sparsity=sp, fused=True)))
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny workloads, few repeats (CI smoke run)")
+    parser.add_argument("--full", action="store_true", help="also the 16M (CPU) and 1B (GPU) workloads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    repeats = args.repeats or (3 if args.quick else 20)
+    timer = Timer(device)
+    bandwidth = copy_bandwidth(timer, device)
+    rows = []
+    jobs = [(w, shapes, m) for w, shapes in workloads(args.full, args.quick, device).items() for m in methods(device)]
+    for workload, shapes, (name, key, factory) in tqdm(jobs, desc="step speed"):
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        row = {"workload": workload, "method": name, "tensors": len(shapes), "numel": numel, "bytes_per_step": BYTES[key] * numel}
+        try:
+            params = make_params(shapes, device)
+            opt = factory(params, shapes)
+            row["ms"] = timer.median_ms(opt.step, 2 if args.quick else 5, repeats)
+            row["GB/s"] = row["bytes_per_step"] / (row["ms"] * 1e-3) / 1e9
+        except torch.OutOfMemoryError:
+            row["ms"] = None
+            row["note"] = "out of memory"
+        finally:
+            params = opt = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    for row in rows:
+        base = next((r for r in rows if r["workload"] == row["workload"] and r["method"] == ("torch Adam fused" if device.type == "cuda" else "torch Adam foreach")), None)
+        row["ratio_to_torch"] = row["ms"] / base["ms"] if base and base.get("ms") and row.get("ms") else None
+        if bandwidth and row.get("GB/s"):
+            row["fraction_of_copy_bandwidth"] = row["GB/s"] / bandwidth
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    header = f"device: {name}; torch {torch.__version__}; threads {torch.get_num_threads()}"
+    if bandwidth:
+        header += f"; device-to-device copy {bandwidth:.0f} GB/s"
+    print(header)
+    ref = "torch fused" if device.type == "cuda" else "torch foreach"
+    print(f"| workload | method | ms/step | bytes/step | GB/s | x {ref} |" + (" of copy BW |" if bandwidth else ""))
+    print("| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if bandwidth else ""))
+    for r in rows:
+        ms = f"{r['ms']:.3f}" if r.get("ms") else r.get("note", "-")
+        gbs = f"{r['GB/s']:.1f}" if r.get("GB/s") else "-"
+        ratio = f"{r['ratio_to_torch']:.2f}" if r.get("ratio_to_torch") else "-"
+        line = f"| {r['workload']} | {r['method']} | {ms} | {r['bytes_per_step'] / 1e6:.1f} MB | {gbs} | {ratio} |"
+        if bandwidth:
+            line += f" {r.get('fraction_of_copy_bandwidth', 0):.0%} |"
+        print(line)
+    result = {"meta": {"args": {k: str(v) for k, v in vars(args).items()}, "device": name, "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "copy_GBps": bandwidth, "machine": platform.machine()}, "rows": rows}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "step_speed.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Fused Triton kernels (``fused=True``) against the reference path (``fused=False``).
+
+The reference path is the definition: factor gradients, torch's own SGD/Adam/AdamW on the factors, then
+the exact-zero pass (hold, revive, snap). Each test brings two copies of the same optimizer to the same
+state (a few reference steps, so that states, exact zeros and revivals exist), steps one copy with the
+kernels and the other with the reference on the same gradients, and compares parameters, factors and the
+base's state. On a CPU-only machine the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set
+in conftest). Tolerance: relative 1e-6 on float32 factors and states (the two paths round differently).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from spread_optim import SpreadOptimizer, fused  # noqa: E402
+from spread_optim.kernels import tables  # noqa: E402
+
+BASES = [
+    ("sgd", dict(lr=0.05)),
+    ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.1)),
+    ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True)),
+    ("adam", dict(lr=0.02)),
+    ("adam", dict(lr=0.02, amsgrad=True, maximize=True)),
+    ("adamw", dict(lr=0.02, weight_decay=0.1, betas=(0.8, 0.99))),
+]
+#: (sparsity, share_groups, shapes): shapes cover 1 element, odd sizes, one block + 1 (1025), several
+#: tensors per launch, 1-D rows, conv-shaped columns (an inner size > 1)
+STRUCTURES = [
+    ("element", False, [(1,), (7,), (1025,)]),
+    ("element", False, [(33, 31), (3, 5, 7)]),
+    ("row", False, [(5,), (9, 7), (2, 600)]),
+    ("column", False, [(7, 5), (4, 3, 3, 3)]),
+    ("ids", False, [(11, 6), (1,)]),
+    ("column", True, [(7, 5), (3, 5)]),
+    ("row", True, [(5, 7), (5, 2, 3)]),
+]
+#: each example runs the interpreter for seconds: no shrinking (a failure prints its inputs)
+QUICK = dict(deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),
+             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+KAPPA = 0.05  # 2*kappa = 0.1: about a third of the N(0, 0.1^2) gradients violate KKT at zero
+
+
+def _params(shapes, dtype, gen):
+    params = []
+    for shape in shapes:
+        theta = torch.randn(shape, generator=gen) * 0.3
+        theta[torch.rand(shape, generator=gen) < 0.3] = 0.0  # dead entries: held or revived
+        theta[torch.rand(shape, generator=gen) < 0.1] = 1e-7  # under zero_threshold: snapped unless growing
+        params.append(theta.to(dtype).requires_grad_())
+    return params
+
+
+def _grads(params, gen, scale=0.1):
+    return [(torch.randn(p.shape, generator=gen) * scale).to(p.dtype) for p in params]
+
+
+def make_pair(sparsity, share, shapes, base, options, dtype=torch.float32, warm=2, seed=0):
+    """Two optimizers in the same state: ``(reference params, reference opt, kernel params, kernel opt)``."""
+    gen = torch.Generator().manual_seed(seed)
+    params = _params(shapes, dtype, gen)
+    spec = sparsity
+    if sparsity == "ids":
+        spec = None
+    groups = []
+    for p in ([params] if sparsity != "ids" else [[p] for p in params]):
+        ids = torch.randint(0, 4, p[0].shape, generator=gen) if sparsity == "ids" else None
+        groups.append({"params": p, "sparsity": ids if ids is not None else spec, "share_groups": share})
+    opt = SpreadOptimizer(groups, base, kappa=KAPPA, fused=False, **options)
+    for _ in range(warm):
+        for p, g in zip(params, _grads(params, gen)):
+            p.grad = g
+        opt.step()
+    copied = copy.deepcopy({"params": params, "opt": opt})
+    for group in copied["opt"].param_groups:
+        group["fused"] = True
+    return params, opt, copied["params"], copied["opt"], gen
+
+
+def _factor_state(opt, p):
+    st = opt.state[p]
+    out = {k: st[k] for k in ("U", "u", "W") if k in st}
+    for k, base in st.get("base", {}).items():
+        for name, value in base.items():
+            if isinstance(value, torch.Tensor):
+                out[f"{k}.{name}"] = value
+    return out
+
+
+def assert_same_state(ref_params, ref_opt, ker_params, ker_opt, rtol=1e-6):
+    for p_ref, p_ker in zip(ref_params, ker_params):
+        a, b = p_ref.detach().float(), p_ker.detach().float()
+        assert torch.isfinite(b).all(), "a kernel output was left unwritten (poisoned value survived)"
+        theta_rtol = rtol if p_ref.dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(b, a, rtol=theta_rtol, atol=theta_rtol * 1e-2)
+        assert torch.equal(a == 0, b == 0), "exact zeros differ"
+        ref_state, ker_state = _factor_state(ref_opt, p_ref), _factor_state(ker_opt, p_ker)
+        assert ref_state.keys() == ker_state.keys()
+        for key in ref_state:
+            x, y = ref_state[key], ker_state[key]
+            if key.endswith("step"):
+                assert float(x) == float(y), key
+            else:
+                scale = float(x.abs().max()) if x.numel() else 1.0
+                # a group's u is moved by a sum over the group, accumulated in another order by the kernel
+                # (block sums and atomic adds): its rounding error is relative to the terms, not the sum
+                tol = rtol * (10 if key.startswith("u") else 1)
+                torch.testing.assert_close(y, x, rtol=tol, atol=tol * max(scale, 1e-30), msg=key)
+
+
+def step_both(ref_params, ref_opt, ker_params, ker_opt, grads, *, grad_scale=None, found_inf=None, transpose=False):
+    for p, g in zip(ref_params, grads):
+        p.grad = g.clone()
+    for p, g in zip(ker_params, grads):
+        g = g.clone() * (grad_scale if grad_scale is not None else 1.0)
+        if transpose and g.dim() == 2:  # a non-contiguous gradient of the right shape
+            g = g.t().contiguous().t()
+            assert not g.is_contiguous()
+        p.grad = g
+    with torch.no_grad():
+        for p in ker_params:
+            if "W" in ker_opt.state[p]:  # (at the first step theta is the input the factors start from)
+                p.fill_(float("nan"))  # theta is an output only: it must be fully written
+    if found_inf is None or float(found_inf) == 0:
+        ref_opt.step()
+    else:
+        with torch.no_grad():
+            for p_ref, p_ker in zip(ref_params, ker_params):
+                p_ker.copy_(p_ref)  # a skipped step writes nothing: compare with the unchanged state
+    if grad_scale is not None:
+        ker_opt.grad_scale = torch.tensor(grad_scale)
+    if found_inf is not None:
+        ker_opt.found_inf = torch.tensor(float(found_inf))
+    ker_opt.step()
+    for name in ("grad_scale", "found_inf"):
+        ker_opt.__dict__.pop(name, None)
+    assert ker_opt._fused_groups, "the kernels did not run"
+
+
+@settings(max_examples=25, **QUICK)
+@given(
+    base=st.sampled_from(BASES),
+    structure=st.sampled_from(STRUCTURES),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    warm=st.sampled_from([0, 2]),
+    transpose=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_step_equals_reference(base, structure, dtype, warm, transpose, seed):
+    sparsity, share, shapes = structure
+    ref_params, ref_opt, ker_params, ker_opt, gen = make_pair(sparsity, share, shapes, *base, dtype=dtype, warm=warm, seed=seed)
+    step_both(ref_params, ref_opt, ker_params, ker_opt, _grads(ref_params, gen), transpose=transpose)
+    assert_same_state(ref_params, ref_opt, ker_params, ker_opt)
+
+
+@settings(max_examples=12, **QUICK)
+@given(
+    base=st.sampled_from([BASES[1], BASES[3], BASES[4]]),
+    structure=st.sampled_from([STRUCTURES[0], STRUCTURES[3], STRUCTURES[5]]),
+    found=st.sampled_from([None, 0.0, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_grad_scaler_inputs(base, structure, found, seed):
+    """``grad_scale`` unscales inside the kernel; ``found_inf = 1`` leaves everything as it was (steps too)."""
+    sparsity, share, shapes = structure
+    ref_params, ref_opt, ker_params, ker_opt, gen = make_pair(sparsity, share, shapes, *base, seed=seed)
+    grads = _grads(ref_params, gen)
+    if found:
+        grads[0].view(-1)[0] = float("inf") / 1024.0
+    step_both(ref_params, ref_opt, ker_params, ker_opt, grads, grad_scale=1024.0, found_inf=found)
+    assert_same_state(ref_params, ref_opt, ker_params, ker_opt)
+
+
+def test_device_and_host_step_counters(monkeypatch):
+    """``fused=None`` dispatch (as on CUDA) keeps torch's host step counter; ``fused=True`` a device one."""
+    ref_params, ref_opt, ker_params, ker_opt, gen = make_pair("element", False, [(50,)], "adam", dict(lr=0.02))
+    for group in ker_opt.param_groups:
+        group["fused"] = None
+    monkeypatch.setattr(fused, "uses_kernels", lambda opt, group, index: opt._is_sparse(group))
+    step_both(ref_params, ref_opt, ker_params, ker_opt, _grads(ref_params, gen))
+    assert_same_state(ref_params, ref_opt, ker_params, ker_opt)
+    assert ker_opt.state[ker_params[0]]["base"]["U"]["step"].device.type == "cpu"
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(13, 37)
+        self.b = torch.nn.Linear(13, 37)
+        self.head = torch.nn.Linear(37, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)) + torch.relu(self.b(x)))
+
+
+@pytest.mark.parametrize("base,options", [
+    ("sgd", dict(lr=0.2, momentum=0.9)), ("adam", dict(lr=0.05)), ("adam", dict(lr=0.05, amsgrad=True, maximize=True))], ids=["sgd-momentum", "adam", "adam-amsgrad-max"])
+def test_trajectories_agree(base, options):
+    """25 whole-model steps with element, shared-column and row groups: fused=True follows fused=False."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 13, generator=gen), torch.randn(64, 5, generator=gen)
+    runs = []
+    for use_kernels in (False, True):
+        model = MLP()
+        groups = [
+            {"params": [model.a.weight, model.b.weight], "sparsity": "column", "share_groups": True, "kappa": 0.1},
+            {"params": [model.head.weight], "kappa": 0.03},
+            {"params": [model.a.bias, model.b.bias], "sparsity": "row", "kappa": 0.03},
+            {"params": [model.head.bias]},
+        ]
+        opt = SpreadOptimizer(groups, base, fused=use_kernels, **options)
+        for _ in range(25):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            (-loss if options.get("maximize") else loss).backward()
+            opt.step()
+        assert bool(opt._fused_groups) == use_kernels
+        runs.append(model)
+    zeros = {}
+    for (name, a), b in zip(runs[0].named_parameters(), runs[1].parameters()):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(a == 0, b == 0)
+        zeros[name] = int((a == 0).sum())
+    # the zero pass must have acted in the element group and in the shared column group
+    assert zeros["head.weight"] > 0 and zeros["a.weight"] > 0, zeros
+
+
+def test_checkpoints_cross_paths():
+    """A fused run's state_dict resumes on the reference path and vice versa (same state layout)."""
+    ref_params, ref_opt, ker_params, ker_opt, gen = make_pair("column", True, [(7, 5), (3, 5)], "adam", dict(lr=0.02))
+    step_both(ref_params, ref_opt, ker_params, ker_opt, _grads(ref_params, gen))
+    ref_copy = copy.deepcopy({"params": ref_params, "opt": ref_opt})
+    ref_copy["opt"].load_state_dict(copy.deepcopy(ker_opt.state_dict()))  # kernel state into a reference optimizer
+    for group in ref_copy["opt"].param_groups:
+        group["fused"] = False
+    grads = _grads(ref_params, gen)
+    for p, g in zip(ref_copy["params"], grads):
+        p.grad = g.clone()
+    ref_copy["opt"].step()
+    step_both(ref_params, ref_opt, ker_params, ker_opt, grads)
+    assert_same_state(ref_params, ref_opt, ref_copy["params"], ref_copy["opt"])
+
+
+def test_dispatch_rules(monkeypatch):
+    p = torch.randn(4, 3, requires_grad=True)
+    p.grad = torch.randn(4, 3)
+    opt = SpreadOptimizer([p], "adam", kappa=0.1)  # fused=None on CPU tensors: the reference
+    opt.step()
+    assert not opt._fused_groups
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    opt = SpreadOptimizer([p], "adam", kappa=0.1, fused=True)
+    with pytest.raises(RuntimeError, match="param group 0: fused=True.*cpu.*TRITON_INTERPRET"):
+        opt.step()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    q.grad = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float64"):
+        SpreadOptimizer([q], "sgd", lr=0.1, kappa=0.1, fused=True).step()
+    # another base's own `fused` option is its own business: spread runs the generic path around it
+    adagrad = SpreadOptimizer([p], torch.optim.Adagrad, kappa=0.1, fused=True)
+    adagrad.step()
+    assert not adagrad._fused_groups and "U" in adagrad.state[p]
+    monkeypatch.setattr(fused, "_kernels", {"error": ImportError("No module named 'triton'")})
+    with pytest.raises(RuntimeError, match="Triton is not available"):
+        SpreadOptimizer([p], "adam", kappa=0.1, fused=True).step()
+
+
+def test_grad_scaler_end_to_end():
+    """torch.amp.GradScaler hands grad_scale/found_inf to a fully fused optimizer (no unscale pass);
+    the numbers equal an unscaled reference run, and a step with an inf changes nothing."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 13, generator=gen), torch.randn(32, 5, generator=gen)
+    models, opts = [], []
+    for use_kernels in (False, True):
+        model = MLP()
+        opt = SpreadOptimizer([{"params": [model.a.weight, model.head.weight], "kappa": 0.01},
+                               {"params": [model.a.bias, model.b.weight, model.b.bias, model.head.bias]}],
+                              "adam", lr=0.01, fused=use_kernels)
+        models.append(model)
+        opts.append(opt)
+    assert opts[1]._step_supports_amp_scaling and not opts[0]._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(6):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            if opt is opts[0]:
+                loss.backward()
+                if step != 3:
+                    opt.step()
+                continue
+            scaler.scale(loss).backward()
+            if step == 3:
+                model.a.weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-7)
+    step = opts[1].state[models[1].a.weight]["base"]["U"]["step"]
+    assert float(step) == 5.0  # the skipped step does not count
+
+
+def test_block_table():
+    blocks, starts = tables.block_table([1, 2048, 0, 1025], 1024, torch.device("cpu"))
+    assert blocks.tolist() == [0, 1, 1, 3, 3]
+    assert starts.tolist() == [0, 0, 1024, 0, 1024]
