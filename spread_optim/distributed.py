@@ -118,10 +118,12 @@ def sharded(opt):
     return helper
 
 
-def _process_group(params, where):
+def _process_group(opt):
+    """The process group over which the sparse DTensor parameters are sharded (None: nothing is)."""
     groups = []
-    for p in params:
-        if not is_dtensor(p):
+    ids = {id(p) for p in _sparse_params(opt)}
+    for p, where in ((p, f"param group {i}") for i, g in enumerate(opt.param_groups) for p in g["params"]):
+        if id(p) not in ids or not is_dtensor(p):
             continue
         mesh = p.device_mesh
         if mesh.ndim != 1 or not (p.placements[0].is_shard(0) or p.placements[0].is_replicate()):
@@ -147,7 +149,7 @@ class ShardedSpread:
     def __init__(self, opt, key):
         self.opt, self.key = opt, key
         sparse = _sparse_params(opt)
-        self.group = _process_group(sparse, "SpreadOptimizer")
+        self.group = _process_group(opt)
         ids = {id(p) for p in sparse}
         for index, g in enumerate(opt.param_groups):
             if g["share_groups"] and len({(is_dtensor(p), _is_sharded(p)) for p in g["params"] if id(p) in ids}) > 1:

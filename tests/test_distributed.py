@@ -184,6 +184,36 @@ def _job(rank, world, port, out, ckpt):
                       fsdp_report=sparsity_report(m, opt).to_dicts(),
                       fsdp_local_shape=tuple(opt.state[m.c.weight]["W"].to_local().shape))
 
+        # step(closure): the same run
+        m2 = _fsdp_model()
+        opt2 = SpreadAdam(param_groups(m2), lr=0.1)
+        for _ in range(STEPS):
+            def closure():
+                opt2.zero_grad()
+                loss = loss_fn(m2, x, y)
+                loss.backward()
+                return loss
+            opt2.step(closure)
+        result["fsdp_closure"] = snapshot(m2, opt2, full)
+
+        # layouts spread refuses, with the param group named
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        errors = []
+        plain = nn.Parameter(torch.ones(7, 6, dtype=torch.float64))
+        column_sharded = nn.Parameter(distribute_tensor(torch.ones(4, 6, dtype=torch.float64), m2.a.weight.device_mesh, [Shard(1)]))
+        for groups in ([{"params": [m2.a.weight, plain], "sparsity": "column", "share_groups": True}],
+                       [{"params": [column_sharded]}]):
+            bad = SpreadAdam(groups, lr=0.1, kappa=0.1)
+            for p in groups[0]["params"]:
+                p.grad = torch.zeros_like(p)
+            try:
+                bad.step()
+                errors.append(None)
+            except ValueError as err:
+                errors.append(str(err))
+        result["layout_errors"] = errors
+
         # element and row groups only: shard-local, one all-reduce per step (the gradient check)
         m2 = _fsdp_model()
         opt2 = SpreadAdam([
@@ -285,6 +315,7 @@ def test_fsdp2_equals_single_process(ranks, ref):
         for step, (got, want) in enumerate(zip(r["fsdp"], ref[2])):
             assert_close(got, want, f"FSDP2 rank {rank} step {step + 1}")
         assert r["fsdp_local_shape"] == [(3, 7), (2, 7)][rank]  # the factors are sharded like the parameter
+        assert_close(r["fsdp_closure"], ref[2][-1], f"FSDP2 step(closure) rank {rank}")
 
 
 def test_fsdp2_collectives_are_batched(ranks):
@@ -303,6 +334,14 @@ def test_fsdp2_kkt_penalty_and_report_are_global(ranks, ref):
         assert abs(r["fsdp_kkt"] - ref[3]) <= TOL
         assert abs(r["fsdp_penalty"] - ref[5]) <= TOL
         assert r["fsdp_report"] == ref[4]
+
+
+def test_fsdp2_unsupported_layouts_are_refused(ranks):
+    results, _ = ranks
+    for r in results:
+        shared, placement = r["layout_errors"]
+        assert shared is not None and "param group 0" in shared and "share_groups" in shared
+        assert placement is not None and "param group 0" in placement and "Shard(dim=1)" in placement
 
 
 def test_fsdp2_nonfinite_gradient_on_one_shard(ranks):
