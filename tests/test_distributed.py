@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from spread_optim import SpreadAdam, sparsity_report
 
-STEPS, SAVE_AT, BATCH = 10, 5, 16
+STEPS, SAVE_AT, BATCH, LOCAL_STEPS = 10, 5, 16, 4
 TOL = 1e-10
 FACTOR_KEYS = ("U", "u", "W")
 
@@ -50,6 +50,12 @@ class Net(nn.Module):
 
 
 def param_groups(m, shared=True):
+    if shared == "local":  # element and row groups only: nothing spans FSDP2's dim-0 shards
+        return [
+            {"params": [m.b.weight, m.c.weight], "kappa": 0.08, "sparsity": "row"},
+            {"params": [m.e.weight, m.e.bias], "kappa": 0.04},
+            {"params": [m.a.weight, m.a.bias, m.b.bias, m.c.bias, m.d.weight, m.d.bias]},
+        ]
     groups = [
         {"params": [m.c.weight], "kappa": 0.08, "sparsity": "row"},
         {"params": [m.d.weight], "kappa": 0.12, "sparsity": "column"},
@@ -216,17 +222,16 @@ def _job(rank, world, port, out, ckpt):
 
         # element and row groups only: shard-local, one all-reduce per step (the gradient check)
         m2 = _fsdp_model()
-        opt2 = SpreadAdam([
-            {"params": [m2.b.weight, m2.c.weight], "kappa": 0.08, "sparsity": "row"},
-            {"params": [m2.e.weight, m2.e.bias], "kappa": 0.04},
-            {"params": [m2.a.weight, m2.a.bias, m2.b.bias, m2.c.bias, m2.d.weight, m2.d.bias]},
-        ], lr=0.1)
+        opt2 = SpreadAdam(param_groups(m2, "local"), lr=0.1)
         local_comms = []
-        for _ in range(3):
+        for _ in range(LOCAL_STEPS):
             opt2.zero_grad()
             loss_fn(m2, x, y).backward()
             local_comms.append(_counted_step(opt2))
-        result["fsdp_local_comms"] = local_comms
+        opt2.zero_grad()
+        loss_fn(m2, x, y).backward()
+        result.update(fsdp_local_comms=local_comms, fsdp_local=snapshot(m2, opt2, full), fsdp_local_kkt=opt2.kkt_residual(),
+                      fsdp_local_report=sparsity_report(m2, opt2).to_dicts())
 
         # resume from the checkpoint on a fresh model and optimizer
         m = _fsdp_model()
@@ -325,7 +330,7 @@ def test_fsdp2_collectives_are_batched(ranks):
     for r in results:
         assert r["fsdp_comms"][1:] == [2] * (STEPS - 1)
         assert r["fsdp_comms"][0] == 2 + 2 * 2
-        assert r["fsdp_local_comms"] == [1, 1, 1]  # element and row groups: no sums across shards
+        assert r["fsdp_local_comms"] == [1] * LOCAL_STEPS  # element and row groups: no sums across shards
 
 
 def test_fsdp2_kkt_penalty_and_report_are_global(ranks, ref):
@@ -350,6 +355,17 @@ def test_fsdp2_nonfinite_gradient_on_one_shard(ranks):
     for r in results:
         assert r["nan_error"] is not None and "parameter of shape (4, 5)" in r["nan_error"]
         assert r["nan_unchanged"]
+
+
+def test_fsdp2_element_and_row_groups(ranks):
+    """Shard-local groups only: equal to the single-process run, and the KKT residual (an element-wise
+    maximum over shards) and the report are global."""
+    results, _ = ranks
+    _, _, history, kkt, report, _ = reference(LOCAL_STEPS, "local")
+    for rank, r in enumerate(results):
+        assert_close(r["fsdp_local"], history[-1], f"FSDP2 element/row rank {rank}")
+        assert abs(r["fsdp_local_kkt"] - kkt) <= TOL
+        assert r["fsdp_local_report"] == report
 
 
 def test_dcp_resume_is_exact(ranks):
