@@ -80,26 +80,28 @@ def init_element(theta: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.
 
 
 def init_group(
-    thetas: Sequence[torch.Tensor], structures: Sequence[GroupStructure], scheme: str
+    thetas: Sequence[torch.Tensor], structures: Sequence[GroupStructure], scheme: str, sum_groups=None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Shared scalar ``u`` and per-parameter ``W`` with ``expand(u) * W == theta`` exactly.
 
     ``"balanced"``: ``|u_g| ~ ||W_g|| ~ sqrt||theta_g||``, zero groups on the saddle; ``"unbalanced"``:
-    ``u = 1, W = theta``.
+    ``u = 1, W = theta``. ``sum_groups`` (default: none) completes per-group sums of the given slices into
+    sums over the whole groups, when ``thetas`` hold only slices of groups that span several shards.
     """
+    total = sum_groups or (lambda x: x)
     ts = [t.detach().to(factor_dtype(t.dtype)) for t in thetas]
     if scheme == "unbalanced":
         return torch.ones(structures[0].num_groups, dtype=ts[0].dtype, device=ts[0].device), [t.clone() for t in ts]
     if scheme != "balanced":
         raise ValueError(f"unknown init scheme {scheme!r}")
     # the norm only picks a power of two, so float64 (no overflow of the squares) is plenty
-    norms = group_norms([t.double() for t in ts], structures)
+    norms = total(group_sq_sums([t.double() for t in ts], structures)).sqrt()
     _, u = _balanced_split(norms)  # u = power of two near sqrt(norm), 0 for zero groups
     u = u.to(ts[0].dtype)
     inv = torch.where(u != 0, 1.0 / torch.where(u != 0, u, torch.ones_like(u)), torch.zeros_like(u))
     Ws = [t * s.expand(inv) for t, s in zip(ts, structures)]
     # a group spanning a huge dynamic range can push W into subnormals (or overflow u): start it at u = 1
-    inexact = sum(s.reduce((s.expand(u) * W != t).to(t.dtype)) for W, t, s in zip(Ws, ts, structures)) > 0
+    inexact = total(sum(s.reduce((s.expand(u) * W != t).to(t.dtype)) for W, t, s in zip(Ws, ts, structures))) > 0
     if bool(inexact.any()):
         u = torch.where(inexact, torch.ones_like(u), u)
         Ws = [torch.where(s.expand(inexact), t, W) for W, t, s in zip(Ws, ts, structures)]
@@ -140,18 +142,28 @@ def group_factor_grads(
     Ws: Sequence[torch.Tensor],
     structures: Sequence[GroupStructure],
     kappa: float,
+    gW: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``du_g = sum_{i in g} g_i W_i + 2*kappa*u_g`` and ``dW_i = u_g(i) g_i + 2*kappa*W_i``.
 
     ``grads``, ``Ws`` and ``structures`` list the parameters sharing ``u`` (one parameter unless the
-    group is shared).
+    group is shared). ``gW``: the sums ``sum_{i in g} g_i W_i`` when given (:func:`group_gW` summed over
+    the shards of groups that span several), else computed here.
     """
     du = 2.0 * kappa * u
+    if gW is not None:
+        du = du + gW
     gWs = []
     for g, W, s in zip(grads, Ws, structures):
-        du = du + s.reduce(g * W)
+        if gW is None:
+            du = du + s.reduce(g * W)
         gWs.append(torch.addcmul(W * (2.0 * kappa), s.expand(u), g))
     return du, gWs
+
+
+def group_gW(grads: Sequence[torch.Tensor], Ws: Sequence[torch.Tensor], structures: Sequence[GroupStructure]) -> torch.Tensor:
+    """``sum_{i in g} g_i W_i`` per group (the loss part of ``du``)."""
+    return sum(s.reduce(g * W) for g, W, s in zip(grads, Ws, structures))
 
 
 def penalty(factors: Sequence[torch.Tensor], kappa: float) -> torch.Tensor:
@@ -191,9 +203,11 @@ def element_finish(
     W.copy_(torch.where(revive, -torch.sign(grad) * s, torch.where(zero, torch.zeros_like(W), W)))
 
 
-def group_dead(u: torch.Tensor, Ws: Sequence[torch.Tensor], structures: Sequence[GroupStructure]) -> torch.Tensor:
-    """Groups on the saddle ``u_g = 0, W_g = 0``."""
-    return (u == 0) & (group_sq_sums(Ws, structures) == 0)
+def group_dead(
+    u: torch.Tensor, Ws: Sequence[torch.Tensor], structures: Sequence[GroupStructure], w_sq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Groups on the saddle ``u_g = 0, W_g = 0`` (``w_sq``: ``||W_g||^2`` when given)."""
+    return (u == 0) & ((group_sq_sums(Ws, structures) if w_sq is None else w_sq) == 0)
 
 
 def group_finish(
@@ -206,16 +220,22 @@ def group_finish(
     kappa: float,
     lr: float,
     zero_threshold: float,
+    sums: torch.Tensor | None = None,
 ) -> None:
-    """Group version of :func:`element_finish`, in place on ``u`` and every ``W``."""
-    gnorm = group_norms(grads, structures)
+    """Group version of :func:`element_finish`, in place on ``u`` and every ``W``.
+
+    ``sums``: :func:`group_finish_sums` of the same arguments (summed over the shards of groups that
+    span several), else computed here.
+    """
+    olds = [t.to(u.dtype) for t in thetas_old]
+    g_sq, w_sq, old_sq, w_old = group_finish_sums(Ws, grads, olds, structures) if sums is None else sums
+    gnorm = g_sq.sqrt()
     excess = gnorm - 2.0 * kappa
     revive = dead & (excess > 0)
     s = torch.sqrt(lr * excess.clamp(min=0))
-    olds = [t.to(u.dtype) for t in thetas_old]
-    theta_norm = u.abs() * group_norms(Ws, structures)
-    old_norm = group_norms(olds, structures)
-    inner = u * sum(st.reduce(W * old) for W, old, st in zip(Ws, olds, structures))  # <theta_new, theta_old>
+    theta_norm = u.abs() * w_sq.sqrt()
+    old_norm = old_sq.sqrt()
+    inner = u * w_old  # <theta_new, theta_old>
     settled = (theta_norm <= old_norm) | (excess <= 0)  # not growing, or zero is optimal
     snap = (~dead) & (((theta_norm <= zero_threshold) & settled) | (inner < 0))
     zero = (dead & ~revive) | snap
@@ -225,6 +245,20 @@ def group_finish(
     for W, g, st in zip(Ws, grads, structures):
         W.copy_(W * st.expand(keep) + g * st.expand(direction))
     u.copy_(torch.where(revive, s, u * keep))
+
+
+def group_finish_sums(
+    Ws: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], thetas_old: Sequence[torch.Tensor], structures: Sequence[GroupStructure]
+) -> torch.Tensor:
+    """The per-group sums :func:`group_finish` needs, stacked ``(4, num_groups)``: ``||g_g||^2``,
+    ``||W_g||^2``, ``||theta_old_g||^2`` and ``<W_g, theta_old_g>``."""
+    olds = [t.to(Ws[0].dtype) for t in thetas_old]
+    return torch.stack([
+        group_sq_sums(grads, structures),
+        group_sq_sums(Ws, structures),
+        group_sq_sums(olds, structures),
+        sum(st.reduce(W * old) for W, old, st in zip(Ws, olds, structures)),
+    ])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,14 +274,22 @@ def element_kkt(theta: torch.Tensor, grad: torch.Tensor, kappa: float) -> torch.
 
 
 def group_kkt(
-    thetas: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], structures: Sequence[GroupStructure], kappa: float
+    thetas: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], structures: Sequence[GroupStructure], kappa: float,
+    sum_groups=None,
 ) -> torch.Tensor:
-    """``max(||g_g|| - 2k, 0)`` for zero groups, ``||g_g + 2k theta_g/||theta_g|| ||`` elsewhere."""
+    """``max(||g_g|| - 2k, 0)`` for zero groups, ``||g_g + 2k theta_g/||theta_g|| ||`` elsewhere.
+
+    ``sum_groups``: as in :func:`init_group` (slices of groups that span several shards)."""
+    total = sum_groups or (lambda x: x)
     gs = [g.to(factor_dtype(g.dtype)) for g in grads]
     ts = [t.to(g.dtype) for t, g in zip(thetas, gs)]
-    tnorm = group_norms(ts, structures)
+    tnorm = total(group_sq_sums(ts, structures)).sqrt()
     nonzero = tnorm > 0
     inv = torch.where(nonzero, 2.0 * kappa / torch.where(nonzero, tnorm, torch.ones_like(tnorm)), torch.zeros_like(tnorm))
-    residual = group_norms([g + t * s.expand(inv) for g, t, s in zip(gs, ts, structures)], structures)
-    at_zero = (group_norms(gs, structures) - 2.0 * kappa).clamp(min=0)
+    res_sq, g_sq = total(torch.stack([
+        group_sq_sums([g + t * s.expand(inv) for g, t, s in zip(gs, ts, structures)], structures),
+        group_sq_sums(gs, structures),
+    ]))
+    residual = res_sq.sqrt()
+    at_zero = (g_sq.sqrt() - 2.0 * kappa).clamp(min=0)
     return torch.where(nonzero, residual, at_zero).max()

@@ -60,6 +60,8 @@ def unsupported(optimizer, group) -> str | None:
     """Why the kernels cannot step this sparse group (None when they can)."""
     if optimizer._base_cls not in FUSED_BASES:
         return f"there is no fused spread kernel for base {optimizer._base_cls.__name__} (only SGD, Adam, AdamW)"
+    if getattr(optimizer, "_sharded", None):
+        return "the parameters are sharded DTensors (FSDP2): the sharded reference path runs them"
     tensors = _group_tensors(optimizer, group)
     if not tensors:
         return None

@@ -21,6 +21,7 @@ import torch
 from torch.optim import Optimizer
 
 from spread_optim import fused
+from spread_optim.distributed import check_not_zero_shared, sharded
 from spread_optim.kernels import reference as ref
 from spread_optim.structure import GroupStructure, describe, validate_sparsity, validate_spec
 
@@ -132,6 +133,7 @@ class SpreadOptimizer(Optimizer):
         self._structures: dict = {}
         self._dense_stepped: set[int] = set()  # ids of parameters stepped in a dense group (SGD keeps no state)
         self._fused_groups: set[int] = set()  # ids of the param groups the fused kernels step (this step)
+        self._sharded = None  # FSDP2 (DTensor parameters): spread_optim.distributed.ShardedSpread
         all_defaults = {**probe.defaults, **SPREAD_DEFAULTS, **spread_kwargs}
         super().__init__(params, all_defaults)
 
@@ -150,6 +152,7 @@ class SpreadOptimizer(Optimizer):
         self._structures = {}
         self._dense_stepped = set()
         self._fused_groups = set()
+        self._sharded = None
 
     def __repr__(self) -> str:
         return super().__repr__().replace(type(self).__name__ + " (", f"{type(self).__name__}[{self._base_cls.__name__}] (", 1)
@@ -219,6 +222,7 @@ class SpreadOptimizer(Optimizer):
             if kappa > 0 and p.is_sparse:
                 raise TypeError(f"{where}: sparse parameter tensors are not supported in a sparse group")
         if group["share_groups"] and kappa > 0:
+            check_not_zero_shared(group, where)
             if not isinstance(sparsity, str) or sparsity not in ("row", "column"):
                 raise ValueError(f"{where}: 'share_groups'=True needs 'sparsity' 'row' or 'column', got {describe(sparsity)!r}")
             dim = 0 if sparsity == "row" else 1
@@ -271,7 +275,7 @@ class SpreadOptimizer(Optimizer):
             if any("W" in self.state[p] for p in members):
                 raise ValueError(f"param group {index}: a shared group cannot gain members after its first step")
             structures = [self._structure(p, group) for p in members]
-            u, Ws = ref.init_group(members, structures, group["init"])
+            u, Ws = self._sharded.init_group(members, group) if self._sharded else ref.init_group(members, structures, group["init"])
             for i, (p, W) in enumerate(zip(members, Ws)):
                 self.state[p].update(W=W, base={"W": {}})
                 if i == 0:
@@ -287,6 +291,7 @@ class SpreadOptimizer(Optimizer):
 
     def _prepare(self) -> None:
         """Validate groups, create missing factors, (re)build the base, copy hyperparameters to it."""
+        sharded(self)  # sets self._sharded when a sparse parameter is a DTensor (FSDP2)
         for index, group in enumerate(self.param_groups):
             self._validate_group(group, index, full=False)
             if self._is_sparse(group):
@@ -374,6 +379,8 @@ class SpreadOptimizer(Optimizer):
         return -g if group.get("maximize", False) else g
 
     def _check_grads(self) -> None:
+        if self._sharded:
+            return self._sharded.check_grads()
         flags, names = [], []
         for index, group in enumerate(self.param_groups):
             if not self._is_sparse(group) or (id(group) in self._fused_groups and group.get("capturable")):
@@ -399,6 +406,8 @@ class SpreadOptimizer(Optimizer):
     def _set_factor_grads(self, with_penalty: bool = False):
         """Hand the factor gradients of the smooth objective to the base's leaves; return the penalty
         (when asked: only a closure needs it)."""
+        if self._sharded:
+            return self._sharded.set_factor_grads(with_penalty)
         total = 0.0
         for group, members in self._sparse_params():
             kappa = group["kappa"]
@@ -435,6 +444,8 @@ class SpreadOptimizer(Optimizer):
         return total
 
     def _dead_masks(self) -> list:
+        if self._sharded:
+            return self._sharded.dead_masks()
         masks = []
         for group, members in self._sparse_params():
             if self._is_element(group):
@@ -450,6 +461,8 @@ class SpreadOptimizer(Optimizer):
         ``p.grad`` is the gradient at the step's start (its single evaluation) or at its end (a
         re-evaluation); ``theta_start`` maps parameters to theta at the step's start when ``p`` no longer
         holds it."""
+        if self._sharded:
+            return self._sharded.finish(dead_masks, theta_start)
         old = (lambda p: theta_start[p]) if theta_start is not None else (lambda p: p)
         for (group, members), dead in zip(self._sparse_params(), dead_masks):
             kappa, thr, lr = group["kappa"], group["zero_threshold"], float(group.get("lr", 1.0))
@@ -473,6 +486,8 @@ class SpreadOptimizer(Optimizer):
                 p.copy_(s.expand(st0["u"]) * W)
 
     def _write_theta(self) -> None:
+        if self._sharded:
+            return self._sharded.write_theta()
         for group, members in self._sparse_params():
             if self._is_element(group):
                 for p in members:
@@ -599,6 +614,8 @@ class SpreadOptimizer(Optimizer):
 
     def penalty(self) -> float:
         """The smooth penalty ``sum kappa*(||U||^2+||W||^2)`` of the current factors (0 before the first step)."""
+        if sharded(self):
+            return self._sharded.penalty()
         total = 0.0
         for group, members in self._sparse_params(include_fused=True):
             factors = [t for p in members for _, t in self._factor_leaves(p)]
@@ -614,7 +631,10 @@ class SpreadOptimizer(Optimizer):
         entry, ``max(|g| - 2*kappa, 0)`` where ``theta = 0`` and ``|g + 2*kappa*sign(theta)|`` elsewhere
         (groups: ``max(||g_g|| - 2*kappa, 0)`` resp. ``||g_g + 2*kappa*theta_g/||theta_g|| ||``). Zero at
         an exact minimum of ``loss + 2*kappa*R(theta)``; parameters without a gradient are skipped.
+        Under FSDP2 every rank gets the global answer.
         """
+        if sharded(self):
+            return self._sharded.kkt_residual()
         worst = 0.0
         for group, members in self._sparse_params(include_fused=True):
             kappa = group["kappa"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 
+from spread_optim.distributed import is_dtensor, sparsity_rows
 from spread_optim.structure import GroupStructure, describe
 
 
@@ -100,12 +101,10 @@ def sparsity_report(model_or_optimizer, optimizer=None) -> SparsityReport:
             for p, name in zip(group["params"], group_names):
                 settings[p] = (group.get("kappa", 0.0), group.get("sparsity", "element"))
                 names[p] = name
-    report = SparsityReport()
     if model is not None:
-        for name, p in model.named_parameters():
-            kappa, sparsity = settings.get(p, (None, "element"))
-            report.append(_row(name, p, kappa, sparsity))
+        entries = [(name, p, *settings.get(p, (None, "element"))) for name, p in model.named_parameters()]
     else:
-        for p, (kappa, sparsity) in settings.items():
-            report.append(_row(names[p], p, kappa, sparsity))
-    return report
+        entries = [(names[p], p, kappa, sparsity) for p, (kappa, sparsity) in settings.items()]
+    if any(is_dtensor(e[1]) for e in entries):  # FSDP2: counts summed over the shards, one all-reduce
+        return SparsityReport(sparsity_rows(entries, _row))
+    return SparsityReport(_row(*e) for e in entries)

@@ -80,6 +80,19 @@ class GroupStructure:
         self.num_groups = self.shape[self.dim] if self.dim is not None else int(self.ids.max()) + 1 if self.ids.numel() else 0
         self._other_dims = [d for d in range(len(self.shape)) if d != self.dim]
 
+    def rows(self, start: int, length: int) -> "GroupStructure":
+        """The structure of the slice ``[start, start+length)`` along dim 0 (a dim-0 shard, as FSDP2 keeps):
+        for ``"row"`` the groups of those rows; otherwise every group, of which the slice holds a part
+        (``reduce`` then gives the slice's part of each group's sum)."""
+        part = object.__new__(GroupStructure)
+        part.__dict__.update(self.__dict__)
+        part.shape = torch.Size([length, *self.shape[1:]])
+        if self.kind == "row":
+            part.num_groups = length
+        elif self.ids is not None:
+            part.ids = self.ids.reshape(self.shape)[start:start + length].reshape(-1)
+        return part
+
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of ``x`` (parameter-shaped) over each group: shape ``(num_groups,)``."""
         if self.ids is not None:
