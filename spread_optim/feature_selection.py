@@ -1,0 +1,443 @@
+r"""``SpreadFeatureSelector``: feature selection by a group lasso over input features, fitted by spread.
+
+A classifier is trained on all features with one *shared* factor per input feature (the paper's ensemble
+feature selection):
+
+* ``hidden_sizes=()``: softmax regression ``logits = X A^T + a``; the columns of ``A`` (one per feature,
+  across the classes) are the groups;
+* ``hidden_sizes=(h1, ...)``: an ensemble of that linear model and an MLP ``X -> h1 -> ... -> classes``
+  (ReLU). The column ``j`` of the linear model's weight *and* of the MLP's first-layer weight form one
+  group: :class:`~spread_optim.SpreadOptimizer` with ``sparsity="column"``, ``share_groups=True`` gives
+  both one scalar ``u_j`` (``theta[:, j] = u_j * W[:, j]`` in both layers), so a feature is kept or dropped
+  by both models at once. The loss is the sum of the two models' cross-entropies.
+
+The objective (mean cross-entropy over the samples, summed over the models) is::
+
+    CE(linear) [+ CE(MLP)]  +  2*kappa * sum_j || (A[:, j], B1[:, j]) ||_2
+
+(``B1`` the MLP's first layer), plus ``weight_decay/2 * ||B||^2`` on the MLP's deeper weights ``B`` (an L2
+penalty, so that the first layer cannot evade the group lasso by shrinking while the next layer grows: ReLU
+is positively homogeneous); the biases are not penalised. Base rule: Adam
+(``lr``), full batch (``batch_size=None``) or shuffled mini-batches, for ``max_epochs`` passes. Spread
+makes exact zeros: a feature whose group is zero at the end of the fit is not used by the model at all.
+
+Selection: ``feature_importances_[j]`` is the norm of feature ``j``'s group, ``||(A[:, j], B1[:, j])||_2``
+(at a minimum of the smooth objective this is ``u_j**2``: ``|u_j| = ||W_g||``). With
+``n_features_to_select=None`` every feature with a nonzero group is selected; with an int ``k`` the ``k``
+largest (ties by index; if fewer than ``k`` groups are nonzero, zeros fill up the rest and a warning says
+so).
+
+Preprocessing. ``standardize=True`` (default) scales every feature to zero mean and unit variance on the
+training data inside ``fit`` (the statistics are kept in ``mean_``/``scale_`` and applied by
+``predict``); ``kappa`` then means the same for every feature. With ``standardize=False`` the user must
+standardise (``make_pipeline(StandardScaler(), SpreadFeatureSelector(standardize=False))``): the group
+lasso is not scale invariant, a feature with a large scale is cheaper to keep.
+
+scikit-learn. The selector follows scikit-learn's selector API (``fit``/``transform``/``get_support``/
+``inverse_transform``/``get_feature_names_out``, ``clone``, pipelines, grid search). scikit-learn is not a
+dependency of the package: when it is importable the class subclasses ``sklearn.base.BaseEstimator`` and
+``sklearn.feature_selection.SelectorMixin`` and validates its input with scikit-learn's own checks;
+without it a minimal built-in base provides ``get_params``/``set_params``, ``get_support``, ``transform``,
+``fit_transform`` and ``inverse_transform`` over NumPy arrays.
+
+Reproducibility. With an int ``random_state`` the fit is deterministic (the initial weights and the
+mini-batch order come from one ``torch.Generator``; the global torch RNG is not touched), for a given
+number of torch threads.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import warnings
+
+import numpy as np
+import torch
+
+from spread_optim.optimizers import SpreadAdam
+
+try:  # scikit-learn is optional (test/bench dependency): with it the selector is a full scikit-learn estimator
+    from sklearn.base import BaseEstimator as _Base
+    from sklearn.feature_selection import SelectorMixin as _Selector
+    from sklearn.utils.multiclass import check_classification_targets as _check_targets
+    from sklearn.utils.validation import check_is_fitted as _check_is_fitted
+    from sklearn.utils.validation import validate_data as _validate_data
+
+    HAS_SKLEARN = True
+except ImportError:  # pragma: no cover - exercised only without scikit-learn
+    HAS_SKLEARN = False
+
+    class _Base:  # type: ignore[no-redef]
+        """``get_params``/``set_params`` over the constructor's arguments (scikit-learn's convention)."""
+
+        def get_params(self, deep: bool = True) -> dict:
+            return {k: getattr(self, k) for k in self._param_names}
+
+        def set_params(self, **params):
+            for k, v in params.items():
+                if k not in self._param_names:
+                    raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}")
+                setattr(self, k, v)
+            return self
+
+        def __repr__(self) -> str:
+            return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+    class _Selector:  # type: ignore[no-redef]
+        """The part of ``sklearn.feature_selection.SelectorMixin`` a NumPy user needs."""
+
+        def get_support(self, indices: bool = False):
+            mask = self._get_support_mask()
+            return np.flatnonzero(mask) if indices else mask
+
+        def transform(self, X):
+            X = self._check_X(X)
+            return X[:, self.get_support()]
+
+        def fit_transform(self, X, y=None, **fit_params):
+            return self.fit(X, y, **fit_params).transform(X)
+
+        def inverse_transform(self, X):
+            X = np.asarray(X)
+            support = self.get_support()
+            if X.ndim != 2 or X.shape[1] != support.sum():
+                raise ValueError(f"X must have shape (n_samples, {support.sum()}), got {X.shape}")
+            out = np.zeros((X.shape[0], support.size), dtype=X.dtype)
+            out[:, support] = X
+            return out
+
+    def _check_targets(y):
+        if np.asarray(y).dtype.kind == "f" and not np.all(np.asarray(y) == np.round(np.asarray(y))):
+            raise ValueError("Unknown label type: continuous targets; SpreadFeatureSelector is for classification")
+
+    def _check_is_fitted(estimator, attributes=None):
+        if not hasattr(estimator, "feature_importances_"):
+            raise AttributeError(f"This {type(estimator).__name__} instance is not fitted yet. Call 'fit' first.")
+
+
+class SpreadFeatureSelector(_Selector, _Base):
+    """Select input features with a group lasso over them (one shared spread factor per feature).
+
+    Args:
+        n_features_to_select: ``None`` (default): every feature whose group is nonzero after the fit; an
+            int ``k >= 1``: the ``k`` features with the largest ``feature_importances_``.
+        kappa: strength of the group lasso, ``2*kappa*sum_j ||group_j||`` added to the mean cross-entropy
+            (summed over the ensemble's two models). Larger kappa, fewer features.
+        hidden_sizes: ``()`` (default): softmax regression only; a tuple of widths: the linear model plus an
+            MLP with these hidden layers, their first layers sharing one factor per feature.
+        weight_decay: L2 (Adam's coupled ``weight_decay``) on the MLP's weights after its first layer (not on
+            biases). Without it the group lasso on the first layer is no constraint for a ReLU network: the
+            first layer can shrink while the next one grows. No effect with ``hidden_sizes=()``.
+        lr: Adam's learning rate (on the spread factors and on the dense parameters).
+        max_epochs: passes over the training data (full batch: optimizer steps).
+        batch_size: ``None`` (default): full batch; an int: shuffled mini-batches of that size. Mini-batch
+            gradients are noisy: groups near the threshold ``2*kappa`` keep being revived and re-zeroed, so
+            fewer features are exactly zero than with full batch (see the README).
+        init: ``"zero"`` (default): the shared first layers start at exactly zero, on spread's saddle, and a
+            feature enters when its group's gradient norm exceeds ``2*kappa`` (spread's KKT revival), so the
+            model is sparse from the first epoch (as a lasso path); ``"random"``: ``torch.nn.Linear``'s
+            uniform init, every feature starts in and the penalty drives the useless ones to zero. From zero
+            the MLP's first gradient only sees each feature's linear association with the labels (all hidden
+            units see the same input); a feature whose effect is purely an interaction (XOR) may need
+            ``"random"``.
+        standardize: scale the features to zero mean and unit variance on the training data inside ``fit``
+            (default). With ``False`` the features are used as given (standardise them yourself).
+        warm_start: with ``True`` a second ``fit`` on data with the same features and classes continues from
+            the current model and optimizer state for another ``max_epochs`` epochs (as
+            ``sklearn.neural_network.MLPClassifier``); e.g. for early stopping on held-out data.
+        random_state: ``None``, an int or a ``numpy.random.RandomState``: the initial weights and mini-batch
+            order. An int makes ``fit`` deterministic.
+
+    Attributes (after ``fit``): ``feature_importances_`` (``(n_features,)``, the group norms, exactly 0 for
+    dropped features), ``n_features_in_``, ``feature_names_in_`` (with a DataFrame), ``classes_``,
+    ``n_selected_features_`` (features with a nonzero group), ``mean_``/``scale_`` (standardisation; zeros
+    and ones with ``standardize=False``), ``loss_curve_`` (objective = loss + penalty per epoch),
+    ``n_iter_`` (epochs run, over all warm-started fits), ``model_`` (the fitted ``torch.nn.Module``; its
+    ``forward`` returns the list of the ensemble's logits on standardised inputs).
+
+    ``predict_proba`` averages the ensemble's softmax probabilities, ``predict`` takes their argmax and
+    ``score`` is the accuracy: the classifier trained for the selection, on all features (the dropped ones
+    have zero weight).
+    """
+
+    _param_names = ("n_features_to_select", "kappa", "hidden_sizes", "weight_decay", "lr", "max_epochs", "batch_size", "init",
+                    "standardize", "warm_start", "random_state")
+
+    def __init__(self, n_features_to_select=None, *, kappa=0.02, hidden_sizes=(), weight_decay=1e-2, lr=0.01,
+                 max_epochs=300, batch_size=None, init="zero", standardize=True, warm_start=False, random_state=None):
+        self.n_features_to_select = n_features_to_select
+        self.kappa = kappa
+        self.hidden_sizes = hidden_sizes
+        self.weight_decay = weight_decay
+        self.lr = lr
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.init = init
+        self.standardize = standardize
+        self.warm_start = warm_start
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------------------------------------
+    # validation
+
+    def _check_params(self) -> tuple[int, ...]:
+        def real(name, value, low, strict):
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (value <= low if strict else value < low):
+                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
+
+        real("kappa", self.kappa, 0, strict=False)
+        real("lr", self.lr, 0, strict=True)
+        real("weight_decay", self.weight_decay, 0, strict=False)
+        for name in ("max_epochs",):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        b = self.batch_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1):
+            raise ValueError(f"batch_size must be None (full batch) or an int >= 1, got {b!r}")
+        k = self.n_features_to_select
+        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
+            raise ValueError(f"n_features_to_select must be None or an int >= 1, got {k!r}")
+        hidden = self.hidden_sizes
+        if hidden is None:
+            hidden = ()
+        if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
+            hidden = (hidden,)
+        try:
+            hidden = tuple(hidden)
+        except TypeError:
+            raise ValueError(f"hidden_sizes must be a tuple of ints >= 1, got {self.hidden_sizes!r}") from None
+        if any(isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1 for h in hidden):
+            raise ValueError(f"hidden_sizes must be a tuple of ints >= 1, got {self.hidden_sizes!r}")
+        if self.init not in ("zero", "random"):
+            raise ValueError(f"init must be 'zero' or 'random', got {self.init!r}")
+        if not isinstance(self.standardize, (bool, np.bool_)):
+            raise ValueError(f"standardize must be a bool, got {self.standardize!r}")
+        return tuple(int(h) for h in hidden)
+
+    def _check_X(self, X, y=None, reset: bool = False, fit: bool = False):
+        """Validated float arrays (scikit-learn's checks when available); ``fit``: ``y`` is required."""
+        if HAS_SKLEARN:
+            if y is None and not fit:
+                return _validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+            return _validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32])
+        X = np.asarray(X)
+        if X.dtype.kind not in "biuf":
+            raise ValueError(f"X must be numeric, got dtype {X.dtype}")
+        X = X.astype(np.float64 if X.dtype != np.float32 else np.float32)
+        if X.ndim != 2:
+            raise ValueError(f"Expected 2D array (n_samples, n_features), got shape {X.shape}")
+        if X.shape[0] < 1 or X.shape[1] < 1:
+            raise ValueError(f"X must have at least one sample and one feature, got shape {X.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError("Input X contains NaN or infinity")
+        if reset:
+            self.n_features_in_ = X.shape[1]
+        elif X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} is expecting {self.n_features_in_} features as input")
+        if y is None and not fit:
+            return X
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
+        y = np.asarray(y)
+        if y.ndim != 1 or y.shape[0] != X.shape[0]:
+            raise ValueError(f"y must have shape ({X.shape[0]},), got {y.shape}")
+        return X, y
+
+    # ------------------------------------------------------------------------------------------------
+    # fitting
+
+    def _build(self, d: int, k: int, hidden: tuple[int, ...], generator: torch.Generator) -> "_Ensemble":
+        model = _Ensemble(d, k, hidden)
+        with torch.no_grad():  # nn.Linear's default init (U(-1/sqrt(fan_in), 1/sqrt(fan_in))), from our generator
+            for layer in model.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    bound = 1 / math.sqrt(layer.in_features)
+                    layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
+                    layer.bias.copy_(torch.rand(layer.bias.shape, generator=generator) * 2 * bound - bound)
+            if self.init == "zero":
+                for layer in model.first_layers():
+                    layer.weight.zero_()
+        return model
+
+    def _make_optimizer(self, model: "_Ensemble") -> SpreadAdam:
+        shared = [model.first_layers()[i].weight for i in range(len(model.first_layers()))]
+        dense = [p for p in model.parameters() if all(p is not s for s in shared)]
+        decay = [p for p in dense if p.dim() > 1]  # the MLP's deeper weights: L2, so that the group lasso is
+        free = [p for p in dense if p.dim() <= 1]  # not evaded by shrinking the first layer and growing the next
+        groups = [{"params": shared, "kappa": float(self.kappa), "sparsity": "column", "share_groups": True}]
+        if decay:
+            groups.append({"params": decay, "kappa": 0.0, "weight_decay": float(self.weight_decay)})
+        if free:
+            groups.append({"params": free, "kappa": 0.0})
+        # kappa=0 in the first group would make it a dense group: a tiny kappa keeps the factors (and the
+        # exact-zero machinery) while being no penalty at all in practice
+        if groups[0]["kappa"] == 0:
+            groups[0]["kappa"] = 1e-12
+        return SpreadAdam(groups, lr=float(self.lr))
+
+    def fit(self, X, y):
+        """Train the classifier on ``X`` (``(n_samples, n_features)``) and labels ``y``; select features."""
+        hidden = self._check_params()
+        continuing = self.warm_start and hasattr(self, "model_")
+        X, y = self._check_X(X, y, reset=not continuing, fit=True)
+        _check_targets(y)
+        classes, y_idx = np.unique(y, return_inverse=True)
+        if continuing:
+            if not np.array_equal(classes, self.classes_) or self._hidden != hidden:
+                raise ValueError("warm_start=True: the classes and hidden_sizes must be those of the previous fit")
+        elif len(classes) < 2:
+            raise ValueError(f"y must contain at least 2 classes, got 1 class ({classes.tolist()!r})")
+        n, d = X.shape
+        if not continuing:
+            self.classes_ = classes
+            self._hidden = hidden
+            if self.standardize:
+                mean = X.mean(axis=0, dtype=np.float64)
+                scale = X.std(axis=0, dtype=np.float64)
+                scale[scale <= 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0  # constant features stay 0
+            else:
+                mean, scale = np.zeros(d), np.ones(d)
+            self.mean_, self.scale_ = mean, scale
+            seed = _seed_from(self.random_state)
+            self._generator = torch.Generator().manual_seed(seed)
+            self.model_ = self._build(d, len(classes), hidden, self._generator)
+            self._optimizer = self._make_optimizer(self.model_)
+            self.loss_curve_ = []
+            self.n_iter_ = 0
+        else:
+            for g in self._optimizer.param_groups:  # hyperparameters may have been changed by set_params
+                g["lr"] = float(self.lr)
+            if self.kappa > 0:
+                self._optimizer.param_groups[0]["kappa"] = float(self.kappa)
+        Xt = torch.as_tensor(self._standardized(X), dtype=torch.float32)
+        yt = torch.as_tensor(y_idx, dtype=torch.long)
+        batch = n if self.batch_size is None else min(int(self.batch_size), n)
+        model, optimizer = self.model_, self._optimizer
+        model.train()
+        for _ in range(int(self.max_epochs)):
+            order = torch.randperm(n, generator=self._generator) if batch < n else None
+            total = 0.0
+            for start in range(0, n, batch):
+                idx = order[start: start + batch] if order is not None else slice(None)
+                xb, yb = Xt[idx], yt[idx]
+                optimizer.zero_grad()
+                loss = sum(torch.nn.functional.cross_entropy(out, yb) for out in model(xb))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("the training loss became non-finite; lower lr")
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * (xb.shape[0] / n)
+            self.loss_curve_.append(total + optimizer.penalty())
+            self.n_iter_ += 1
+        with torch.no_grad():
+            sq = sum(layer.weight.detach().double().pow(2).sum(0) for layer in model.first_layers())
+        self.feature_importances_ = sq.sqrt().numpy()
+        self.n_selected_features_ = int((self.feature_importances_ > 0).sum())
+        if self.n_features_to_select is not None and self.n_features_to_select > d:
+            raise ValueError(f"n_features_to_select={self.n_features_to_select} is larger than the number of features ({d})")
+        if self.n_features_to_select is not None and self.n_selected_features_ < self.n_features_to_select:
+            warnings.warn(
+                f"only {self.n_selected_features_} features have a nonzero group, fewer than "
+                f"n_features_to_select={self.n_features_to_select}: features with zero importance fill up the "
+                "selection (lower kappa to select more)", UserWarning, stacklevel=2,
+            )
+        return self
+
+    def _standardized(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.mean_) / self.scale_
+
+    def _get_support_mask(self) -> np.ndarray:
+        _check_is_fitted(self, "feature_importances_")
+        imp = self.feature_importances_
+        if self.n_features_to_select is None:
+            return imp > 0
+        k = min(int(self.n_features_to_select), imp.size)
+        mask = np.zeros(imp.size, dtype=bool)
+        mask[np.argsort(-imp, kind="stable")[:k]] = True
+        return mask
+
+    # ------------------------------------------------------------------------------------------------
+    # the classifier trained for the selection
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Mean of the ensemble's softmax probabilities, ``(n_samples, n_classes)``."""
+        _check_is_fitted(self, "feature_importances_")
+        X = self._check_X(X)
+        Xt = torch.as_tensor(self._standardized(X), dtype=torch.float32)
+        self.model_.eval()
+        with torch.no_grad():
+            probs = [torch.softmax(out, dim=1) for out in self.model_(Xt)]
+        return (sum(probs) / len(probs)).double().numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """The class of highest mean probability (``classes_`` labels)."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def score(self, X, y) -> float:
+        """Accuracy of :meth:`predict`."""
+        return float(np.mean(self.predict(X) == np.asarray(y)))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True  # fit needs labels
+        tags.non_deterministic = self.random_state is None
+        return tags
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if "_generator" in state:  # torch.Generator cannot be pickled: keep its state
+            state["_generator"] = state["_generator"].get_state()
+        return state
+
+    def __setstate__(self, state):
+        gen = state.get("_generator")
+        if isinstance(gen, torch.Tensor):
+            g = torch.Generator()
+            g.set_state(gen)
+            state["_generator"] = g
+        self.__dict__.update(state)
+
+    def __deepcopy__(self, memo):
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
+
+
+class _Ensemble(torch.nn.Module):
+    """The linear model and (with hidden sizes) the MLP; ``forward`` returns the list of their logits."""
+
+    def __init__(self, d: int, k: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.linear = torch.nn.Linear(d, k)
+        self.mlp = None
+        if hidden:
+            layers, width = [], d
+            for h in hidden:
+                layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+                width = h
+            layers.append(torch.nn.Linear(width, k))
+            self.mlp = torch.nn.Sequential(*layers)
+
+    def first_layers(self) -> list[torch.nn.Linear]:
+        return [self.linear] + ([self.mlp[0]] if self.mlp is not None else [])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.linear(x)] + ([self.mlp(x)] if self.mlp is not None else [])
+
+
+def _seed_from(random_state) -> int:
+    """A torch seed from ``None`` / an int / a ``numpy.random.RandomState`` (scikit-learn's convention)."""
+    if random_state is None:
+        return int(np.random.randint(0, 2**31 - 1))
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        return int(random_state) % (2**63)
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(0, 2**31 - 1))
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(0, 2**31 - 1))
+    raise ValueError(f"random_state must be None, an int or a numpy.random.RandomState, got {random_state!r}")
