@@ -126,13 +126,28 @@ def group_norms(tensors: Sequence[torch.Tensor], structures: Sequence[GroupStruc
 
 
 def element_factor_grads(
-    grads: list[torch.Tensor], Us: list[torch.Tensor], Ws: list[torch.Tensor], kappa: float
+    grads: list[torch.Tensor], Us: list[torch.Tensor], Ws: list[torch.Tensor], kappa: float, out=None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``dU = g*W + 2*kappa*U`` and ``dW = g*U + 2*kappa*W`` for a list of tensors (foreach)."""
-    gU = torch._foreach_mul(grads, Ws)
-    torch._foreach_add_(gU, Us, alpha=2.0 * kappa)
-    gW = torch._foreach_mul(grads, Us)
-    torch._foreach_add_(gW, Ws, alpha=2.0 * kappa)
+    """``dU = g*W + 2*kappa*U`` and ``dW = g*U + 2*kappa*W`` for a list of tensors (foreach).
+
+    ``out``: optional ``(dU buffers, dW buffers)`` (None entries allocate): large tensors reuse last step's
+    gradient buffers instead of fresh allocations."""
+    if out is None:
+        gU = torch._foreach_mul(grads, Ws)
+        torch._foreach_add_(gU, Us, alpha=2.0 * kappa)
+        gW = torch._foreach_mul(grads, Us)
+        torch._foreach_add_(gW, Ws, alpha=2.0 * kappa)
+        return gU, gW
+    fresh = [i for i, (a, b) in enumerate(zip(*out)) if a is None or b is None]
+    gU, gW = list(out[0]), list(out[1])
+    if fresh:
+        new_U, new_W = element_factor_grads([grads[i] for i in fresh], [Us[i] for i in fresh], [Ws[i] for i in fresh], kappa)
+        for i, a, b in zip(fresh, new_U, new_W):
+            gU[i], gW[i] = a, b
+    for i, (g, U, W) in enumerate(zip(grads, Us, Ws)):
+        if out[0][i] is not None and out[1][i] is not None:
+            torch.mul(g, W, out=gU[i]).add_(U, alpha=2.0 * kappa)
+            torch.mul(g, U, out=gW[i]).add_(W, alpha=2.0 * kappa)
     return gU, gW
 
 
@@ -190,17 +205,43 @@ def element_finish(
     lr: float,
     zero_threshold: float,
 ) -> None:
-    """After the base step: hold, revive and snap (module docstring), in place on ``U`` and ``W``."""
-    excess = grad.abs() - 2.0 * kappa
-    revive = dead & (excess > 0)
-    s = torch.sqrt(lr * excess.clamp(min=0))
+    """After the base step: hold, revive and snap (module docstring), in place on ``U`` and ``W``.
+
+    ``zero = dead or snap``, ``snap = |theta| <= zero_threshold and (|theta| <= |theta_old| or |g| <= 2k)
+    or theta*theta_old < 0``; ``revive = dead and |g| > 2k``: ``U = s, W = -sign(g)*s``,
+    ``s = sqrt(lr*(|g| - 2k))``. Contiguous tensors are processed in cache-sized chunks (the same numbers,
+    without full-size temporaries)."""
+    tensors = (U, W, grad, theta_old, dead)
+    if all(t.is_contiguous() for t in tensors) and U.numel() > _CHUNK:
+        flat = [t.view(-1) for t in tensors]
+        for start in range(0, U.numel(), _CHUNK):
+            _element_finish_chunk(*(t[start:start + _CHUNK] for t in flat), kappa, lr, zero_threshold)
+    else:
+        _element_finish_chunk(U, W, grad, theta_old, dead, kappa, lr, zero_threshold)
+
+
+#: elements per chunk of the CPU reference's exact-zero pass (a few 256 KB temporaries stay in cache)
+_CHUNK = 1 << 16
+
+
+def _element_finish_chunk(U, W, grad, theta_old, dead, kappa, lr, zero_threshold) -> None:
     theta = U * W
-    crossed = theta * theta_old < 0
-    settled = (theta.abs() <= theta_old.abs()) | (excess <= 0)  # not growing, or zero is optimal
-    snap = (~dead) & (((theta.abs() <= zero_threshold) & settled) | crossed)
-    zero = (dead & ~revive) | snap
-    U.copy_(torch.where(revive, s, torch.where(zero, torch.zeros_like(U), U)))
-    W.copy_(torch.where(revive, -torch.sign(grad) * s, torch.where(zero, torch.zeros_like(W), W)))
+    size = theta.abs()
+    excess = grad.abs().sub_(2.0 * kappa)
+    settled = size <= theta_old.abs()
+    settled |= excess <= 0  # not growing, or zero is optimal
+    zero = size <= zero_threshold
+    zero &= settled
+    zero |= theta.mul_(theta_old) < 0  # a sign flip
+    zero |= dead
+    U.masked_fill_(zero, 0.0)
+    W.masked_fill_(zero, 0.0)
+    revive = excess > 0
+    revive &= dead
+    if revive.any():
+        s = excess.clamp_(min=0).mul_(lr).sqrt_()
+        U.copy_(torch.where(revive, s, U))
+        W.copy_(torch.where(revive, -torch.sign(grad) * s, W))
 
 
 def group_dead(

@@ -105,6 +105,18 @@ def uses_kernels(optimizer, group, index: int) -> bool:
     return False
 
 
+def cpu_fused_base(optimizer, group) -> bool:
+    """Whether the factors of a sparse group on the reference path go to torch's fused CPU SGD/Adam/AdamW
+    (one pass instead of several; the same formulas): with ``fused=None`` and ``foreach=None`` on CPU
+    tensors (not sharded), when the base has such a kernel. ``fused=False`` keeps torch's default."""
+    if optimizer._base_cls not in FUSED_BASES or group.get("fused") is not None or group.get("foreach") is not None:
+        return False
+    if getattr(optimizer, "_sharded", None) or group.get("differentiable"):
+        return False
+    params = group["params"]
+    return bool(params) and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) for p in params)
+
+
 # ----------------------------------------------------------------------------------------------------
 # base state, in torch's own layout
 

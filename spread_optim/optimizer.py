@@ -355,6 +355,8 @@ class SpreadOptimizer(Optimizer):
                     base_group["weight_decay"] = 0.0  # the spread penalty replaces it (coupled, in the gradient)
                 if "maximize" in base_group:
                     base_group["maximize"] = False  # handled by negating g
+                if fused.cpu_fused_base(self, group):
+                    base_group["fused"] = True  # torch's one-pass CPU kernel for the factors (fused=None)
 
     # ------------------------------------------------------------------------------------------------
     # one step
@@ -420,7 +422,8 @@ class SpreadOptimizer(Optimizer):
                 if live:
                     Us = [self.state[p]["U"] for p, _ in live]
                     Ws = [self.state[p]["W"] for p, _ in live]
-                    gU, gW = ref.element_factor_grads([g for _, g in live], Us, Ws, kappa)
+                    gU, gW = ref.element_factor_grads([g for _, g in live], Us, Ws, kappa, out=(
+                        [_reusable(U.grad, U) for U in Us], [_reusable(W.grad, W) for W in Ws]))
                     for U, W, a, b in zip(Us, Ws, gU, gW):
                         U.grad, W.grad = a, b
                 if with_penalty:
@@ -678,6 +681,14 @@ class SpreadOptimizer(Optimizer):
         self._base = None
         self._base_layout = None
         self._structures = {}
+
+
+def _reusable(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """Last step's gradient buffer of a large factor, to be overwritten (a fresh large allocation costs
+    page faults on CPU); None for small factors (one foreach op for all of them is cheaper)."""
+    if buffer is None or like.numel() < 1 << 16 or buffer.shape != like.shape or buffer.dtype != like.dtype:
+        return None
+    return buffer if buffer.device == like.device and buffer.is_contiguous() else None
 
 
 def _map_tensors(value, fn, key=None):
