@@ -458,17 +458,19 @@ class SpreadOptimizer(Optimizer):
                 masks.append(ref.group_dead(self.state[members[0]]["u"], [self.state[p]["W"] for p in members], structures))
         return masks
 
-    def _finish(self, dead_masks, theta_start=None) -> None:
+    def _finish(self, dead_masks, theta_start=None, revival_step: float | None = None) -> None:
         """Hold/revive/snap exact zeros, then rewrite theta from the factors.
 
         ``p.grad`` is the gradient at the step's start (its single evaluation) or at its end (a
         re-evaluation); ``theta_start`` maps parameters to theta at the step's start when ``p`` no longer
-        holds it."""
+        holds it. Revival takes a proximal-gradient step of ``revival_step`` (default: the group's lr; the
+        sharded path always uses the lr)."""
         if self._sharded:
             return self._sharded.finish(dead_masks, theta_start)
         old = (lambda p: theta_start[p]) if theta_start is not None else (lambda p: p)
         for (group, members), dead in zip(self._sparse_params(), dead_masks):
-            kappa, thr, lr = group["kappa"], group["zero_threshold"], float(group.get("lr", 1.0))
+            kappa, thr = group["kappa"], group["zero_threshold"]
+            lr = float(group.get("lr", 1.0)) if revival_step is None else revival_step
             grads = [self._loss_grad(p, group) for p in members]
             if self._is_element(group):
                 for p, g, d in zip(members, grads, dead):
@@ -552,6 +554,7 @@ class SpreadOptimizer(Optimizer):
     def _step_with_closure(self, closure):
         dead = self._dead_masks()
         first_loss: list = []
+        last_loss: list = [None]  # the closure's own loss at its last evaluation
         gradless: list = []
         theta_start: dict = {}
         versions: list = []  # versions of the factor leaves at each evaluation
@@ -565,6 +568,7 @@ class SpreadOptimizer(Optimizer):
                     self._write_theta()  # the base moved the factors since the last evaluation
             with torch.enable_grad():
                 loss = closure()
+            last_loss[0] = loss
             with torch.no_grad():
                 self._check_grads()
                 pen = self._set_factor_grads(with_penalty=True)
@@ -583,18 +587,107 @@ class SpreadOptimizer(Optimizer):
                 self._restore(snapshot)
             raise
         self._restore_gradless(gradless)
+        # where LBFGS left its parameters (factors and dense parameters), before the zero pass
+        base_point = [t.detach().clone() for t in self._base.param_groups[0]["params"]] if snapshot is not None else None
         if len(versions) > 1:
             # A multi-evaluation base (LBFGS) may end away from its last evaluation (a rejected line-search
             # trial): the zero pass needs the gradient at the accepted point, and theta at the step's start.
             if versions[-1] != self._leaf_versions():
                 self._write_theta()
                 with torch.enable_grad():
-                    closure()
+                    last_loss[0] = closure()
                 self._check_grads()
+        else:
+            theta_start = None
+        if base_point is None:
             self._finish(dead, theta_start=theta_start)
         else:
-            self._finish(dead)
+            self._finish_backtracking(dead, theta_start, closure, last_loss[0])
+            self._lbfgs_include_zero_pass(base_point)
         return first_loss[0] if first_loss else None
+
+    def _finish_backtracking(self, dead, theta_start, closure, loss) -> None:
+        """The zero pass for LBFGS: revival with a proximal-gradient step found by backtracking.
+
+        LBFGS's lr (1 by default) is a step along its quasi-Newton direction, not a step size in theta: as
+        the revival step ``|theta| = lr*(|g| - 2*kappa)`` it overshoots by the loss's curvature (a factor
+        ~20 on an unscaled Gaussian lasso). So, as ISTA with backtracking (Beck & Teboulle 2009), a revival
+        with step ``s`` is kept only if the loss at the new point satisfies the descent-lemma bound
+        ``L(theta') <= L(theta) + <g, theta' - theta> + ||theta' - theta||^2 / (2*s)`` from the point
+        ``theta`` where ``g = p.grad`` was evaluated (it holds whenever ``s <= 1/Lipschitz``); otherwise
+        ``s`` is halved and the pass redone. The accepted ``s`` (never above lr) is where the next revival
+        starts, kept with LBFGS's state. One closure evaluation per step that revives something (and one
+        per halving); ``p.grad`` is then the gradient at the new point."""
+        state = self._base.state[self._base.param_groups[0]["params"][0]]
+        lr = float(self.param_groups[0]["lr"])
+        step = min(lr, state.get("spread_revival_step", lr))
+        refs = [(p, p.grad, p.detach().clone()) for _, members in self._sparse_params() for p in members if p.grad is not None]
+        if theta_start is None:  # p holds theta where g was evaluated, until a retry rewrites it
+            theta_start = {p: p.detach().clone() for _, members in self._sparse_params() for p in members}
+        factors = self._factor_snapshot()
+        loss = float(loss)
+        for _ in range(60):
+            self._finish(dead, theta_start=theta_start, revival_step=step)
+            if not self._revived(dead):
+                break
+            with torch.enable_grad():
+                trial = float(closure().detach())
+            linear = quadratic = 0.0
+            for p, g, theta in refs:
+                delta = p.detach().double() - theta.double()
+                linear += float((g.double() * delta).sum())
+                quadratic += float(delta.pow(2).sum())
+            bound = loss + linear + quadratic / (2 * step)
+            slack = 32 * torch.finfo(refs[0][2].dtype).eps * (abs(loss) + abs(linear) + quadratic / (2 * step))
+            if trial <= bound + slack:  # False for a NaN/inf trial
+                break
+            step /= 2
+            for p, g, _ in refs:  # back to the point and the gradient the zero pass starts from
+                p.grad = g
+            self._restore(factors)
+        state["spread_revival_step"] = step
+
+    def _revived(self, dead) -> bool:
+        """Whether the zero pass revived anything (an entry/group dead before it is no longer)."""
+        after = self._dead_masks()
+        pairs = [(d, a) for ds, As in zip(dead, after) for d, a in (zip(ds, As) if isinstance(ds, list) else [(ds, As)])]
+        return any(bool((d & ~a).any()) for d, a in pairs)
+
+    def _lbfgs_include_zero_pass(self, base_point) -> None:
+        """Tell LBFGS's curvature history about the zero pass's move of the factors.
+
+        At its next iteration LBFGS pairs ``s = t*d`` (its last move, from where it took
+        ``prev_flat_grad``) with ``y = grad - prev_flat_grad``. The zero pass moved the factors after
+        that: ``s`` missed the move, ``y`` did not, and the bogus pair (tiny ``y.s``) gave directions
+        ~1000x too long, which a short line search could not shorten: LBFGS froze far from the optimum.
+        So (1) the real displacement goes into ``d`` (with ``t = 1``, which LBFGS reads only to form
+        ``s``); if its last iteration stopped before moving (``prev_flat_grad . d > -tolerance_change``,
+        its own test) the displacement is the zero pass's alone. (2) Entries held at zero (``U = W = 0``)
+        are fixed until revived, as the active set of a bound-constrained quasi-Newton method: their
+        coordinates are removed from every stored pair (pairs left with ``y.s <= 1e-10`` are dropped, as
+        LBFGS drops them), else the history keeps moving them and the zero pass keeps moving them back.
+
+        LBFGS keeps its whole state in the entry of its first parameter (a factor's
+        ``state[p]["base"][key]`` or a dense parameter's ``state[p]``); its counters are untouched.
+        """
+        params = self._base.param_groups[0]["params"]
+        jump = torch.cat([(q.detach() - b).reshape(-1) for q, b in zip(params, base_point)])
+        state = self._base.state[params[0]]
+        d, t, g = state.get("d"), state.get("t"), state.get("prev_flat_grad")
+        if not torch.is_tensor(d) or g is None or not bool(jump.any()):  # no history yet, or nothing moved
+            return
+        moved = float(g.dot(d)) <= -self._base.param_groups[0]["tolerance_change"]
+        state["d"] = d.mul(float(t)).add_(jump) if moved else jump
+        state["t"] = 1.0
+        factors = {id(f) for _, members in self._sparse_params() for p in members for _, f in self._factor_leaves(p)}
+        held = torch.cat([(q.detach() == 0).reshape(-1) if id(q) in factors else torch.zeros(q.numel(), dtype=torch.bool, device=q.device) for q in params])
+        if not bool(held.any()):
+            return
+        state["d"].masked_fill_(held, 0)
+        g.masked_fill_(held, 0)  # the gradient there is 0 at the new point: y = 0 on held coordinates
+        pairs = [(y.masked_fill(held, 0), s.masked_fill(held, 0)) for y, s in zip(state["old_dirs"], state["old_stps"])]
+        pairs = [(y, s, 1.0 / ys) for y, s in pairs for ys in [float(y.dot(s))] if ys > 1e-10]
+        state["old_dirs"], state["old_stps"], state["ro"] = [y for y, _, _ in pairs], [s for _, s, _ in pairs], [r for _, _, r in pairs]
 
     def _leaf_versions(self) -> list[int]:
         return [leaf._version for _, members in self._sparse_params() for p in members for _, leaf in self._factor_leaves(p)]
