@@ -147,7 +147,7 @@ def element_step(
         blocks, starts = tables.block_table(numels, BLOCK, device)
         if blocks.numel() == 0:
             continue
-        sel = None if len(index) == len(grads) else torch.tensor(index, device=device)
+        sel = None if len(index) == len(grads) else tables.value_table([[i] for i in index], torch.int64, device).view(-1)
         _element_step_kernel[(blocks.numel(),)](
             tables.pointer_table(rows, device), tables.value_table([[n] for n in numels], torch.int64, device),
             blocks, starts, hyper if sel is None else hyper[sel].contiguous(),

@@ -180,7 +180,7 @@ class _Rule:
         """Advance the step counters; return ``(step_size, sqrt(bc2))`` per leaf (float32, on the device)
         and the device step tensors (to be rolled back when a scaler finds an inf)."""
         if not self.adam:
-            return torch.tensor([[self.lr, 1.0]] * len(states), dtype=torch.float32, device=self.device), []
+            return _table([[self.lr, 1.0]] * len(states), torch.float32, self.device), []
         steps = [st["step"] for st in states]
         if not steps:
             return torch.zeros(0, 2, dtype=torch.float32, device=self.device), []
@@ -195,6 +195,16 @@ class _Rule:
             n = s.item()
             rows.append([self.lr / (1 - self.beta1 ** n), math.sqrt(1 - self.beta2 ** n)])
         return torch.tensor(rows, dtype=torch.float32, device=self.device), []
+
+
+def _table(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small device table, cached on its values: uploaded once, not at every step (a step that uploads
+    nothing can be captured in a CUDA graph)."""
+    from spread_optim.kernels import tables
+
+    rows = [v if isinstance(v, (list, tuple)) else [v] for v in values]
+    table = tables.value_table(rows, dtype, device)
+    return table if values and isinstance(values[0], (list, tuple)) else table.view(-1)
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor | None:
@@ -228,7 +238,7 @@ def step_group(optimizer, group, grad_scale: torch.Tensor | None, found_inf: tor
         kernels()["element"].element_step(
             [g for _, g in live], [p for p, _ in live], [st["U"] for st in sts], [st["W"] for st in sts],
             [slots[2 * i] + slots[2 * i + 1] for i in range(len(live))], hyper.reshape(-1, 4).contiguous(),
-            torch.tensor(firsts, dtype=torch.int32, device=device).reshape(-1, 2),
+            _table([firsts[2 * i:2 * i + 2] for i in range(len(live))], torch.int32, device),
             rule=rule.rule, **rule.options, **_common(group), **scaler,
         )
     else:
@@ -258,13 +268,12 @@ def step_group(optimizer, group, grad_scale: torch.Tensor | None, found_inf: tor
         live_hyper, w_steps = rule.hyper([w_states[i] for i in live])
         w_hyper = torch.ones(len(Ws), 2, dtype=torch.float32, device=device)
         if live:
-            w_hyper[torch.tensor(live, device=device)] = live_hyper
+            w_hyper[_table(live, torch.int64, device)] = live_hyper
         u_hyper, u_steps = rule.hyper(u_states)
         device_steps = w_steps + u_steps
         kernels()["group"].group_step(
             grads, thetas, Ws, structures, share_index, w_slots, w_hyper,
-            torch.tensor(w_firsts, dtype=torch.int32, device=device), us, u_slots, u_hyper.contiguous(),
-            torch.tensor(u_firsts, dtype=torch.int32, device=device),
+            _table(w_firsts, torch.int32, device), us, u_slots, u_hyper.contiguous(), _table(u_firsts, torch.int32, device),
             rule=rule.rule, **rule.options, **_common(group), **scaler,
         )
     if found_inf is not None and device_steps:  # a skipped step does not count (as torch's fused Adam)
