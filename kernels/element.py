@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from spread_optim.kernels import tables
-from spread_optim.kernels.rules import factor_update
+from spread_optim.kernels.rules import StepOptions, factor_update
 
 BLOCK = 1024
 #: pointer slots per tensor: gradient, parameter, U, W, 3 base-state slots for U, 3 for W
@@ -39,7 +39,7 @@ SLOTS = 10
 @triton.jit
 def _element_step_kernel(
     pointers, numels, block_tensor, block_start, hyper, firsts, scale_ptr, found_ptr,
-    kappa, lr_revive, zero_threshold, one_minus_beta1, beta2, one_minus_beta2, eps, momentum, one_minus_dampening,
+    lr_revive, zero_threshold, kappa, one_minus_beta1, beta2, one_minus_beta2, eps, momentum, one_minus_dampening,
     RULE: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
     G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
@@ -111,19 +111,7 @@ def element_step(
     states: Sequence[Sequence[torch.Tensor | None]],
     hyper: torch.Tensor,
     firsts: torch.Tensor,
-    *,
-    rule: int,
-    kappa: float,
-    lr_revive: float,
-    zero_threshold: float,
-    beta1: float = 0.0,
-    beta2: float = 0.0,
-    eps: float = 0.0,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    amsgrad: bool = False,
-    nesterov: bool = False,
-    maximize: bool = False,
+    options: StepOptions,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
 ) -> None:
@@ -153,9 +141,7 @@ def element_step(
             blocks, starts, hyper if sel is None else hyper[sel].contiguous(),
             firsts if sel is None else firsts[sel].contiguous(),
             grad_scale if grad_scale is not None else hyper, found_inf if found_inf is not None else firsts,
-            float(kappa), float(lr_revive), float(zero_threshold), 1.0 - beta1, float(beta2), 1.0 - beta2,
-            float(eps), float(momentum), 1.0 - dampening,
-            RULE=rule, AMSGRAD=bool(amsgrad), HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov),
-            MAXIMIZE=bool(maximize), HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
+            float(options.lr_revive), float(options.zero_threshold), *options.rule_args(), **options.rule_flags(),
+            MAXIMIZE=bool(options.maximize), HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
             G_DTYPE=tl_dtype(g_dtype), P_DTYPE=tl_dtype(p_dtype), F_DTYPE=tl_dtype(f_dtype), BLOCK=BLOCK,
         )

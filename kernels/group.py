@@ -31,7 +31,7 @@ import triton.language as tl
 
 from spread_optim.kernels import tables
 from spread_optim.kernels.element import tl_dtype
-from spread_optim.kernels.rules import factor_update
+from spread_optim.kernels.rules import StepOptions, factor_update
 
 BLOCK = 1024
 #: structure kinds in the per-tensor table
@@ -57,6 +57,18 @@ def _w_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND: tl.constexpr
     if HAS_FOUND:
         mask = mask & ((offs * 0 + tl.load(found_ptr)) == 0)
     return t, offs, mask, info
+
+
+@triton.jit
+def _u_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND: tl.constexpr, BLOCK: tl.constexpr):
+    """Tensor row, offsets, mask and group index (into the scratch rows) of a block of a ``u`` vector."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid).to(tl.int64)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(meta + t * 2 + 0)
+    if HAS_FOUND:
+        mask = mask & ((offs * 0 + tl.load(found_ptr)) == 0)
+    return t, offs, mask, tl.load(meta + t * 2 + 1) + offs
 
 
 @triton.jit
@@ -112,13 +124,7 @@ def _u_update_kernel(pointers, meta, block_tensor, block_start, hyper, firsts, s
                      kappa, one_minus_beta1, beta2, one_minus_beta2, eps, momentum, one_minus_dampening,
                      RULE: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                      HAS_FOUND: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid).to(tl.int64)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(meta + t * 2 + 0)
-    if HAS_FOUND:
-        mask = mask & ((offs * 0 + tl.load(found_ptr)) == 0)
-    gidx = tl.load(meta + t * 2 + 1) + offs
+    t, offs, mask, gidx = _u_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND, BLOCK)
     row = pointers + t * 4
     u_ptr = tl.load(row + 0).to(tl.pointer_type(F_DTYPE))
     u0 = tl.load(u_ptr + offs, mask=mask, other=0.0)
@@ -160,13 +166,7 @@ def _w_update_kernel(pointers, meta, block_tensor, block_start, hyper, firsts, s
 def _decide_kernel(pointers, meta, block_tensor, block_start, scratch, num_groups, found_ptr,
                    kappa, lr_revive, zero_threshold, HAS_FOUND: tl.constexpr, F_DTYPE: tl.constexpr,
                    BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid).to(tl.int64)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(meta + t * 2 + 0)
-    if HAS_FOUND:
-        mask = mask & ((offs * 0 + tl.load(found_ptr)) == 0)
-    gidx = tl.load(meta + t * 2 + 1) + offs
+    t, offs, mask, gidx = _u_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND, BLOCK)
     u_ptr = tl.load(pointers + t * 4).to(tl.pointer_type(F_DTYPE))
     u1 = tl.load(u_ptr + offs, mask=mask, other=0.0)
     u0 = tl.load(scratch + 5 * num_groups + gidx, mask=mask, other=0.0)
@@ -239,19 +239,7 @@ def group_step(
     u_states: Sequence[Sequence[torch.Tensor | None]],
     u_hyper: torch.Tensor,
     u_firsts: torch.Tensor,
-    *,
-    rule: int,
-    kappa: float,
-    lr_revive: float,
-    zero_threshold: float,
-    beta1: float = 0.0,
-    beta2: float = 0.0,
-    eps: float = 0.0,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    amsgrad: bool = False,
-    nesterov: bool = False,
-    maximize: bool = False,
+    options: StepOptions,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
 ) -> None:
@@ -289,9 +277,9 @@ def group_step(
     scale = grad_scale if grad_scale is not None else scratch
     found = found_inf if found_inf is not None else scratch
     flags = dict(HAS_FOUND=found_inf is not None, F_DTYPE=tl_dtype(f_dtype), BLOCK=BLOCK)
-    grad_flags = dict(MAXIMIZE=bool(maximize), HAS_SCALE=grad_scale is not None, G_DTYPE=tl_dtype(g_dtype))
-    rule_flags = dict(RULE=rule, AMSGRAD=bool(amsgrad), HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov))
-    rule_args = (float(kappa), 1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), float(momentum), 1.0 - dampening)
+    grad_flags = dict(MAXIMIZE=bool(options.maximize), HAS_SCALE=grad_scale is not None, G_DTYPE=tl_dtype(g_dtype))
+    rule_flags = options.rule_flags()
+    rule_args = options.rule_args()
     w_grid = (w_blocks.numel(),)
     u_grid = (u_blocks.numel(),)
     if w_grid[0]:
@@ -302,7 +290,7 @@ def group_step(
         _w_update_kernel[w_grid](w_pointers, w_meta, w_blocks, w_starts, w_hyper, w_firsts, scratch, total, scale, found,
                                  *rule_args, **rule_flags, **grad_flags, **flags)
     _decide_kernel[u_grid](u_pointers, u_meta, u_blocks, u_starts, scratch, total, found,
-                           float(kappa), float(lr_revive), float(zero_threshold), **flags)
+                           float(options.kappa), float(options.lr_revive), float(options.zero_threshold), **flags)
     if w_grid[0]:
         _finish_kernel[w_grid](w_pointers, w_meta, w_blocks, w_starts, scratch, total, scale, found,
                                **grad_flags, P_DTYPE=tl_dtype(thetas[0].dtype), **flags)

@@ -15,12 +15,41 @@ factors' dtype:
 ``2*kappa*x`` is already in ``grad``.
 """
 
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
 
 #: rule ids (a ``tl.constexpr`` of the kernels)
 SGD = 0
 ADAM = 1
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """A param group's options as the kernels take them: the spread keys and the base rule's."""
+
+    rule: int
+    kappa: float
+    lr_revive: float  # the proximal step of a revival (the group's lr)
+    zero_threshold: float
+    beta1: float = 0.0
+    beta2: float = 0.0
+    eps: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    amsgrad: bool = False
+    nesterov: bool = False
+    maximize: bool = False
+
+    def rule_args(self) -> tuple:
+        """Runtime scalars of :func:`factor_update` after ``kappa`` (``1 - beta`` computed in float64: in
+        float32 ``1 - 0.999`` would be off by 3e-5 relative)."""
+        return (float(self.kappa), 1.0 - self.beta1, float(self.beta2), 1.0 - self.beta2, float(self.eps),
+                float(self.momentum), 1.0 - self.dampening)
+
+    def rule_flags(self) -> dict:
+        return dict(RULE=self.rule, AMSGRAD=bool(self.amsgrad), HAS_MOMENTUM=self.momentum != 0, NESTEROV=bool(self.nesterov))
 
 
 @triton.jit

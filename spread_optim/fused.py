@@ -22,8 +22,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any
-
 import torch
 
 #: the bases with a fused path and their rule (exact classes: a subclass may change the rule)
@@ -38,7 +36,7 @@ def kernels() -> dict:
         try:
             from spread_optim.kernels import element, group, rules
 
-            _kernels.update(element=element, group=group, rules={"sgd": rules.SGD, "adam": rules.ADAM})
+            _kernels.update(element=element, group=group, rules=rules)
         except Exception as error:  # pragma: no cover - depends on the installation
             _kernels["error"] = error
     return _kernels
@@ -155,8 +153,8 @@ class _Rule:
     """The base rule's options of one group, and the per-tensor scalars of one step."""
 
     def __init__(self, optimizer, group, device: torch.device):
-        self.rule = kernels()["rules"][FUSED_BASES[optimizer._base_cls]]
         self.adam = FUSED_BASES[optimizer._base_cls] == "adam"
+        self.rule = kernels()["rules"].ADAM if self.adam else kernels()["rules"].SGD
         self.group = group
         self.device = device
         lr = group["lr"]
@@ -214,9 +212,10 @@ def _grad(p: torch.Tensor) -> torch.Tensor | None:
     return g if g.is_contiguous() else g.contiguous()
 
 
-def _common(group) -> dict[str, Any]:
-    return dict(kappa=group["kappa"], lr_revive=float(group["lr"]), zero_threshold=group["zero_threshold"],
-                maximize=bool(group.get("maximize", False)))
+def _options(rule: "_Rule", group):
+    return kernels()["rules"].StepOptions(rule=rule.rule, kappa=group["kappa"], lr_revive=float(group["lr"]),
+                                         zero_threshold=group["zero_threshold"], maximize=bool(group.get("maximize", False)),
+                                         **rule.options)
 
 
 def step_group(optimizer, group, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
@@ -239,7 +238,7 @@ def step_group(optimizer, group, grad_scale: torch.Tensor | None, found_inf: tor
             [g for _, g in live], [p for p, _ in live], [st["U"] for st in sts], [st["W"] for st in sts],
             [slots[2 * i] + slots[2 * i + 1] for i in range(len(live))], hyper.reshape(-1, 4).contiguous(),
             _table([firsts[2 * i:2 * i + 2] for i in range(len(live))], torch.int32, device),
-            rule=rule.rule, **rule.options, **_common(group), **scaler,
+            _options(rule, group), **scaler,
         )
     else:
         share_sets = [m for m in optimizer._share_sets(group) if any(p.grad is not None for p in m)]
@@ -274,7 +273,7 @@ def step_group(optimizer, group, grad_scale: torch.Tensor | None, found_inf: tor
         kernels()["group"].group_step(
             grads, thetas, Ws, structures, share_index, w_slots, w_hyper,
             _table(w_firsts, torch.int32, device), us, u_slots, u_hyper.contiguous(), _table(u_firsts, torch.int32, device),
-            rule=rule.rule, **rule.options, **_common(group), **scaler,
+            _options(rule, group), **scaler,
         )
     if found_inf is not None and device_steps:  # a skipped step does not count (as torch's fused Adam)
         torch._foreach_sub_(device_steps, [found_inf.to(device_steps[0].dtype)] * len(device_steps))
