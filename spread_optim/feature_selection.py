@@ -162,10 +162,11 @@ class SpreadFeatureSelector(_Selector, _Base):
     """
 
     _param_names = ("n_features_to_select", "kappa", "hidden_sizes", "weight_decay", "lr", "max_epochs", "batch_size", "init",
-                    "standardize", "warm_start", "random_state")
+                    "standardize", "warm_start", "working_set", "random_state")
 
     def __init__(self, n_features_to_select=None, *, kappa=0.02, hidden_sizes=(), weight_decay=1e-2, lr=0.01,
-                 max_epochs=300, batch_size=None, init="zero", standardize=True, warm_start=False, random_state=None):
+                 max_epochs=300, batch_size=None, init="zero", standardize=True, warm_start=False, working_set=False,
+                 random_state=None):
         self.n_features_to_select = n_features_to_select
         self.kappa = kappa
         self.hidden_sizes = hidden_sizes
@@ -176,6 +177,7 @@ class SpreadFeatureSelector(_Selector, _Base):
         self.init = init
         self.standardize = standardize
         self.warm_start = warm_start
+        self.working_set = working_set
         self.random_state = random_state
 
     # ------------------------------------------------------------------------------------------------
@@ -215,6 +217,10 @@ class SpreadFeatureSelector(_Selector, _Base):
             raise ValueError(f"init must be 'zero' or 'random', got {self.init!r}")
         if not isinstance(self.standardize, (bool, np.bool_)):
             raise ValueError(f"standardize must be a bool, got {self.standardize!r}")
+        if not isinstance(self.working_set, (bool, np.bool_)):
+            raise ValueError(f"working_set must be a bool, got {self.working_set!r}")
+        if self.working_set and self.batch_size is not None:
+            raise ValueError("working_set=True needs full batch (batch_size=None)")
         return tuple(int(h) for h in hidden)
 
     def _check_X(self, X, y=None, reset: bool = False, fit: bool = False):
@@ -307,6 +313,7 @@ class SpreadFeatureSelector(_Selector, _Base):
             self._optimizer = self._make_optimizer(self.model_)
             self.loss_curve_ = []
             self.n_iter_ = 0
+            self._ws = None
         else:
             for g in self._optimizer.param_groups:  # hyperparameters may have been changed by set_params
                 g["lr"] = float(self.lr)
@@ -314,6 +321,28 @@ class SpreadFeatureSelector(_Selector, _Base):
                 self._optimizer.param_groups[0]["kappa"] = float(self.kappa)
         Xt = torch.as_tensor(self._standardized(X), dtype=torch.float32)
         yt = torch.as_tensor(y_idx, dtype=torch.long)
+        if self.working_set:
+            self._fit_working_set(Xt, yt)
+        else:
+            self._fit_all(Xt, yt)
+        model = self.model_
+        with torch.no_grad():
+            sq = sum(layer.weight.detach().double().pow(2).sum(0) for layer in model.first_layers())
+        self.feature_importances_ = sq.sqrt().numpy()
+        self.n_selected_features_ = int((self.feature_importances_ > 0).sum())
+        if self.n_features_to_select is not None and self.n_features_to_select > d:
+            raise ValueError(f"n_features_to_select={self.n_features_to_select} is larger than the number of features ({d})")
+        if self.n_features_to_select is not None and self.n_selected_features_ < self.n_features_to_select:
+            warnings.warn(
+                f"only {self.n_selected_features_} features have a nonzero group, fewer than "
+                f"n_features_to_select={self.n_features_to_select}: features with zero importance fill up the "
+                "selection (lower kappa to select more)", UserWarning, stacklevel=2,
+            )
+        return self
+
+    def _fit_all(self, Xt: torch.Tensor, yt: torch.Tensor) -> None:
+        """``max_epochs`` epochs of the optimizer over all features (full batch or mini-batches)."""
+        n = Xt.shape[0]
         batch = n if self.batch_size is None else min(int(self.batch_size), n)
         model, optimizer = self.model_, self._optimizer
         model.train()
@@ -332,19 +361,91 @@ class SpreadFeatureSelector(_Selector, _Base):
                 total += float(loss.detach()) * (xb.shape[0] / n)
             self.loss_curve_.append(total + optimizer.penalty())
             self.n_iter_ += 1
+
+    #: working set: epochs between two KKT checks over all features, and the fewest zero groups added at a time
+    _WS_CHECK_EVERY = 10
+    _WS_MIN_ADD = 64
+
+    def _fit_working_set(self, Xt: torch.Tensor, yt: torch.Tensor) -> None:
+        """``max_epochs`` full-batch epochs on a working set of features (as lasso solvers do).
+
+        The optimizer only sees the columns of a *working set*: the features whose group is nonzero plus the zero
+        groups that violate their optimality condition ``||g_j|| <= 2*kappa`` most (``g_j`` the gradient of the
+        loss with respect to feature ``j``'s group, from one forward/backward over all features). Every
+        ``_WS_CHECK_EVERY`` epochs the condition is checked over all features; when zero groups outside the set
+        violate it, the set is rebuilt from the nonzero groups plus the violators, the largest first, at most
+        ``max(_WS_MIN_ADD, number of nonzero groups)`` of them (the set at most doubles). A feature outside the set
+        has an exactly zero group and no violation at the last check: the fit ends at a point that satisfies the
+        optimality conditions of every feature outside the set, up to ``_WS_CHECK_EVERY`` epochs of drift. On a
+        rebuild the spread factors restart (balanced, from the current weights: the same model) and the dense
+        parameters keep their Adam state.
+        """
+        kappa = float(self.kappa) if self.kappa > 0 else 1e-12
+        epochs, done = int(self.max_epochs), 0
+        model = self.model_
+        while done < epochs:
+            self._ws_update(Xt, yt, kappa)
+            active, sub, optimizer = self._ws
+            for g in optimizer.param_groups:
+                g["lr"] = float(self.lr)
+            optimizer.param_groups[0]["kappa"] = kappa
+            xa = Xt[:, active]
+            sub.train()
+            for _ in range(min(self._WS_CHECK_EVERY, epochs - done)):
+                optimizer.zero_grad()
+                loss = sum(torch.nn.functional.cross_entropy(out, yt) for out in sub(xa))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("the training loss became non-finite; lower lr")
+                loss.backward()
+                optimizer.step()
+                self.loss_curve_.append(float(loss.detach()) + optimizer.penalty())
+                self.n_iter_ += 1
+                done += 1
+            with torch.no_grad():  # the full model: the working set's columns, exact zeros elsewhere
+                for full, part in zip(model.first_layers(), sub.first_layers()):
+                    full.weight[:, active] = part.weight
+
+    def _ws_update(self, Xt: torch.Tensor, yt: torch.Tensor, kappa: float) -> None:
+        """Check every feature's optimality condition; rebuild the working set when zero groups outside it violate it."""
+        model = self.model_
+        firsts = model.first_layers()
+        for layer in firsts:
+            layer.weight.grad = None
+        with torch.enable_grad():
+            weights = [layer.weight for layer in firsts]
+            loss = sum(torch.nn.functional.cross_entropy(out, yt) for out in model(Xt))
+            grads = torch.autograd.grad(loss, weights)
         with torch.no_grad():
-            sq = sum(layer.weight.detach().double().pow(2).sum(0) for layer in model.first_layers())
-        self.feature_importances_ = sq.sqrt().numpy()
-        self.n_selected_features_ = int((self.feature_importances_ > 0).sum())
-        if self.n_features_to_select is not None and self.n_features_to_select > d:
-            raise ValueError(f"n_features_to_select={self.n_features_to_select} is larger than the number of features ({d})")
-        if self.n_features_to_select is not None and self.n_selected_features_ < self.n_features_to_select:
-            warnings.warn(
-                f"only {self.n_selected_features_} features have a nonzero group, fewer than "
-                f"n_features_to_select={self.n_features_to_select}: features with zero importance fill up the "
-                "selection (lower kappa to select more)", UserWarning, stacklevel=2,
-            )
-        return self
+            gnorm = torch.sqrt(sum(g.pow(2).sum(0) for g in grads))
+            wnorm = torch.sqrt(sum(w.pow(2).sum(0) for w in weights))
+            nonzero = wnorm > 0
+            inside = torch.zeros_like(nonzero)
+            if self._ws is not None:
+                inside[self._ws[0]] = True
+            violators = torch.nonzero(~nonzero & ~inside & (gnorm > 2 * kappa)).flatten()
+        if self._ws is not None and violators.numel() == 0:
+            return
+        keep = max(self._WS_MIN_ADD, int(nonzero.sum()))
+        violators = violators[torch.argsort(gnorm[violators], descending=True, stable=True)[:keep]]
+        active = torch.sort(torch.cat([torch.nonzero(nonzero).flatten(), violators])).values
+        if active.numel() == 0:  # nothing violates: keep one feature so that the model has an input
+            active = torch.argmax(gnorm).reshape(1)
+        with torch.device("meta"):
+            sub = _Ensemble(int(active.numel()), len(self.classes_), self._hidden)
+        sub_firsts = sub.first_layers()
+        for full, part in zip(firsts, sub_firsts):
+            part.weight = torch.nn.Parameter(full.weight.detach()[:, active].clone())
+            part.bias = full.bias  # the same tensors as the full model's: trained in place
+        if sub.mlp is not None:
+            for i in range(1, len(sub.mlp)):
+                sub.mlp[i] = model.mlp[i]
+        optimizer = self._make_optimizer(sub)
+        if self._ws is not None:  # the dense parameters are the same tensors: keep their Adam state
+            old = self._ws[2]
+            for p in sub.parameters():
+                if all(p is not layer.weight for layer in sub_firsts) and p in old.state:
+                    optimizer.state[p] = old.state[p]
+        self._ws = (active, sub, optimizer)
 
     def _standardized(self, X: np.ndarray) -> np.ndarray:
         return (X - self.mean_) / self.scale_

@@ -82,13 +82,17 @@ def unsupported(optimizer, group) -> str | None:
     return None
 
 
+def _on_cuda(group) -> bool:
+    return any(p.is_cuda for p in group["params"])
+
+
 def uses_kernels(optimizer, group, index: int) -> bool:
     """The dispatch rule of the module docstring (raises for ``fused=True`` when the kernels cannot run)."""
     global _warned
     if not optimizer._is_sparse(group) or optimizer._base_cls not in FUSED_BASES:
         return False
     fused = group.get("fused")
-    if fused is False or (fused is None and not any(p.is_cuda for p in group["params"])):
+    if fused is False or (fused is None and not _on_cuda(group)):
         return False
     reason = unsupported(optimizer, group)
     if fused:
@@ -97,7 +101,7 @@ def uses_kernels(optimizer, group, index: int) -> bool:
         return True
     if reason is None:
         return True
-    if "error" in kernels() and not _warned:
+    if "error" in kernels() and not _warned:  # (the other reasons are the user's choice: no warning)
         _warned = True
         warnings.warn(f"spread_optim: the fused kernels are off, {reason}; the reference path runs instead", RuntimeWarning, stacklevel=4)
     return False

@@ -272,6 +272,25 @@ def test_dispatch_rules(monkeypatch):
         SpreadOptimizer([p], "adam", kappa=0.1, fused=True).step()
 
 
+def test_missing_triton_warns_once_and_runs_the_reference(monkeypatch):
+    """fused=None on a GPU without Triton: the reference runs, and one warning says why."""
+    import warnings
+
+    monkeypatch.setattr(fused, "_on_cuda", lambda group: True)  # as if the tensors were on a GPU
+    monkeypatch.setattr(fused, "_kernels", {"error": ImportError("No module named 'triton'")})
+    monkeypatch.setattr(fused, "_warned", False)
+    p = torch.randn(4, 3, requires_grad=True)
+    opt = SpreadOptimizer([p], "sgd", lr=0.1, kappa=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            p.grad = torch.randn(4, 3)
+            opt.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "Triton is not available" in messages[0] and "reference" in messages[0]
+    assert not opt._fused_groups and "U" in opt.state[p]
+
+
 def test_grad_scaler_end_to_end():
     """torch.amp.GradScaler hands grad_scale/found_inf to a fully fused optimizer (no unscale pass);
     the numbers equal an unscaled reference run, and a step with an inf changes nothing."""
