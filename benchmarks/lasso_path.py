@@ -73,11 +73,20 @@ def lambda_grid(z: torch.Tensor, points: int) -> list[float]:
 
 
 def settings(z: torch.Tensor, quick: bool) -> dict:
-    """The same base settings for spread and naive. SGD's step: the factorised problem's curvature along
-    a coefficient is about ``1 + 2|b|`` (times the loss's, 1 here), and ``|b| <= max|z|`` on this design."""
+    """The same base settings for spread and naive, and for every lambda.
+
+    SGD's step is set by the largest curvature: the factorised problem's curvature along a coefficient is
+    about ``1 + 2|b|`` (times the loss's, 1 here), and ``|b| <= max|z|`` on this design. Its momentum is set
+    by the smallest: a coefficient ``b`` converges along a mode of curvature about ``2|b|``, and while
+    ``lr*2|b| << (1 - momentum)^2`` (heavy ball overdamped) that mode shrinks by about
+    ``lr*2|b| / (1 - momentum)`` per step. The smallest nonzero coefficient on the default path is 9.7e-5
+    (``lr*2|b|`` about 2e-5): with momentum 0.98 that is 1e-3 per step, 3 e-folds in 3000 steps, and the
+    error stayed at 2.5e-5; with 0.99 the rate doubles and the error is below 1e-6 at every point in the
+    same 3000 steps (0.99 keeps ``(1 - momentum)^2 = 1e-4`` above ``lr*2|b|``, so that mode stays
+    overdamped; larger momenta slow the decay of the fast, oscillating modes, ``momentum^(t/2)``)."""
     steps_sgd, steps_adam = (1000, 1000) if quick else (3000, 2000)
     return dict(
-        sgd=dict(lr=1.0 / (1.0 + 2.0 * float(z.abs().max())), momentum=0.98, nesterov=True, steps=steps_sgd),
+        sgd=dict(lr=1.0 / (1.0 + 2.0 * float(z.abs().max())), momentum=0.99, nesterov=True, steps=steps_sgd),
         adam=dict(lr=0.05, gamma=math.exp(math.log(1e-4) / steps_adam), steps=steps_adam),  # LR falls 1e4-fold
         lbfgs=dict(max_iter=20, steps=20),
     )
@@ -218,7 +227,8 @@ def main(argv=None):
             cfg,
             note="spread: SpreadSGD / SpreadAdam / SpreadOptimizer(torch.optim.LBFGS, strong_wolfe, tolerances 0) with "
                  "kappa = lambda/2; naive: torch.optim.SGD / torch.optim.Adam with the same lr, momentum, schedule and "
-                 "steps on loss + lambda*|b|_1 through autograd; every fit starts at b = 0. SGD lr = 1/(1 + 2 max|z|); "
+                 "steps on loss + lambda*|b|_1 through autograd; every fit starts at b = 0. SGD lr = 1/(1 + 2 max|z|), "
+                 "Nesterov momentum 0.99 (see settings()); "
                  "Adam: ExponentialLR with gamma such that the LR falls 1e4-fold over the run.",
         ),
     )

@@ -199,6 +199,20 @@ class _Rule:
         return torch.tensor(rows, dtype=torch.float32, device=self.device), []
 
 
+def nonfinite_flag(optimizer) -> torch.Tensor | None:
+    """For the capturable fused groups (no host synchronisation allowed): a device flag, 1 when a gradient
+    of theirs has a NaN or inf. The kernels then skip the step on the device, as with GradScaler's
+    ``found_inf``: nothing moves, step counters included."""
+    grads = [p.grad for g in optimizer.param_groups if id(g) in optimizer._fused_groups and g.get("capturable")
+             for p in g["params"] if p.grad is not None]
+    if not grads:
+        return None
+    flag = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    # checks every gradient (and multiplies it by 1: unchanged bit for bit) in one fused pass
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones(1, device=flag.device))
+    return flag
+
+
 def _table(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small device table, cached on its values: uploaded once, not at every step (a step that uploads
     nothing can be captured in a CUDA graph)."""
@@ -280,4 +294,4 @@ def step_group(optimizer, group, grad_scale: torch.Tensor | None, found_inf: tor
             _options(rule, group), **scaler,
         )
     if found_inf is not None and device_steps:  # a skipped step does not count (as torch's fused Adam)
-        torch._foreach_sub_(device_steps, [found_inf.to(device_steps[0].dtype)] * len(device_steps))
+        torch._foreach_sub_(device_steps, [found_inf.reshape(()).to(device_steps[0].dtype)] * len(device_steps))

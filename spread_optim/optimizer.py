@@ -529,8 +529,10 @@ class SpreadOptimizer(Optimizer):
     def _step_without_closure(self) -> None:
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         dead = self._dead_masks()
+        own_flag = None
         if found_inf is None:  # with a GradScaler's found_inf, a step with an inf is skipped on the device
-            self._check_grads()
+            self._check_grads()  # (a host sync; capturable fused groups check on the device instead)
+            own_flag = fused.nonfinite_flag(self)
         self._set_factor_grads()
         gradless = self._gradless_factors()
         for group in self.param_groups:
@@ -549,7 +551,8 @@ class SpreadOptimizer(Optimizer):
         self._finish(dead)
         for group in self.param_groups:
             if id(group) in self._fused_groups:
-                fused.step_group(self, group, grad_scale, found_inf)
+                flag = found_inf if found_inf is not None else own_flag if group.get("capturable") else None
+                fused.step_group(self, group, grad_scale, flag)
 
     def _step_with_closure(self, closure):
         dead = self._dead_masks()

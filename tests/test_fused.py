@@ -272,6 +272,30 @@ def test_dispatch_rules(monkeypatch):
         SpreadOptimizer([p], "adam", kappa=0.1, fused=True).step()
 
 
+def test_capturable_checks_on_the_device():
+    """capturable=True: no host synchronisation, so no FloatingPointError; a NaN gradient skips the step on
+    the device instead (nothing moves, step counters included), and a finite one equals the reference."""
+    ref_params, ref_opt, ker_params, ker_opt, gen = make_pair("column", True, [(7, 5), (3, 5)], "adam", dict(lr=0.02))
+    for group in ker_opt.param_groups:
+        group["capturable"] = True
+    step_both(ref_params, ref_opt, ker_params, ker_opt, _grads(ref_params, gen))
+    assert_same_state(ref_params, ref_opt, ker_params, ker_opt)
+    before = copy.deepcopy({"params": ker_params, "state": ker_opt.state_dict()})
+    grads = _grads(ker_params, gen)
+    grads[1][0, 0] = float("nan")
+    for p, g in zip(ker_params, grads):
+        p.grad = g
+    ker_opt.step()  # no exception
+    for p, q in zip(ker_params, before["params"]):
+        assert torch.equal(p, q)
+    after = ker_opt.state_dict()["state"]
+    for key, entry in before["state"]["state"].items():
+        for name in ("u", "W"):
+            if name in entry:
+                assert torch.equal(after[key][name], entry[name])
+                assert float(after[key]["base"][name]["step"]) == float(entry["base"][name]["step"])
+
+
 def test_missing_triton_warns_once_and_runs_the_reference(monkeypatch):
     """fused=None on a GPU without Triton: the reference runs, and one warning says why."""
     import warnings
