@@ -18,13 +18,19 @@ mini-batches of 256 patches:
   the same dictionary; both gaps are measured and reported). One long step rather than several short ones
   per batch: between steps spread snaps and revives entries behind LBFGS's back, and with the short line
   search budgets of a small ``max_iter`` that was seen to stall LBFGS (its curvature pairs no longer match
-  the factors) or to revive entries with the gradient of a rejected line-search trial point.
+  the factors) or to revive entries with the gradient of a rejected line-search trial point. The training
+  coder's closure works on the Gram matrix ``G = B^T B`` and ``C = B^T X`` of the batch (as scikit-learn's
+  coordinate descent does) and writes the gradient ``G A - C`` by hand: one matrix product per evaluation
+  instead of three and an autograd pass (the same loss and gradient; the held-out coder keeps the plain
+  autograd closure).
 * dictionary: ``B`` is a plain parameter updated by ``torch.optim.LBFGS`` (a few iterations per batch) on the
   running least-squares surrogate ``0.5*tr(D^T D S_AA) - tr(D^T S_XA)`` of all patches seen so far, with
   ``D = B / column norms`` (the statistics ``S_AA = E[a a^T]``, ``S_XA = E[x a^T]`` with the forgetting
   schedule of Mairal et al. 2009, which MiniBatchDictionaryLearning keeps too); the columns of ``B`` are
   projected to unit norm after each step. Evaluating the surrogate at unit-norm columns matters: LBFGS on
   the raw surrogate followed by the projection gave a worse dictionary, more so with more iterations.
+  (Its gradient is written by hand too: ``dD = D S_AA - S_XA``, projected onto each column's tangent and
+  divided by the column norm.)
   Atoms no patch uses are redrawn from the batch, as scikit-learn does. ``--dict-update adam`` instead
   takes one Adam step per batch on the batch's own loss (the plain SGD-style alternation; kept for
   comparison: at the default size its atoms stay busy, close to the data patches they start from, and its
