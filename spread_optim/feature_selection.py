@@ -55,10 +55,10 @@ import warnings
 import numpy as np
 import torch
 
+from spread_optim._estimator_base import BaseEstimator as _Base
 from spread_optim.optimizers import SpreadAdam
 
 try:  # scikit-learn is optional (test/bench dependency): with it the selector is a full scikit-learn estimator
-    from sklearn.base import BaseEstimator as _Base
     from sklearn.feature_selection import SelectorMixin as _Selector
     from sklearn.utils.multiclass import check_classification_targets as _check_targets
     from sklearn.utils.validation import check_is_fitted as _check_is_fitted
@@ -67,22 +67,6 @@ try:  # scikit-learn is optional (test/bench dependency): with it the selector i
     HAS_SKLEARN = True
 except ImportError:  # pragma: no cover - exercised only without scikit-learn
     HAS_SKLEARN = False
-
-    class _Base:  # type: ignore[no-redef]
-        """``get_params``/``set_params`` over the constructor's arguments (scikit-learn's convention)."""
-
-        def get_params(self, deep: bool = True) -> dict:
-            return {k: getattr(self, k) for k in self._param_names}
-
-        def set_params(self, **params):
-            for k, v in params.items():
-                if k not in self._param_names:
-                    raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}")
-                setattr(self, k, v)
-            return self
-
-        def __repr__(self) -> str:
-            return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
     class _Selector:  # type: ignore[no-redef]
         """The part of ``sklearn.feature_selection.SelectorMixin`` a NumPy user needs."""
@@ -146,6 +130,13 @@ class SpreadFeatureSelector(_Selector, _Base):
         warm_start: with ``True`` a second ``fit`` on data with the same features and classes continues from
             the current model and optimizer state for another ``max_epochs`` epochs (as
             ``sklearn.neural_network.MLPClassifier``); e.g. for early stopping on held-out data.
+        working_set: ``False`` (default): every epoch updates all features. ``True`` (full batch only): the
+            optimizer sees only a working set of features (the nonzero groups plus the zero groups that violate
+            their optimality condition ``||g_j|| <= 2*kappa`` most, at most ``max(128, number of nonzero groups)``
+            added at a time); every 25 epochs one forward/backward over all features checks the condition of every
+            feature and grows the set when one outside it fails. The same objective; much cheaper epochs when few
+            features are selected (2-4x faster on the gene sets), slightly different trajectory (the spread
+            factors restart, balanced, when the set grows; the dense parameters keep their Adam state).
         random_state: ``None``, an int or a ``numpy.random.RandomState``: the initial weights and mini-batch
             order. An int makes ``fit`` deterministic.
 
@@ -363,8 +354,8 @@ class SpreadFeatureSelector(_Selector, _Base):
             self.n_iter_ += 1
 
     #: working set: epochs between two KKT checks over all features, and the fewest zero groups added at a time
-    _WS_CHECK_EVERY = 10
-    _WS_MIN_ADD = 64
+    _WS_CHECK_EVERY = 25
+    _WS_MIN_ADD = 128
 
     def _fit_working_set(self, Xt: torch.Tensor, yt: torch.Tensor) -> None:
         """``max_epochs`` full-batch epochs on a working set of features (as lasso solvers do).

@@ -48,23 +48,13 @@ import torch
 from spread_optim.kernels import reference as ref
 from spread_optim.optimizer import SpreadOptimizer
 
+from spread_optim._estimator_base import BaseEstimator as _Base
+
 try:  # scikit-learn is optional: with it the estimators work with clone, pipelines and grid search
-    from sklearn.base import BaseEstimator as _Base
     from sklearn.base import RegressorMixin as _Regressor
     from sklearn.exceptions import ConvergenceWarning as _ConvergenceWarning
 except ImportError:  # pragma: no cover - exercised only without scikit-learn
     _ConvergenceWarning = UserWarning
-
-    class _Base:  # type: ignore[no-redef]
-        def get_params(self, deep: bool = True) -> dict:
-            return {k: getattr(self, k) for k in self._param_names}
-
-        def set_params(self, **params):
-            for k, v in params.items():
-                if k not in self._param_names:
-                    raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}")
-                setattr(self, k, v)
-            return self
 
     class _Regressor:  # type: ignore[no-redef]
         def score(self, X, y) -> float:

@@ -75,12 +75,14 @@ def test_recovers_planted_features(which, request, data):
     assert sel.score(X_test, y_test) > 0.6
 
 
-def test_group_lasso_optimality_conditions(data):
+@pytest.mark.parametrize("working_set", [False, True])
+def test_group_lasso_optimality_conditions(data, working_set):
     """At the end of a full-batch fit of the linear model, the KKT conditions of
-    ``CE(X A^T + a) + 2*kappa*sum_j ||A[:, j]||`` hold, with the gradient from autograd of the plain loss."""
+    ``CE(X A^T + a) + 2*kappa*sum_j ||A[:, j]||`` hold, with the gradient from autograd of the plain loss (with a
+    working set: for every feature, also those the optimizer never saw)."""
     X, y = data
     kappa = 0.05
-    sel = SpreadFeatureSelector(kappa=kappa, lr=5e-3, max_epochs=800, random_state=0).fit(X, y)
+    sel = SpreadFeatureSelector(kappa=kappa, lr=5e-3, max_epochs=800, random_state=0, working_set=working_set).fit(X, y)
     Xs = torch.tensor((X - X.mean(0)) / X.std(0), dtype=torch.float64)
     A = torch.tensor(sel.model_.linear.weight.detach().numpy(), dtype=torch.float64, requires_grad=True)
     a = torch.tensor(sel.model_.linear.bias.detach().numpy(), dtype=torch.float64, requires_grad=True)
@@ -203,6 +205,37 @@ def test_warm_start_continues(data):
     assert cold.n_iter_ == 15
 
 
+def test_working_set(data):
+    """``working_set=True``: the ensemble finds the planted features, ends with exact zeros outside the set and no
+    violated optimality condition among them (autograd of the full loss), continues under warm_start, pickles and
+    is deterministic."""
+    X, y = data
+    params = dict(kappa=0.1, hidden_sizes=(32,), max_epochs=300, random_state=0, working_set=True)
+    sel = SpreadFeatureSelector(**params).fit(X, y)
+    assert sorted(np.argsort(-sel.feature_importances_)[:5].tolist()) == PLANTED
+    assert sel.n_selected_features_ <= 15 and sel.n_iter_ == len(sel.loss_curve_) == 300
+    active = sel._ws[0].numpy()
+    assert active.size < X.shape[1]  # the optimizer never saw every feature
+    outside = np.setdiff1d(np.arange(X.shape[1]), active)
+    assert (sel.feature_importances_[outside] == 0).all()
+    Xs = torch.tensor((X - X.mean(0)) / X.std(0), dtype=torch.float32)
+    model = sel.model_
+    weights = [layer.weight for layer in model.first_layers()]
+    loss = sum(torch.nn.functional.cross_entropy(out, torch.tensor(y)) for out in model(Xs))
+    grads = torch.autograd.grad(loss, weights)
+    gnorm = torch.sqrt(sum(g.pow(2).sum(0) for g in grads)).numpy()
+    assert gnorm[outside].max() <= 2 * 0.1 * 1.1, gnorm[outside].max()
+    X_test, y_test = planted_data(2000, seed=1)
+    assert sel.score(X_test, y_test) > 0.6
+    again = SpreadFeatureSelector(**params).fit(X, y)
+    np.testing.assert_array_equal(again.feature_importances_, sel.feature_importances_)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(sel)).predict_proba(X), sel.predict_proba(X))
+    warm = SpreadFeatureSelector(**{**params, "max_epochs": 150, "warm_start": True}).fit(X, y)
+    warm.fit(X, y)
+    assert warm.n_iter_ == 300
+    assert sorted(np.argsort(-warm.feature_importances_)[:5].tolist()) == PLANTED
+
+
 def test_predict_and_pickle(fitted_ensemble, data):
     X, y = data
     proba = fitted_ensemble.predict_proba(X)
@@ -224,6 +257,7 @@ def test_predict_and_pickle(fitted_ensemble, data):
         (dict(hidden_sizes="abc"), "hidden_sizes"), (dict(n_features_to_select=0), "n_features_to_select"),
         (dict(n_features_to_select=2.5), "n_features_to_select"), (dict(n_features_to_select=201), "larger than the number of features"),
         (dict(weight_decay=-1), "weight_decay"), (dict(random_state="x"), "random_state"),
+        (dict(working_set=1), "working_set"), (dict(working_set=True, batch_size=32), "working_set"),
     ],
 )
 def test_bad_parameters(data, params, match):
