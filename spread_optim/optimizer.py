@@ -394,10 +394,12 @@ class SpreadOptimizer(Optimizer):
                     raise TypeError(f"param group {index}: sparse gradients are not supported in a sparse group (parameter of shape {tuple(p.shape)})")
                 if p.grad.is_complex():
                     raise TypeError(f"param group {index}: complex gradients are not supported in a sparse group")
-                flags.append(torch.isfinite(p.grad).all())
+                # sum(g*0) is 0 exactly when every entry is finite, else NaN: two float passes, several
+                # times cheaper on CPU than isfinite's bool mask and its reduction
+                flags.append(p.grad.mul(0).sum().float())
                 names.append((index, tuple(p.shape)))
         if flags:
-            ok = torch.stack(flags)
+            ok = torch.stack(flags) == 0
             if not bool(ok.all()):
                 bad = [names[i] for i in torch.nonzero(~ok).flatten().tolist()]
                 raise FloatingPointError(
@@ -654,7 +656,7 @@ class SpreadOptimizer(Optimizer):
         """Whether the zero pass revived anything (an entry/group dead before it is no longer)."""
         after = self._dead_masks()
         pairs = [(d, a) for ds, As in zip(dead, after) for d, a in (zip(ds, As) if isinstance(ds, list) else [(ds, As)])]
-        return any(bool((d & ~a).any()) for d, a in pairs)
+        return any(bool((d.bool() & ~a.bool()).any()) for d, a in pairs)  # (element masks are 0/1 floats)
 
     def _lbfgs_include_zero_pass(self, base_point) -> None:
         """Tell LBFGS's curvature history about the zero pass's move of the factors.
