@@ -190,9 +190,28 @@ def penalty(factors: Sequence[torch.Tensor], kappa: float) -> torch.Tensor:
 # exact zeros: hold, revive, snap
 
 
-def element_dead(U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """Entries on the saddle ``U = W = 0``, as a 0/1 mask in the factors' dtype (see :func:`element_finish`)."""
-    return U.abs().add_(W.abs()).sign_().neg_().add_(1)
+def element_dead(U: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Entries on the saddle ``U = W = 0``, as a 0/1 mask in the factors' dtype (see :func:`element_finish`),
+    written into ``out`` when given (cache-sized chunks, no full-size temporary)."""
+    if out is None:
+        return U.abs().add_(W.abs()).sign_().neg_().add_(1)
+    for u, w, o in zip(*(_chunks(t) for t in (U, W, out))):
+        torch.abs(u, out=o).add_(w.abs()).sign_().neg_().add_(1)
+    return out
+
+
+def nonfinite_probe(g: torch.Tensor) -> torch.Tensor:
+    """A scalar that is 0 when every entry of ``g`` is finite and NaN otherwise: ``sum(g*0)`` (two float passes
+    over cache-sized chunks; on CPU several times cheaper than ``isfinite(g).all()``)."""
+    parts = [c.mul(0).sum() for c in _chunks(g)]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
+def _chunks(t: torch.Tensor) -> list[torch.Tensor]:
+    """Flat views of ``_CHUNK`` elements of a contiguous tensor (the tensor itself otherwise)."""
+    if not t.is_contiguous() or t.numel() <= _CHUNK:
+        return [t]
+    return list(t.view(-1).split(_CHUNK))
 
 
 def element_finish(

@@ -133,6 +133,7 @@ class SpreadOptimizer(Optimizer):
         self._structures: dict = {}
         self._dense_stepped: set[int] = set()  # ids of parameters stepped in a dense group (SGD keeps no state)
         self._fused_groups: set[int] = set()  # ids of the param groups the fused kernels step (this step)
+        self._buffers: dict = {}  # per-parameter scratch buffers of the reference path (not state)
         self._sharded = None  # FSDP2 (DTensor parameters): spread_optim.distributed.ShardedSpread
         all_defaults = {**probe.defaults, **SPREAD_DEFAULTS, **spread_kwargs}
         super().__init__(params, all_defaults)
@@ -152,6 +153,7 @@ class SpreadOptimizer(Optimizer):
         self._structures = {}
         self._dense_stepped = set()
         self._fused_groups = set()
+        self._buffers = {}
         self._sharded = None
 
     def __repr__(self) -> str:
@@ -394,9 +396,7 @@ class SpreadOptimizer(Optimizer):
                     raise TypeError(f"param group {index}: sparse gradients are not supported in a sparse group (parameter of shape {tuple(p.shape)})")
                 if p.grad.is_complex():
                     raise TypeError(f"param group {index}: complex gradients are not supported in a sparse group")
-                # sum(g*0) is 0 exactly when every entry is finite, else NaN: two float passes, several
-                # times cheaper on CPU than isfinite's bool mask and its reduction
-                flags.append(p.grad.mul(0).sum().float())
+                flags.append(ref.nonfinite_probe(p.grad).float())
                 names.append((index, tuple(p.shape)))
         if flags:
             ok = torch.stack(flags) == 0
@@ -454,11 +454,22 @@ class SpreadOptimizer(Optimizer):
         masks = []
         for group, members in self._sparse_params():
             if self._is_element(group):
-                masks.append([ref.element_dead(self.state[p]["U"], self.state[p]["W"]) for p in members])
+                masks.append([ref.element_dead(self.state[p]["U"], self.state[p]["W"], out=self._scratch(p)) for p in members])
             else:
                 structures = [self._structure(p, group) for p in members]
                 masks.append(ref.group_dead(self.state[members[0]]["u"], [self.state[p]["W"] for p in members], structures))
         return masks
+
+    def _scratch(self, p: torch.Tensor) -> torch.Tensor | None:
+        """A buffer shaped like ``p``'s factors, kept between steps for its dead mask (None for small
+        parameters): a fresh full-size tensor per step costs page faults on CPU."""
+        U = self.state[p]["U"]
+        if U.numel() < 1 << 16 or not U.is_contiguous():
+            return None
+        buffer = self._buffers.get(p)
+        if buffer is None or buffer.shape != U.shape or buffer.dtype != U.dtype or buffer.device != U.device:
+            buffer = self._buffers[p] = torch.empty_like(U)
+        return buffer
 
     def _finish(self, dead_masks, theta_start=None, revival_step: float | None = None) -> None:
         """Hold/revive/snap exact zeros, then rewrite theta from the factors.
@@ -480,7 +491,7 @@ class SpreadOptimizer(Optimizer):
                         continue
                     st = self.state[p]
                     ref.element_finish(st["U"], st["W"], g, old(p), d, kappa, lr, thr)
-                    p.copy_(st["U"] * st["W"])
+                    _write_product(p, st["U"], st["W"])
                 continue
             if all(g is None for g in grads):
                 continue
@@ -498,7 +509,7 @@ class SpreadOptimizer(Optimizer):
         for group, members in self._sparse_params():
             if self._is_element(group):
                 for p in members:
-                    p.copy_(self.state[p]["U"] * self.state[p]["W"])
+                    _write_product(p, self.state[p]["U"], self.state[p]["W"])
             else:
                 u = self.state[members[0]]["u"]
                 for p in members:
@@ -781,6 +792,18 @@ class SpreadOptimizer(Optimizer):
         self._base = None
         self._base_layout = None
         self._structures = {}
+
+
+def _write_product(p: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> None:
+    """``p = U*W`` (no temporary when the dtypes agree: a fresh full-size tensor costs page faults on CPU)."""
+    if p.dtype == U.dtype and not _is_dtensor_like(p):
+        torch.mul(U, W, out=p)
+    else:
+        p.copy_(U * W)
+
+
+def _is_dtensor_like(t: torch.Tensor) -> bool:
+    return type(t) not in (torch.Tensor, torch.nn.Parameter)
 
 
 def _reusable(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
