@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+
 import torch
 
 #: the bases with a fused path and their rule (exact classes: a subclass may change the rule)
