@@ -105,15 +105,27 @@ def _loss_grad(row, offs, mask, scale_ptr, G_DTYPE: tl.constexpr, F_DTYPE: tl.co
 
 
 @triton.jit
-def _reduce_kernel(pointers, meta, block_tensor, block_start, scratch, num_groups, scale_ptr, found_ptr,
-                   MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
-                   G_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _w_inputs(pointers, meta, block_tensor, block_start, scale_ptr, found_ptr, MAXIMIZE: tl.constexpr,
+              HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, G_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """What the reduce and update passes read of a ``W`` block: the loss gradient (0 for a tensor without
+    one, ``mask_g`` off there), ``W`` and each element's group index."""
     t, offs, mask, info = _w_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND, BLOCK)
     row = pointers + t * 7
     mask_g = mask & ((offs * 0 + tl.load(info + 5)) != 0)
     g = _loss_grad(row, offs, mask_g, scale_ptr, G_DTYPE, F_DTYPE, MAXIMIZE, HAS_SCALE)
-    W0 = tl.load(tl.load(row + 2).to(tl.pointer_type(F_DTYPE)) + offs, mask=mask, other=0.0)
-    gidx = _group_index(info, row, offs, mask)
+    W_ptr = tl.load(row + 2).to(tl.pointer_type(F_DTYPE))
+    W0 = tl.load(W_ptr + offs, mask=mask, other=0.0)
+    return t, offs, mask, row, mask_g, g, W_ptr, W0, _group_index(info, row, offs, mask)
+
+
+@triton.jit
+def _reduce_kernel(pointers, meta, block_tensor, block_start, scratch, num_groups, scale_ptr, found_ptr,
+                   MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
+                   G_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, mask, row, mask_g, g, W_ptr, W0, gidx = _w_inputs(
+        pointers, meta, block_tensor, block_start, scale_ptr, found_ptr, MAXIMIZE, HAS_SCALE, HAS_FOUND, G_DTYPE,
+        F_DTYPE, BLOCK)
     _accumulate(scratch + 0 * num_groups, gidx, g * W0, mask)
     _accumulate(scratch + 1 * num_groups, gidx, g * g, mask)
     _accumulate(scratch + 2 * num_groups, gidx, W0 * W0, mask)
@@ -143,13 +155,9 @@ def _w_update_kernel(pointers, meta, block_tensor, block_start, hyper, firsts, s
                      RULE: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                      MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
                      G_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offs, mask, info = _w_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND, BLOCK)
-    row = pointers + t * 7
-    mask_g = mask & ((offs * 0 + tl.load(info + 5)) != 0)
-    g = _loss_grad(row, offs, mask_g, scale_ptr, G_DTYPE, F_DTYPE, MAXIMIZE, HAS_SCALE)
-    W_ptr = tl.load(row + 2).to(tl.pointer_type(F_DTYPE))
-    W0 = tl.load(W_ptr + offs, mask=mask, other=0.0)
-    gidx = _group_index(info, row, offs, mask)
+    t, offs, mask, row, mask_g, g, W_ptr, W0, gidx = _w_inputs(
+        pointers, meta, block_tensor, block_start, scale_ptr, found_ptr, MAXIMIZE, HAS_SCALE, HAS_FOUND, G_DTYPE,
+        F_DTYPE, BLOCK)
     u0 = tl.load(scratch + 5 * num_groups + gidx, mask=mask, other=0.0)
     dW = u0 * g + 2.0 * kappa * W0
     W1 = factor_update(row, 3, W0, dW, offs, mask_g, tl.load(hyper + t * 2).to(F_DTYPE),
