@@ -343,12 +343,7 @@ class SpreadFeatureSelector(_Selector, _Base):
             for start in range(0, n, batch):
                 idx = order[start: start + batch] if order is not None else slice(None)
                 xb, yb = Xt[idx], yt[idx]
-                optimizer.zero_grad()
-                loss = sum(torch.nn.functional.cross_entropy(out, yb) for out in model(xb))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("the training loss became non-finite; lower lr")
-                loss.backward()
-                optimizer.step()
+                loss = _train_step(model, optimizer, xb, yb)
                 total += float(loss.detach()) * (xb.shape[0] / n)
             self.loss_curve_.append(total + optimizer.penalty())
             self.n_iter_ += 1
@@ -383,12 +378,7 @@ class SpreadFeatureSelector(_Selector, _Base):
             xa = Xt[:, active]
             sub.train()
             for _ in range(min(self._WS_CHECK_EVERY, epochs - done)):
-                optimizer.zero_grad()
-                loss = sum(torch.nn.functional.cross_entropy(out, yt) for out in sub(xa))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("the training loss became non-finite; lower lr")
-                loss.backward()
-                optimizer.step()
+                loss = _train_step(sub, optimizer, xa, yt)
                 self.loss_curve_.append(float(loss.detach()) + optimizer.penalty())
                 self.n_iter_ += 1
                 done += 1
@@ -533,3 +523,14 @@ def _seed_from(random_state) -> int:
     if isinstance(random_state, np.random.Generator):
         return int(random_state.integers(0, 2**31 - 1))
     raise ValueError(f"random_state must be None, an int or a numpy.random.RandomState, got {random_state!r}")
+
+
+def _train_step(model, optimizer, x, y) -> torch.Tensor:
+    """One optimizer step on the summed cross-entropies of the model's heads; returns the loss."""
+    optimizer.zero_grad()
+    loss = sum(torch.nn.functional.cross_entropy(out, y) for out in model(x))
+    if not torch.isfinite(loss):
+        raise FloatingPointError("the training loss became non-finite; lower lr")
+    loss.backward()
+    optimizer.step()
+    return loss
