@@ -10,15 +10,18 @@ collective.
 parameter's placement, ``u`` of row groups sharded like the rows, ``u`` of column / group-id groups (they
 span shards) replicated. The base optimizer steps the DTensor factors (elementwise: local). Spread's own
 arithmetic (:mod:`spread_optim.kernels.reference`, the one definition of the update) runs on the local
-shards. Per step, with one flat buffer each for all parameters together:
+shards. Per step, for all parameters together, one all-reduce of one flat buffer
+(:meth:`ShardedSpread.step_one_round`) carries:
 
-1. before the base step, one all-reduce: the count of non-finite gradient entries per parameter (so that
-   every rank raises, or none) and, for groups that span shards, ``sum g*W`` (the loss part of ``du``)
-   and ``||W||^2`` (which groups sit on the zero saddle);
-2. after the base step, one all-reduce, only when some group spans shards: ``||g||^2``, ``||W_new||^2``,
-   ``||theta_old||^2`` and ``<W_new, theta_old>`` per group. Exact zeros are decided from the norms of
-   the factors the base has just moved, so these sums cannot join the first buffer.
+- the count of non-finite gradient entries per parameter (so that every rank raises, or none);
+- for groups that span shards: ``||W||^2`` at the step's start (which groups sit on the zero saddle),
+  ``sum g*W`` (the loss part of ``du``), and the exact-zero sums ``||g||^2``, ``||W_new||^2``,
+  ``||theta_old||^2``, ``<W_new, theta_old>``. ``W_new`` is known before the all-reduce because ``W``'s
+  gradient ``u g + 2 kappa W`` is local (``u`` is replicated): the base moves the spanning groups' ``W``
+  first, keeping a copy of them and their state to undo on another rank's NaN, and everything else after.
 
+Bases other than torch's per-parameter rules, and ``step(closure)``, take the two-round path instead:
+one all-reduce before the base step (flags, saddle norms, ``sum g*W``), one after it (zero sums).
 Element and row sparsity need no sums across shards: for them only the flags are exchanged. The first
 step adds up to two all-reduces per group spanning shards (``init="balanced"`` splits by global norms).
 ``kkt_residual()`` and ``sparsity_report`` reduce their counts and maxima across ranks.
@@ -251,8 +254,9 @@ class ShardedSpread:
         self._dead = (masks, pending)
         return masks
 
-    def check_grads(self):
-        """``_check_grads`` with the same answer on every rank, and the pre-step sums (one all-reduce)."""
+    def _flag_counts(self):
+        """This rank's count of non-finite gradient entries per parameter of the sparse groups (refusing
+        sparse and complex gradients), and ``(param group index, shape)`` of each."""
         flags, names = [], []
         for index, group in enumerate(self.opt.param_groups):
             if not self.opt._is_sparse(group):
@@ -267,35 +271,116 @@ class ShardedSpread:
                     raise TypeError(f"param group {index}: complex gradients are not supported in a sparse group")
                 flags.append((~torch.isfinite(g)).sum())
                 names.append((index, tuple(p.shape)))
-        parts = [torch.stack(flags)] if flags else []
-        pending = self._dead[1] if self._dead is not None else []
-        parts += [w_sq for _, _, w_sq in pending]
-        gw_sets = []
-        for k, (group, members, spans) in enumerate(self._sets()):
-            if not spans or self.opt._is_element(group):
-                continue
-            grads = [self._grad(p, group) for p in members]
-            if all(g is None for g in grads):
-                continue
-            _, Ws, structures = self._group_locals(group, members)
-            parts.append(ref.group_gW([torch.zeros_like(W) if g is None else g for g, W in zip(grads, Ws)], Ws, structures))
-            gw_sets.append(k)
-        reduced = self._all_reduce(parts)
-        if flags:
-            bad_counts, reduced = reduced[0], reduced[1:]
-        for (k, u_zero, _), w_sq in zip(pending, reduced):
-            self._dead[0][k] = u_zero & (w_sq == 0)
-        if self._dead is not None:
-            self._dead = (self._dead[0], [])
-        self._gW = dict(zip(gw_sets, reduced[len(pending):]))
-        if flags and bool((bad_counts > 0).any()):
+        return ([torch.stack(flags)] if flags else []), names
+
+    @staticmethod
+    def _raise_if_nonfinite(bad_counts, names) -> None:
+        if bad_counts is not None and bool((bad_counts > 0).any()):
             bad = [names[i] for i in torch.nonzero(bad_counts > 0).flatten().tolist()]
             raise FloatingPointError(
                 "non-finite gradient in " + ", ".join(f"param group {i} (parameter of shape {s})" for i, s in bad)
                 + "; nothing was updated (use torch.amp.GradScaler or skip this batch)"
             )
 
-    def set_factor_grads(self, with_penalty: bool = False):
+    def _complete_dead(self, reduced_w_sq) -> None:
+        """The pending zero-saddle masks of spanning groups, from their all-reduced ``||W||^2``."""
+        if self._dead is None:
+            return
+        for (k, u_zero, _), w_sq in zip(self._dead[1], reduced_w_sq):
+            self._dead[0][k] = u_zero & (w_sq == 0)
+        self._dead = (self._dead[0], [])
+
+    def _spanning_grads(self):
+        """``(set index, group, members, grads, grads with zeros for None)`` of each set spanning shards
+        that has a gradient."""
+        for k, (group, members, spans) in enumerate(self._sets()):
+            if not spans or self.opt._is_element(group):
+                continue
+            grads = [self._grad(p, group) for p in members]
+            if any(g is not None for g in grads):
+                Ws = [local(self.opt.state[p]["W"]) for p in members]
+                yield k, group, members, grads, [torch.zeros_like(W) if g is None else g for g, W in zip(grads, Ws)]
+
+    def check_grads(self):
+        """``_check_grads`` with the same answer on every rank, and the pre-step sums (one all-reduce)."""
+        parts, names = self._flag_counts()
+        has_flags = bool(parts)
+        pending = self._dead[1] if self._dead is not None else []
+        parts += [w_sq for _, _, w_sq in pending]
+        gw_sets = []
+        for k, group, members, _, filled in self._spanning_grads():
+            _, Ws, structures = self._group_locals(group, members)
+            parts.append(ref.group_gW(filled, Ws, structures))
+            gw_sets.append(k)
+        reduced = self._all_reduce(parts)
+        bad_counts = reduced.pop(0) if has_flags else None
+        self._complete_dead(reduced[:len(pending)])
+        self._gW = dict(zip(gw_sets, reduced[len(pending):]))
+        self._raise_if_nonfinite(bad_counts, names)
+
+    # ---------------------------------------------------------------------------------------------
+    # one step, one all-reduce
+
+    def one_round(self, base) -> bool:
+        """Whether :meth:`step_one_round` applies: some group spans shards, and the base is one of
+        torch's per-parameter rules (stepping two subsets of its parameters in two calls is then the
+        same as one call, and it leaves parameters without a gradient alone)."""
+        cls = type(base)
+        return (self.group is not None and cls.__module__.startswith("torch.optim.")
+                and not isinstance(base, torch.optim.LBFGS)
+                and any(spans and not self.opt._is_element(g) for g, _, spans in self._sets()))
+
+    def step_one_round(self, base, dead) -> None:
+        """One step with a single all-reduce when groups span shards.
+
+        ``W`` of a spanning group needs only local data (``dW = u g + 2 kappa W``, with ``u`` replicated),
+        so the base moves these first (phase 1, after a snapshot of them and their state). One all-reduce
+        then carries the non-finite flags, the pending zero-saddle norms, ``sum g*W_old`` (for ``du``) and
+        the exact-zero sums of the moved ``W`` (:func:`~spread_optim.kernels.reference.group_finish_sums`).
+        On a non-finite gradient on any rank, phase 1 is undone and every rank raises. Else the base moves
+        every other factor and dense parameter (phase 2), and the zero pass finishes the step.
+        """
+        st = self.opt.state
+        parts, names = self._flag_counts()
+        has_flags = bool(parts)
+        pending = self._dead[1] if self._dead is not None else []
+        parts += [w_sq for _, _, w_sq in pending]
+        spanning = list(self._spanning_grads())
+        first = []  # the W leaves of phase 1
+        for k, group, members, grads, filled in spanning:
+            u, Ws, structures = self._group_locals(group, members)
+            parts.append(ref.group_gW(filled, Ws, structures))
+            for p, g, W, s in zip(members, grads, Ws, structures):
+                if g is not None:
+                    leaf = st[p]["W"]
+                    leaf.grad = _like(torch.addcmul(W * (2.0 * group["kappa"]), s.expand(u), g), leaf)
+                    first.append(leaf)
+        saved = [(leaf, local(leaf).clone(), _clone_state(base.state[leaf])) for leaf in first]
+        _step_only(base, first)  # phase 1
+        for k, group, members, _, filled in spanning:
+            _, Ws, structures = self._group_locals(group, members)
+            parts.append(ref.group_finish_sums(Ws, filled, [local(p) for p in members], structures))
+        reduced = self._all_reduce(parts)
+        bad_counts = reduced.pop(0) if has_flags else None
+        self._complete_dead(reduced[:len(pending)])
+        reduced = reduced[len(pending):]
+        gW_sums = {k: s for (k, *_), s in zip(spanning, reduced)}
+        finish_sums = {k: s for (k, *_), s in zip(spanning, reduced[len(spanning):])}
+        if bad_counts is not None and bool((bad_counts > 0).any()):
+            for leaf, value, state in saved:
+                local(leaf).copy_(value)
+                base.state[leaf].clear()
+                base.state[leaf].update(state)
+            self._raise_if_nonfinite(bad_counts, names)
+        del saved
+        self._gW = gW_sums
+        self.set_factor_grads(w_stepped=set(finish_sums))  # phase 2
+        base.step()
+        self.finish(dead, sums=finish_sums)
+
+    def set_factor_grads(self, with_penalty: bool = False, w_stepped=frozenset()):
+        """``_set_factor_grads`` on the local shards; ``w_stepped``: sets (by index) whose ``W`` the base
+        has moved already (:meth:`step_one_round`): only their ``u`` gets a gradient."""
         if self._gW is None:
             self.check_grads()
         gW_sums, self._gW = self._gW, None
@@ -324,11 +409,16 @@ class ShardedSpread:
                 for p in members:
                     st[p]["W"].grad = None
             else:
-                filled = [torch.zeros_like(W) if g is None else g for g, W in zip(grads, Ws)]
-                du, dWs = ref.group_factor_grads(filled, u, Ws, structures, kappa, gW=gW_sums.get(k) if spans else None)
-                u_dt.grad = _like(du, u_dt)
-                for p, dW, g in zip(members, dWs, grads):
-                    st[p]["W"].grad = None if g is None else _like(dW, st[p]["W"])
+                if k in w_stepped:
+                    u_dt.grad = _like(2.0 * kappa * u + gW_sums[k], u_dt)
+                    for p in members:
+                        st[p]["W"].grad = None
+                else:
+                    filled = [torch.zeros_like(W) if g is None else g for g, W in zip(grads, Ws)]
+                    du, dWs = ref.group_factor_grads(filled, u, Ws, structures, kappa, gW=gW_sums.get(k) if spans else None)
+                    u_dt.grad = _like(du, u_dt)
+                    for p, dW, g in zip(members, dWs, grads):
+                        st[p]["W"].grad = None if g is None else _like(dW, st[p]["W"])
             if with_penalty:
                 total = self._penalty_part(group, members, total)
         if with_penalty:
@@ -336,29 +426,28 @@ class ShardedSpread:
             return self._sum(total)
         return 0.0
 
-    def finish(self, dead, theta_start=None):
+    def finish(self, dead, theta_start=None, sums=None):
+        """``_finish`` on the local shards. ``sums``: set index -> all-reduced finish sums of the
+        spanning sets (:meth:`step_one_round`), else they are reduced here."""
         if self._dead is not None and self._dead[1] and self._dead[0] is dead:
-            pending = self._dead[1]
-            for (k, u_zero, _), w_sq in zip(pending, self._all_reduce([w for _, _, w in pending])):
-                dead[k] = u_zero & (w_sq == 0)
-            self._dead = (dead, [])
+            self._complete_dead(self._all_reduce([w for _, _, w in self._dead[1]]))
         old = (lambda p: local(theta_start[p])) if theta_start is not None else local
         st = self.opt.state
         sets = []
         post = []
-        for group, members, spans in self._sets():
+        for k, (group, members, spans) in enumerate(self._sets()):
             grads = [self._grad(p, group) for p in members]
             if self.opt._is_element(group) or all(g is None for g in grads):
-                sets.append((group, members, spans, grads, None, None))
+                sets.append((group, members, spans, grads, None, None, k))
                 continue
             u, Ws, structures = self._group_locals(group, members)
             filled = [torch.zeros_like(W) if g is None else g for g, W in zip(grads, Ws)]
             olds = [old(p) for p in members]
-            if spans:
+            if spans and sums is None:
                 post.append(ref.group_finish_sums(Ws, filled, olds, structures))
-            sets.append((group, members, spans, filled, olds, structures))
+            sets.append((group, members, spans, filled, olds, structures, k))
         reduced = iter(self._all_reduce(post))
-        for (group, members, spans, grads, olds, structures), d in zip(sets, dead):
+        for (group, members, spans, grads, olds, structures, k), d in zip(sets, dead):
             kappa, thr, lr = group["kappa"], group["zero_threshold"], float(group.get("lr", 1.0))
             if self.opt._is_element(group):
                 for p, g, dp in zip(members, grads, d):
@@ -371,7 +460,8 @@ class ShardedSpread:
             if olds is None:
                 continue
             u, Ws, _ = self._group_locals(group, members)
-            ref.group_finish(u, Ws, grads, olds, structures, d, kappa, lr, thr, sums=next(reduced) if spans else None)
+            spanned = (next(reduced) if sums is None else sums[k]) if spans else None
+            ref.group_finish(u, Ws, grads, olds, structures, d, kappa, lr, thr, sums=spanned)
             for p, W, s in zip(members, Ws, structures):
                 local(p).copy_(s.expand(u) * W)
 
@@ -425,6 +515,24 @@ class ShardedSpread:
                 worst = max(worst, float(ref.group_kkt([local(p) for p, _ in live], [g for _, g in live], structures,
                                                        kappa, sum_groups=self._sum if spans else None)))
         return float(self._all_reduce([torch.tensor([worst], dtype=torch.float64, device=self.device)], op=dist.ReduceOp.MAX)[0])
+
+
+def _clone_state(state: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _step_only(base, leaves):
+    """``base.step()`` over ``leaves`` only: the other parameters' gradients are hidden for the call and
+    put back after it."""
+    keep = {id(t) for t in leaves}
+    hidden = [(p, p.grad) for g in base.param_groups for p in g["params"] if p.grad is not None and id(p) not in keep]
+    for p, _ in hidden:
+        p.grad = None
+    try:
+        base.step()
+    finally:
+        for p, grad in hidden:
+            p.grad = grad
 
 
 def sparsity_rows(entries, make_row):

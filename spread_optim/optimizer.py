@@ -542,6 +542,9 @@ class SpreadOptimizer(Optimizer):
     def _step_without_closure(self) -> None:
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         dead = self._dead_masks()
+        if (self._sharded and grad_scale is None and found_inf is None and not self._fused_groups
+                and self._sharded.one_round(self._base)):
+            return self._sharded.step_one_round(self._base, dead)  # FSDP2 groups spanning shards
         own_flag = None
         if found_inf is None:  # with a GradScaler's found_inf, a step with an inf is skipped on the device
             self._check_grads()  # (a host sync; capturable fused groups check on the device instead)

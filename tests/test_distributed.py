@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from spread_optim import SpreadAdam, sparsity_report
+from spread_optim import SpreadAdam, SpreadOptimizer, sparsity_report
 
 STEPS, SAVE_AT, BATCH, LOCAL_STEPS = 10, 5, 16, 4
 TOL = 1e-10
@@ -47,6 +47,10 @@ class Net(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.a(x)) + torch.tanh(self.b(x))
         return self.e(torch.tanh(self.d(torch.tanh(self.c(h)))))
+
+
+class OwnAdam(torch.optim.Adam):
+    """A user's base class (defined outside torch.optim)."""
 
 
 def param_groups(m, shared=True):
@@ -91,6 +95,12 @@ def snapshot(m, opt, full=lambda t: t):
             if k in opt.state[p]:
                 out[f"{name}.{k}"] = full(opt.state[p][k].detach()).clone()
     return out
+
+
+def base_state(m, opt, full):
+    """The base optimizer's state of every factor (Adam's moments and step counts)."""
+    return {f"{name}.{key}.{k}": full(v).clone() for name, p in m.named_parameters()
+            for key, st in opt.state[p].get("base", {}).items() for k, v in st.items() if isinstance(v, torch.Tensor)}
 
 
 def reference(steps, shared=True):
@@ -175,13 +185,13 @@ def _job(rank, world, port, out, ckpt):
         loss_fn(m, x, y).backward()
         if rank == 1:
             m.d.weight.grad.to_local()[0, 0] = float("nan")
-        before = snapshot(m, opt, full)
+        before = {**snapshot(m, opt, full), **base_state(m, opt, full)}
         try:
             opt.step()
             result["nan_error"] = None
         except FloatingPointError as err:
             result["nan_error"] = str(err)
-        after = snapshot(m, opt, full)
+        after = {**snapshot(m, opt, full), **base_state(m, opt, full)}
         result["nan_unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
 
         opt.zero_grad()
@@ -201,6 +211,17 @@ def _job(rank, world, port, out, ckpt):
                 return loss
             opt2.step(closure)
         result["fsdp_closure"] = snapshot(m2, opt2, full)
+
+        # a base from outside torch.optim (no promise that it steps two subsets as it steps the whole):
+        # the two-round path, same numbers
+        m2 = _fsdp_model()
+        opt2 = SpreadOptimizer(param_groups(m2), OwnAdam, lr=0.1)
+        own_comms = []
+        for _ in range(LOCAL_STEPS):
+            opt2.zero_grad()
+            loss_fn(m2, x, y).backward()
+            own_comms.append(_counted_step(opt2))
+        result.update(fsdp_own_base=snapshot(m2, opt2, full), fsdp_own_base_comms=own_comms)
 
         # layouts spread refuses, with the param group named
         from torch.distributed.tensor import Shard, distribute_tensor
@@ -324,13 +345,21 @@ def test_fsdp2_equals_single_process(ranks, ref):
 
 
 def test_fsdp2_collectives_are_batched(ranks):
-    """Two all-reduces per step (flags and pre-step sums; finish sums), whatever the number of groups;
+    """One all-reduce per step (flags, pre-step sums, finish sums), whatever the number of groups;
     the first step also splits the spanning groups' factors by their global norms (two per shared set)."""
     results, _ = ranks
     for r in results:
-        assert r["fsdp_comms"][1:] == [2] * (STEPS - 1)
-        assert r["fsdp_comms"][0] == 2 + 2 * 2
+        assert r["fsdp_comms"][1:] == [1] * (STEPS - 1)
+        assert r["fsdp_comms"][0] == 1 + 2 * 2
         assert r["fsdp_local_comms"] == [1] * LOCAL_STEPS  # element and row groups: no sums across shards
+
+
+def test_fsdp2_other_bases_take_two_rounds(ranks, ref):
+    """A base outside torch.optim: two all-reduces per step (before and after the base step), same run."""
+    results, _ = ranks
+    for rank, r in enumerate(results):
+        assert r["fsdp_own_base_comms"] == [2 + 2 * 2] + [2] * (LOCAL_STEPS - 1)
+        assert_close(r["fsdp_own_base"], ref[2][LOCAL_STEPS - 1], f"FSDP2 own base rank {rank}")
 
 
 def test_fsdp2_kkt_penalty_and_report_are_global(ranks, ref):
@@ -350,7 +379,9 @@ def test_fsdp2_unsupported_layouts_are_refused(ranks):
 
 
 def test_fsdp2_nonfinite_gradient_on_one_shard(ranks):
-    """A NaN in one rank's gradient shard: every rank raises (same answer everywhere), nothing moves."""
+    """A NaN in one rank's gradient shard: every rank raises (same answer everywhere), nothing moves:
+    neither the parameters and factors nor the base's state (the step moves spanning groups' W before
+    its all-reduce, and must undo that)."""
     results, _ = ranks
     for r in results:
         assert r["nan_error"] is not None and "parameter of shape (4, 5)" in r["nan_error"]
