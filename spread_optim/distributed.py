@@ -20,7 +20,7 @@ shards. Per step, for all parameters together, one all-reduce of one flat buffer
   gradient ``u g + 2 kappa W`` is local (``u`` is replicated): the base moves the spanning groups' ``W``
   first, keeping a copy of them and their state to undo on another rank's NaN, and everything else after.
 
-Bases other than torch's per-parameter rules, and ``step(closure)``, take the two-round path instead:
+Bases other than torch's per-parameter rules (LBFGS, a user's class) take the two-round path instead:
 one all-reduce before the base step (flags, saddle norms, ``sum g*W``), one after it (zero sums).
 Element and row sparsity need no sums across shards: for them only the flags are exchanged. The first
 step adds up to two all-reduces per group spanning shards (``init="balanced"`` splits by global norms).

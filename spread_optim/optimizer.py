@@ -528,8 +528,9 @@ class SpreadOptimizer(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None):
         """Perform one optimisation step (see the class docstring for closure semantics)."""
         self._prepare()
-        if closure is not None and self._fused_groups:
-            # the fused bases (SGD, Adam, AdamW) evaluate a closure once, before the update
+        if closure is not None and (self._fused_groups or (self._sharded and self._sharded.one_round(self._base))):
+            # the fused bases (SGD, Adam, AdamW), and torch's per-parameter rules under FSDP2, evaluate a
+            # closure once, before the update
             with torch.enable_grad():
                 loss = closure()
             self._step_without_closure()

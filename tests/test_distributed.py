@@ -123,12 +123,16 @@ def reference(steps, shared=True):
 # the distributed job (forked ranks)
 
 
-def _counted_step(opt):
+def _counted_step(opt, closure=None, only=None):
+    """The number of collectives in one step (``only``: those whose name has it, e.g. all_reduce, not
+    FSDP2's own gathers in a closure's forward and backward)."""
     from torch.distributed.tensor.debug import CommDebugMode
 
     with CommDebugMode() as comm:
-        opt.step()
-    return comm.get_total_counts()
+        opt.step(closure)
+    if only is None:
+        return comm.get_total_counts()
+    return sum(n for op, n in comm.get_comm_counts().items() if only in str(op).replace("allreduce", "all_reduce"))
 
 
 def _fsdp_model():
@@ -203,14 +207,15 @@ def _job(rank, world, port, out, ckpt):
         # step(closure): the same run
         m2 = _fsdp_model()
         opt2 = SpreadAdam(param_groups(m2), lr=0.1)
+        closure_comms = []
         for _ in range(STEPS):
             def closure():
                 opt2.zero_grad()
                 loss = loss_fn(m2, x, y)
                 loss.backward()
                 return loss
-            opt2.step(closure)
-        result["fsdp_closure"] = snapshot(m2, opt2, full)
+            closure_comms.append(_counted_step(opt2, closure, "all_reduce"))
+        result.update(fsdp_closure=snapshot(m2, opt2, full), fsdp_closure_comms=closure_comms)
 
         # a base from outside torch.optim (no promise that it steps two subsets as it steps the whole):
         # the two-round path, same numbers
@@ -342,6 +347,7 @@ def test_fsdp2_equals_single_process(ranks, ref):
             assert_close(got, want, f"FSDP2 rank {rank} step {step + 1}")
         assert r["fsdp_local_shape"] == [(3, 7), (2, 7)][rank]  # the factors are sharded like the parameter
         assert_close(r["fsdp_closure"], ref[2][-1], f"FSDP2 step(closure) rank {rank}")
+        assert r["fsdp_closure_comms"][1:] == [1] * (STEPS - 1)  # the closure's loss, then a one-round step
 
 
 def test_fsdp2_collectives_are_batched(ranks):
