@@ -236,6 +236,31 @@ def test_working_set(data):
     assert sorted(np.argsort(-warm.feature_importances_)[:5].tolist()) == PLANTED
 
 
+@pytest.mark.parametrize("hidden", [(), (8,), (8, 4)])
+def test_working_set_stacked_model(data, hidden):
+    """The working set's model stacks the ensemble's first layers into one tensor: on the working set's columns it
+    computes the full model's logits, its first layer's columns are the shared groups, and it writes back into the
+    full model exactly."""
+    from spread_optim.feature_selection import _Stacked
+
+    X, y = data
+    sel = SpreadFeatureSelector(kappa=0.05, hidden_sizes=hidden, max_epochs=50, random_state=0, working_set=True).fit(X, y)
+    active, sub, _ = sel._ws
+    model = sel.model_
+    Xs = torch.tensor((X - sel.mean_) / sel.scale_, dtype=torch.float32)
+    with torch.no_grad():
+        for a, b in zip(model(Xs), sub(Xs[:, active])):
+            torch.testing.assert_close(a, b)
+        norms = torch.sqrt(sum(layer.weight.pow(2).sum(0) for layer in model.first_layers()))
+        torch.testing.assert_close(norms[active], sub.first.weight.norm(dim=0))
+        fresh = _Stacked(model, active)  # a rebuild starts from the full model: the same stacked weights
+        torch.testing.assert_close(fresh.first.weight, sub.first.weight)
+        torch.testing.assert_close(fresh.first.bias, sub.first.bias)
+        sub.first.weight.add_(1.0)
+        sub.write_back(model, active)
+        torch.testing.assert_close(_Stacked(model, active).first.weight, sub.first.weight)
+
+
 def test_predict_and_pickle(fitted_ensemble, data):
     X, y = data
     proba = fitted_ensemble.predict_proba(X)
