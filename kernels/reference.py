@@ -110,10 +110,15 @@ def init_group(
 
 def group_sq_sums(tensors: Sequence[torch.Tensor], structures: Sequence[GroupStructure]) -> torch.Tensor:
     """``sum_p reduce_p(x_p**2)``: squared norm of each (possibly shared) group."""
+    return group_dots(tensors, tensors, structures)
+
+
+def group_dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], structures: Sequence[GroupStructure]) -> torch.Tensor:
+    """``sum_p reduce_p(x_p * y_p)``: the inner product of ``x`` and ``y`` over each (possibly shared) group."""
     total = None
-    for x, s in zip(tensors, structures):
-        part = s.reduce(x * x)
-        total = part if total is None else total + part
+    for x, y, s in zip(xs, ys, structures):
+        part = s.reduce(x * y)
+        total = part if total is None else total.add_(part)
     return total
 
 
@@ -178,7 +183,7 @@ def group_factor_grads(
 
 def group_gW(grads: Sequence[torch.Tensor], Ws: Sequence[torch.Tensor], structures: Sequence[GroupStructure]) -> torch.Tensor:
     """``sum_{i in g} g_i W_i`` per group (the loss part of ``du``)."""
-    return sum(s.reduce(g * W) for g, W, s in zip(grads, Ws, structures))
+    return group_dots(grads, Ws, structures)
 
 
 def penalty(factors: Sequence[torch.Tensor], kappa: float) -> torch.Tensor:
@@ -329,7 +334,7 @@ def group_finish_sums(
         group_sq_sums(grads, structures),
         group_sq_sums(Ws, structures),
         group_sq_sums(olds, structures),
-        sum(st.reduce(W * old) for W, old, st in zip(Ws, olds, structures)),
+        group_dots(Ws, olds, structures),
     ])
 
 
