@@ -721,11 +721,11 @@ class SpreadOptimizer(Optimizer):
                 for _, leaf in self._factor_leaves(p) if leaf.grad is None]
 
     def _restore_gradless(self, saved) -> None:
-        """Put those factors back, and theta with them (a closure evaluation may have rewritten it)."""
+        """Put those factors back. Theta is left alone: the zero pass compares the new factors with the
+        theta that ``p`` still holds from the step's start (after several closure evaluations, which
+        rewrite theta, ``_step_with_closure`` evaluates again at the restored point)."""
         for _, leaf, value in saved:
             leaf.copy_(value)
-        if saved:
-            self._write_theta()
 
     # ------------------------------------------------------------------------------------------------
     # diagnostics

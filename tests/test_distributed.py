@@ -103,15 +103,25 @@ def base_state(m, opt, full):
             for key, st in opt.state[p].get("base", {}).items() for k, v in st.items() if isinstance(v, torch.Tensor)}
 
 
-def reference(steps, shared=True):
+def drop_grads(m, step):
+    """Gradless parameters: b.weight (shares its factor with a.weight) always, d.weight (a column group
+    of its own) every third step."""
+    m.b.weight.grad = None
+    if step % 3 == 0:
+        m.d.weight.grad = None
+
+
+def reference(steps, shared=True, gradless=False):
     """The single-process run on the whole batch: (snapshot, kkt residual, report rows) after each step."""
     m = Net()
     opt = SpreadAdam(param_groups(m, shared), lr=0.1)
     x, y = data()
     history = []
-    for _ in range(steps):
+    for i in range(steps):
         opt.zero_grad()
         loss_fn(m, x, y).backward()
+        if gradless:
+            drop_grads(m, i)
         opt.step()
         history.append(snapshot(m, opt))
     opt.zero_grad()
@@ -216,6 +226,16 @@ def _job(rank, world, port, out, ckpt):
                 return loss
             closure_comms.append(_counted_step(opt2, closure, "all_reduce"))
         result.update(fsdp_closure=snapshot(m2, opt2, full), fsdp_closure_comms=closure_comms)
+
+        # parameters without a gradient: their factors stay, the others' exact-zero pass is unchanged
+        m2 = _fsdp_model()
+        opt2 = SpreadAdam(param_groups(m2), lr=0.1)
+        for i in range(LOCAL_STEPS):
+            opt2.zero_grad()
+            loss_fn(m2, x, y).backward()
+            drop_grads(m2, i)
+            opt2.step()
+        result["fsdp_gradless"] = snapshot(m2, opt2, full)
 
         # a base from outside torch.optim (no promise that it steps two subsets as it steps the whole):
         # the two-round path, same numbers
@@ -358,6 +378,15 @@ def test_fsdp2_collectives_are_batched(ranks):
         assert r["fsdp_comms"][1:] == [1] * (STEPS - 1)
         assert r["fsdp_comms"][0] == 1 + 2 * 2
         assert r["fsdp_local_comms"] == [1] * LOCAL_STEPS  # element and row groups: no sums across shards
+
+
+def test_fsdp2_gradless_parameters(ranks):
+    """Some parameters without a gradient (one member of a shared set, a whole column group): equal to
+    the single-process run with the same gradients missing."""
+    results, _ = ranks
+    want = reference(LOCAL_STEPS, gradless=True)[2][-1]
+    for rank, r in enumerate(results):
+        assert_close(r["fsdp_gradless"], want, f"FSDP2 gradless rank {rank}")
 
 
 def test_fsdp2_other_bases_take_two_rounds(ranks, ref):

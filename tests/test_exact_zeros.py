@@ -318,6 +318,31 @@ def test_sign_flip_snaps_then_revives(threshold):
     assert math.isclose(float(theta.detach()), -lr * (float(g) - 2 * KAPPA), rel_tol=1e-12)
 
 
+@pytest.mark.parametrize("sparsity", ["element", "row"])
+@pytest.mark.parametrize("make", [lambda ps: SpreadSGD(ps, lr=0.01, kappa=KAPPA, init="unbalanced"),
+                                  lambda ps: SpreadAdam(ps, lr=0.01, kappa=KAPPA, init="unbalanced")])
+def test_gradless_parameter_does_not_change_another_step(make, sparsity):
+    """A parameter of the optimizer whose grad is None must not change the others' step: the sign-flip
+    snap compares theta with its value at the step's start, which p still holds then (a stale rewrite of
+    every theta before the zero pass lost it). Oracle: the same run without the gradless parameter."""
+    def run(with_idle):
+        theta = torch.nn.Parameter(torch.tensor([[1e-3, -2e-3], [5e-4, 1.0]], dtype=F64))
+        idle = torch.nn.Parameter(torch.ones(3, 2, dtype=F64))
+        opt = make([{"params": [theta, idle] if with_idle else [theta], "sparsity": sparsity}])
+        values = []
+        for _ in range(3):
+            theta.grad = theta.detach() - torch.tensor([[-1.0, 1.0], [-1.0, 1.0]], dtype=F64)  # targets across zero
+            opt.step()
+            values.append(theta.detach().clone())
+        return values, idle.detach()
+    want, _ = run(False)
+    got, idle = run(True)
+    assert any(bool((v == 0).any()) for v in want)  # the runs snap a sign flip to exact zero
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(idle, torch.ones(3, 2, dtype=F64))
+
+
 # ---------------------------------------------------------------------------------------------------
 # factors starting at zero
 
