@@ -177,8 +177,13 @@ def group_factor_grads(
     for g, W, s in zip(grads, Ws, structures):
         if gW is None:
             du = du + s.reduce(g * W)
-        gWs.append(torch.addcmul(W * (2.0 * kappa), s.expand(u), g))
+        gWs.append(group_W_grad(g, u, W, s, kappa))
     return du, gWs
+
+
+def group_W_grad(grad: torch.Tensor, u: torch.Tensor, W: torch.Tensor, structure: GroupStructure, kappa: float) -> torch.Tensor:
+    """``dW_i = u_g(i) g_i + 2*kappa*W_i`` (local to a shard: needs ``u``, not the group's sums)."""
+    return torch.addcmul(W * (2.0 * kappa), structure.expand(u), grad)
 
 
 def group_gW(grads: Sequence[torch.Tensor], Ws: Sequence[torch.Tensor], structures: Sequence[GroupStructure]) -> torch.Tensor:

@@ -301,21 +301,32 @@ class ShardedSpread:
                 Ws = [local(self.opt.state[p]["W"]) for p in members]
                 yield k, group, members, grads, [torch.zeros_like(W) if g is None else g for g, W in zip(grads, Ws)]
 
-    def check_grads(self):
-        """``_check_grads`` with the same answer on every rank, and the pre-step sums (one all-reduce)."""
+    def _pre_step_parts(self, spanning):
+        """The all-reduce parts known at the step's start: the non-finite counts, the pending zero-saddle
+        norms and ``sum g*W`` of each ``spanning`` set; with the layout :meth:`_read_pre_step` needs."""
         parts, names = self._flag_counts()
-        has_flags = bool(parts)
         pending = self._dead[1] if self._dead is not None else []
+        layout = (bool(parts), len(pending), names)
         parts += [w_sq for _, _, w_sq in pending]
-        gw_sets = []
-        for k, group, members, _, filled in self._spanning_grads():
+        for _, group, members, _, filled in spanning:
             _, Ws, structures = self._group_locals(group, members)
             parts.append(ref.group_gW(filled, Ws, structures))
-            gw_sets.append(k)
-        reduced = self._all_reduce(parts)
+        return parts, layout
+
+    def _read_pre_step(self, reduced, layout, spanning):
+        """Complete the dead masks from the reduced parts; return the counts (None without gradients),
+        the names, the ``g*W`` sums by set index, and the parts after them."""
+        has_flags, n_pending, names = layout
         bad_counts = reduced.pop(0) if has_flags else None
-        self._complete_dead(reduced[:len(pending)])
-        self._gW = dict(zip(gw_sets, reduced[len(pending):]))
+        self._complete_dead(reduced[:n_pending])
+        reduced = reduced[n_pending:]
+        return bad_counts, names, {k: x for (k, *_), x in zip(spanning, reduced)}, reduced[len(spanning):]
+
+    def check_grads(self):
+        """``_check_grads`` with the same answer on every rank, and the pre-step sums (one all-reduce)."""
+        spanning = list(self._spanning_grads())
+        parts, layout = self._pre_step_parts(spanning)
+        bad_counts, names, self._gW, _ = self._read_pre_step(self._all_reduce(parts), layout, spanning)
         self._raise_if_nonfinite(bad_counts, names)
 
     # ---------------------------------------------------------------------------------------------
@@ -341,31 +352,23 @@ class ShardedSpread:
         every other factor and dense parameter (phase 2), and the zero pass finishes the step.
         """
         st = self.opt.state
-        parts, names = self._flag_counts()
-        has_flags = bool(parts)
-        pending = self._dead[1] if self._dead is not None else []
-        parts += [w_sq for _, _, w_sq in pending]
         spanning = list(self._spanning_grads())
+        parts, layout = self._pre_step_parts(spanning)  # with W_old
         first = []  # the W leaves of phase 1
         for k, group, members, grads, filled in spanning:
             u, Ws, structures = self._group_locals(group, members)
-            parts.append(ref.group_gW(filled, Ws, structures))
             for p, g, W, s in zip(members, grads, Ws, structures):
                 if g is not None:
                     leaf = st[p]["W"]
-                    leaf.grad = _like(torch.addcmul(W * (2.0 * group["kappa"]), s.expand(u), g), leaf)
+                    leaf.grad = _like(ref.group_W_grad(g, u, W, s, group["kappa"]), leaf)
                     first.append(leaf)
         saved = [(leaf, local(leaf).clone(), _clone_state(base.state[leaf])) for leaf in first]
         _step_only(base, first)  # phase 1
         for k, group, members, _, filled in spanning:
             _, Ws, structures = self._group_locals(group, members)
             parts.append(ref.group_finish_sums(Ws, filled, [local(p) for p in members], structures))
-        reduced = self._all_reduce(parts)
-        bad_counts = reduced.pop(0) if has_flags else None
-        self._complete_dead(reduced[:len(pending)])
-        reduced = reduced[len(pending):]
-        gW_sums = {k: s for (k, *_), s in zip(spanning, reduced)}
-        finish_sums = {k: s for (k, *_), s in zip(spanning, reduced[len(spanning):])}
+        bad_counts, names, gW_sums, rest = self._read_pre_step(self._all_reduce(parts), layout, spanning)
+        finish_sums = {k: x for (k, *_), x in zip(spanning, rest)}
         if bad_counts is not None and bool((bad_counts > 0).any()):
             for leaf, value, state in saved:
                 local(leaf).copy_(value)
