@@ -19,15 +19,32 @@ from test_closed_form import LBFGS_KW, _start, correlated_problem, ls_loss  # no
 DT = torch.float64
 
 
-def _sparse_coding_problem():
+def _sparse_coding_problem(dtype=DT):
     """Codes of 64 signals over a correlated 64-atom dictionary with unit columns (curvature ||B||^2 = 10)."""
-    g = torch.Generator().manual_seed(197)  # drawn in float32 (as tests/test_integration.py), solved in float64
+    g = torch.Generator().manual_seed(197)  # drawn in float32, solved in ``dtype``
     d = k = n = 64
     B = torch.randn(d, k, generator=g)
     B = B + torch.roll(B, 1, 0) + torch.roll(B, -1, 0) + 0.8 * torch.randn(d, 1, generator=g)
     B /= B.norm(dim=0)
     X = B @ (torch.randn(k, n, generator=g) * (torch.rand(k, n, generator=g) < 0.1)) + 0.3 * torch.randn(d, n, generator=g)
-    return B.to(DT), X.to(DT)
+    return B.to(dtype), X.to(dtype)
+
+
+def _spread_lbfgs_coder(B, X, lam):
+    """The codes ``A`` (one proximal-gradient step from zero), spread + LBFGS on them (3 iterations per
+    step, strong Wolfe) and the least-squares closure."""
+    L = float(torch.linalg.matrix_norm(B, 2)) ** 2
+    z = B.T @ X / L
+    A = torch.nn.Parameter(torch.sign(z) * (z.abs() - lam / L).clamp(min=0))
+    opt = SpreadOptimizer([A], torch.optim.LBFGS, kappa=lam / 2, max_iter=3, line_search_fn="strong_wolfe", zero_threshold=1e-3)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (X - B @ A).pow(2).sum()
+        loss.backward()
+        return loss
+
+    return A, opt, closure
 
 
 def test_lbfgs_short_steps_reach_the_sparse_coding_optimum():
@@ -46,20 +63,29 @@ def test_lbfgs_short_steps_reach_the_sparse_coding_optimum():
     # 0.5*||X - B A||^2 + lam*|A|_1 is, column by column, scikit-learn's lasso with alpha = lam / 64
     best = Lasso(alpha=lam / 64, fit_intercept=False, tol=1e-14, max_iter=10**6).fit(B.numpy(), X.numpy()).coef_.T
     f_best = objective(torch.from_numpy(best))
-    L = float(torch.linalg.matrix_norm(B, 2)) ** 2
-    z = B.T @ X / L
-    A = torch.nn.Parameter(torch.sign(z) * (z.abs() - lam / L).clamp(min=0))
-    opt = SpreadOptimizer([A], torch.optim.LBFGS, kappa=lam / 2, max_iter=3, line_search_fn="strong_wolfe", zero_threshold=1e-3)
-
-    def closure():
-        opt.zero_grad()
-        loss = 0.5 * (X - B @ A).pow(2).sum()
-        loss.backward()
-        return loss
-
+    A, opt, closure = _spread_lbfgs_coder(B, X, lam)
     for _ in range(100):  # 51 needed after the fix
         opt.step(closure)
     assert (objective(A.detach()) - f_best) / f_best <= 1e-6, (objective(A.detach()), f_best)
+
+
+def test_lbfgs_zero_pass_uses_the_accepted_point_not_a_rejected_trial():
+    """With a strong-Wolfe line search the last closure evaluation can be a rejected trial point; the
+    hold/revive/snap pass must use the gradient at the accepted point, or the objective blows up."""
+    lam = 0.15
+    B, X = _sparse_coding_problem(torch.float32)
+    A, opt, closure = _spread_lbfgs_coder(B, X, lam)
+
+    def objective():
+        with torch.no_grad():
+            return float(0.5 * (X - B @ A).pow(2).sum() + lam * A.abs().sum())
+
+    values = [objective()]
+    for _ in range(4):
+        opt.step(closure)
+        values.append(objective())
+    # before the fix: 310.7 -> 284.7 -> 9478 -> 1.2e6 -> FloatingPointError
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(values, values[1:])), values
 
 
 def test_lbfgs_does_not_move_entries_held_at_zero():
