@@ -7,93 +7,66 @@ sparse-coding objective over the patches ``x``
     sum_x  0.5*||x - B a_x||^2 + lam*||a_x||_1
 
 (the objective of ``sklearn.decomposition.MiniBatchDictionaryLearning`` with ``alpha=lam``), alternating over
-mini-batches of 256 patches:
+mini-batches: scikit-learn's are 256 patches (its default ``batch_size``); spread's (``--spread-batch-size``,
+default 1024) are 4 of them joined, so both see the same patches in the same order.
 
 * codes: the codes of the batch, ``A`` (atoms x batch), are a ``torch.nn.Parameter`` handed to
-  ``SpreadOptimizer(base=torch.optim.LBFGS, kappa=lam/2)`` (spread's penalty ``2*kappa*|A|_1`` is the L1 term;
-  the closure is the plain least-squares loss), started at one proximal-gradient step from zero, so the
-  factors start aligned with the first gradient and most entries start at exact zero.
-  Training codes (default, ``--working-set 32``) are solved on per-patch working sets: round 1 takes each
-  patch's 32 atoms most correlated with it (largest ``|B^T x|``), one LBFGS step of ``--code-iters 10``
-  iterations; round 2 (``--code-rounds 8``) checks every atom with one product ``A G - C`` (``G = B^T B``,
-  ``C = B^T X``) and re-solves, warm, on each patch's nonzeros plus the zeros that violate ``|g| <= lam`` the
-  most (the outer loop of ``SpreadLasso``'s working sets, at a fixed size so the batch stays one
-  ``(batch, 32)`` parameter; closure on the gathered Gram blocks ``G[S, S]``, gradient by hand). About 2.7%
-  above the lasso optimum per batch (measured and reported), which is enough for the dictionary. Per
-  evaluation spread's bookkeeping and LBFGS's history then work on 8x fewer entries: the coder went from
-  ~60 ms to ~35 ms per batch (one thread, loaded 2-core EPYC; 12 + 8 iterations: 36.5 ms), and the whole run from 27.7 s to 14.3 s in a
-  spread-only timing (held-out objective 0.23843 -> 0.23878; other working-set settings below).
-  ``--working-set 0`` is the former coder: one step of ``--code-iters`` (was 12) LBFGS iterations on all
-  atoms, closure on the full Gram matrix (one 256x256x256 product per evaluation). Held-out codes get 10
-  steps of 10 on all atoms with the plain autograd closure (within about 1e-5 of scikit-learn's lasso_cd on
-  the same dictionary; measured and reported). One long step rather than several short ones per round:
-  between steps spread snaps and revives entries behind LBFGS's back, and with the short line search budgets
-  of a small ``max_iter`` that was seen to stall LBFGS (its curvature pairs no longer match the factors) or to
-  revive entries with the gradient of a rejected line-search trial point.
+  ``SpreadOptimizer(base=torch.optim.LBFGS, kappa=lam/2, zero_threshold=1e-3)`` (spread's penalty
+  ``2*kappa*|A|_1`` is the L1 term; the closure is the plain least-squares loss), started at one
+  proximal-gradient step from zero, so the factors start aligned with the first gradient and most entries
+  start at exact zero. Training codes (default, ``--working-set 32``) are solved on per-patch working sets:
+  round 1 takes each patch's 32 atoms most correlated with it (largest ``|B^T x|``), one LBFGS step of
+  ``--code-iters 10`` iterations; round 2 (``--code-rounds 8``) checks every atom with one product ``A G - C``
+  (``G = B^T B``, ``C = B^T X``) and re-solves on each patch's nonzeros plus the zeros that violate
+  ``|g| <= lam`` the most (the outer loop of ``SpreadLasso``'s working sets, at a fixed size so the batch stays
+  one ``(batch, 32)`` parameter; closure on the gathered Gram blocks ``G[S, S]``, gradient by hand), started
+  at one proximal-gradient step from round 1's codes. About 2.7% above the lasso optimum per batch (measured
+  and reported). ``--working-set 0`` is the former coder: one step of ``--code-iters`` LBFGS iterations on all
+  atoms, closure on the full Gram matrix. Held-out codes get 10 steps of 10 on all atoms with the plain
+  autograd closure (within about 4e-5 of scikit-learn's lasso_cd on the same dictionary; measured and
+  reported). One long step rather than several short ones per round: between steps spread snaps and revives
+  entries behind LBFGS's back, and with the short line search budgets of a small ``max_iter`` that was seen
+  to stall LBFGS.
 * dictionary: ``B`` is a plain parameter updated by ``torch.optim.LBFGS`` (``--dict-iters 5`` iterations per
   batch) on the running least-squares surrogate ``0.5*tr(D^T D S_AA) - tr(D^T S_XA)`` of all patches seen so
   far, with ``D = B / column norms`` (the statistics ``S_AA = E[a a^T]``, ``S_XA = E[x a^T]`` with the
   forgetting schedule of Mairal et al. 2009, which MiniBatchDictionaryLearning keeps too); the columns of ``B``
   are projected to unit norm after each step. Evaluating the surrogate at unit-norm columns matters: LBFGS on
-  the raw surrogate followed by the projection gave a worse dictionary, more so with more iterations.
-  (Its gradient is written by hand too: ``dD = D S_AA - S_XA``, projected onto each column's tangent and
-  divided by the column norm.) As the surrogate sees only the columns' directions, LBFGS runs on ``B`` with
-  column ``j`` rescaled to ``sqrt(S_AA[j, j])`` (relative), a free Jacobi preconditioner that evens the
-  curvature of busy and rarely used atoms (0.23931 vs 0.23951 held-out objective: within run-to-run noise,
-  kept because it costs nothing). Atoms no patch uses are redrawn from the batch before the step, as
-  scikit-learn does. ``--dict-update adam`` instead takes one Adam step per batch on the batch's own loss
-  (the plain SGD-style alternation; kept for comparison: at the default size its atoms stay busy, close to
-  the data patches they start from, and its held-out objective is about 2.5% above the LBFGS variant's).
+  the raw surrogate followed by the projection gave a worse dictionary. (Its gradient is written by hand:
+  ``dD = D S_AA - S_XA``, projected onto each column's tangent and divided by the column norm.) LBFGS runs on
+  ``B`` with column ``j`` rescaled to ``sqrt(S_AA[j, j])`` (relative), a free Jacobi preconditioner. Atoms no
+  patch uses are redrawn from the batch before the step, as scikit-learn does. ``--dict-update adam`` instead
+  takes one Adam step per batch on the batch's own loss (kept for comparison: about 2.5% worse).
 
-Why spread's dictionary lags scikit-learn's per batch (held-out objective 0.0003-0.0005 above after the same
-batches): the training codes, not the dictionary rule. Controlled runs of a copy of this loop with an
-exchangeable coder and dictionary step (not kept in the script), the same mini-batches, held-out objective (lasso_cd
-codes) after 2 passes, for two batch orders (seed 0 / another permutation); scikit-learn itself 0.23832 / 0.23832
-(its rule on its lasso_cd codes, which the copy reproduces to the fifth digit at every checkpoint):
+What changed in this version (held-out objective after 3 passes; the trajectory noise between batch orders and
+settings is about +-0.0003, several times the effect of most settings below, so each was run on seeds 0-2):
 
-* spread's codes + scikit-learn's dictionary step (diagnostic): 0.23885 / 0.23882, i.e. the codes alone cost
-  +0.0005; spread's codes + the LBFGS rule: 0.2386 / 0.23857, so on the same codes the LBFGS rule is 0.00025
-  *better* than scikit-learn's one block-coordinate sweep.
-* exact (lasso_cd) training codes + the LBFGS rule (diagnostic): 0.23796 (float32) / 0.2385 (the same run in
-  float64): the two rules tie within the trajectory noise (about +-0.0003: the float32/float64 pair differs by
-  0.0005).
-* the same diagnostics in this script (seed 0, 2 passes; the redraws draw from another generator, a perturbation
-  of the trajectory): ``--dict-update bcd`` (spread's codes, scikit-learn's step) 0.23862, ``--oracle-codes``
-  (lasso_cd codes, the LBFGS step) 0.23858, the default 0.23878, scikit-learn 0.23832. The codes' effect has the
-  same sign in all four pairs (+0.0002 to +0.0005); the rule's does not (-0.00025 to +0.00026).
-* the codes' error: at their 2.7% objective gap the training codes are 38% (relative Frobenius) from the lasso
-  optimum and their ``A A^T`` 42-47% from the optimum's (about 5 extra small nonzeros per patch, median ``|a|``
-  0.007, and 1.4 missed atoms, which the top-32 screen never offered): the statistics ``S_AA``, ``S_XA`` carry
-  that bias, and averaging over batches does not remove it. A third working-set round (10, 8, 8 or 10, 10, 10
-  iterations: 1.0-1.3% gap) moves spread's curve onto scikit-learn's in the first pass (0.23918 vs 0.23908 after
-  117 batches; 2 rounds 0.23965) and ends 2 passes at 0.2381 / 0.2385, but it costs more time than it saves (below).
-* not the cause: the unit ball vs the sphere (every scikit-learn atom sits at norm 1 at every checkpoint: the
-  ball constraint is always active, so its step is the sphere's); damping the LBFGS step with a proximal term
-  ``0.5*rho*||D - D_prev||^2`` (``rho`` 0.1 or 1 times the mean ``S_AA[j, j]``): 0.23868 / 0.23877 vs 0.2386.
+* batches of 1024 for spread: the coder's cost is mostly per-operation overhead, so 4x the patches per call
+  cost about 2x the time (3 passes: about 10 s instead of 18-20 s) at about the same quality per pass (seed 0:
+  0.23874-0.23885 against 0.23858 with batches of 256). scikit-learn with batches of 1024 is slower and worse
+  (29.6 s, 0.23854 after 3 passes, against 25.5 s and 0.23811 with its default 256): 256 is its better
+  setting, and the comparison keeps it.
+* round 2 starts at a proximal-gradient step from round 1's codes instead of at round 1's codes: a zero of the
+  new set that violates its condition then starts off the saddle ``U = W = 0``, where its factors cannot move
+  until the zero pass at the end of the round's one LBFGS step. Per batch the codes get closer to the optimum
+  (objective gap 2.95e-2 -> 2.76e-2 for 10 + 8 iterations, 1.08e-2 -> 8.3e-3 for 10 + 10 + 10, 1024 patches
+  of a mid-training dictionary); the dictionary's gain is within the noise.
+* the Gram-block closure as a batch of ``(1 x 32) @ (32 x 32)`` products (3x faster than the broadcast product).
+* not kept: ``zero_threshold=1e-2`` for the codes (snaps spurious small codes sooner): 0.23842 instead of
+  0.23885 on seed 0, but 0.24085 instead of 0.24054 on seed 1 and 0.24187 instead of 0.24183 on seed 2.
 
-Measured and rejected for the speed target (spread-only timings of the whole 2-pass run on the loaded 2-core
-machine, held-out objective per patch at ``lam``; scikit-learn's is 0.23832; differences of ~0.0003 are
-run-to-run noise: working sets of 30, 32, 34 atoms gave 0.2389, 0.23863, 0.23839):
-
-* a third working-set round (``--code-rounds 10 10``): 3 passes 0.23843 in 38.9 s against scikit-learn's 0.23811
-  in 39.8 s (the same run), which reached 0.23843 after 26.8 s (1.45x); the default in the same session: 0.23858
-  in 23.7 s, scikit-learn there after 15.0 s of 30.8 s (1.58x): the better codes cost ~1.5x coder time for
-  0.00015.
-* fewer dictionary iterations: 3 per batch 0.24003-0.24042, 2 per batch 0.24189 (5: 0.2393-0.2395 with one
-  working-set round); more: 10 per batch 0.23919-0.23947, no better. Exact training codes (lasso_cd, as
-  an oracle) with 5 or 20 LBFGS iterations gave 0.23862 / 0.2388, once read as the dictionary rule setting the
-  floor; the controlled runs above put those figures within the trajectory noise of scikit-learn's.
-* Adam on the running surrogate (persistent state, 3 steps per batch): lr 3e-3 0.23987, lr 1e-2 0.23909 in
-  13.2 s, no better than LBFGS (0.23878 in 14.3 s).
-* SGD with Nesterov momentum (0.9) as the coder's base on the full Gram closure: per iteration ~2.7 ms, of
-  which the 256^3 product is 0.5 ms and the rest spread's per-step bookkeeping on 65k entries; 30 iterations
-  at lr 0.2 reach a 4.5e-3 gap in 81 ms per batch, LBFGS-12 a 2e-2 gap in 60 ms.
-* working-set variants: one round of 32 atoms (12 iterations) 13.3 s, 0.2393-0.2398 (the top-32 screen
-  misses atoms; gap ~4% per batch); one round of 48 atoms x 20 iterations 20.0 s, 0.23869; two rounds of
-  12 + 12 20.7 s, 0.2392; three rounds 28.4 s, 0.23847; 12 + 8 ~18 s, 0.23839-0.2389. ``bmm`` for the
-  Gram blocks was 3x slower than the broadcast product used.
-* fewer LBFGS iterations on all atoms: 10 / 8 / 6 iterations, 44 / 29 / 20 ms per batch at gaps of 4.5e-2 /
-  8.3e-2 / 0.23 (12: 60 ms, 2.0e-2); a history of 5 instead of 10 saved ~7%.
+Measured and not kept (same machine, spread-only runs of a copy of this loop with lasso_cd held-out codes;
+differences of ~0.0003 are within the trajectory noise): a third working-set round (more accurate codes, more
+time, no better); Adam or Rprop as the coder's base (per iteration cheaper, objective gap 1e-3 after 60
+iterations, but a worse dictionary: 0.23874-0.23918 on seed 0); a per-row Barzilai-Borwein base (no faster
+than LBFGS per iteration); codes warm-started from the patch's codes of the previous pass (0.23884 / 0.24055
+on seeds 0 / 1: no change); 20 dictionary iterations per batch (0.23932 / 0.24065: worse). With exact training codes (lasso_cd, ``--oracle-codes``) the dictionary rule matters:
+at batches of 1024 LBFGS with 5 iterations ends 3 passes at 0.23884, with 20 iterations at 0.23838,
+scikit-learn's block-coordinate step at 0.23854, and LBFGS preconditioned by the Cholesky factor of ``S_AA``
+(3 iterations) at 0.23829; with spread's inexact codes that preconditioned step is no better (0.23882) and
+costs more, so it is not used. Spread + LBFGS converges slowly in the codes themselves: on the optimal
+working sets, 10 / 20 / 40 iterations leave them 31% / 12% / 6% (relative Frobenius) from the lasso optimum,
+against 0.1% for lasso_cd at its default tolerance.
 
 Patches: grayscale, whitened as in Olshausen & Field (1997) (the image spectrum is flattened by ``|f|`` with a
 low-pass roll-off ``exp(-(|f|/f0)^4)``, ``f0 = 0.2`` cycles/pixel, which keeps JPEG block noise out),
@@ -111,7 +84,7 @@ Reported: held-out relative squared error ``sum ||x - B a||^2 / sum ||x||^2`` wi
 method's own coder (spread: the same spread-LBFGS coder run longer; scikit-learn: ``transform``), code
 sparsity (mean nonzeros per patch, fraction of exact zeros), training wall time, held-out coding time.
 
-    python benchmarks/sparse_coding.py            # default size (about 2 minutes on 2 CPU cores)
+    python benchmarks/sparse_coding.py            # default size (about 2.5 minutes on 2 CPU cores)
     python benchmarks/sparse_coding.py --quick    # smoke run (about 15 s, mostly imports)
 
 Both methods run on one thread (``--threads``); the timings exclude the held-out evaluations at the checkpoints.
@@ -251,7 +224,9 @@ def spread_working_set_codes(X: torch.Tensor, B: torch.Tensor, lam: float, size:
     proximal-gradient step from zero as :func:`spread_codes`. Each later round: one product ``A G - C`` checks
     every atom of every patch, and the set becomes the patch's nonzeros plus the zeros that violate their
     optimality condition ``|g| <= lam`` the most (the outer loop of :class:`spread_optim.SpreadLasso`'s working
-    sets, with a fixed size so that all patches stay one tensor), warm-started from the previous round's codes.
+    sets, with a fixed size so that all patches stay one tensor), started at one proximal-gradient step from the
+    previous round's codes (a zero of the set that violates its condition then starts off the saddle, where its
+    factors could not move during the round).
     The codes of all patches are one ``(batch, size)`` parameter handed to one
     ``SpreadOptimizer(LBFGS, kappa=lam/2)`` per round (one step of ``iters[round]`` iterations); the closure
     uses the patches' Gram blocks ``G[S, S]`` (``(batch, size, size)``, gathered once per round) and
@@ -278,11 +253,11 @@ def spread_working_set_codes(X: torch.Tensor, B: torch.Tensor, lam: float, size:
             idx = torch.topk(score, size, dim=1).indices  # batch x size
             Gw = G[idx[:, :, None], idx[:, None, :]]
             Cw = torch.gather(C, 1, idx)
-            if A is None:
-                z = Cw / lipschitz
-                P0 = torch.sign(z) * (z.abs() - lam / lipschitz).clamp(min=0)
-            else:
-                P0 = torch.gather(A, 1, idx)
+            # every round starts at one proximal-gradient step from the previous round's codes (from zero in
+            # round 1): the set's zeros that violate their condition start off the saddle U = W = 0, where
+            # spread's factors cannot move before the zero pass at the end of the round's one LBFGS step
+            z = torch.gather(A - g / lipschitz, 1, idx) if A is not None else Cw / lipschitz
+            P0 = torch.sign(z) * (z.abs() - lam / lipschitz).clamp(min=0)
         P = torch.nn.Parameter(P0)
         optimizer = SpreadOptimizer([P], torch.optim.LBFGS, kappa=lam / 2, lr=1, max_iter=max_iter, history_size=10,
                                     line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9,
@@ -290,8 +265,9 @@ def spread_working_set_codes(X: torch.Tensor, B: torch.Tensor, lam: float, size:
 
         @torch.no_grad()
         def closure():
-            # (Gw * P).sum(2): a batched mat-vec; 3x faster than bmm for these small blocks on one CPU thread
-            GP = (Gw * P.unsqueeze(1)).sum(2)
+            # P G[S, S] as a batch of (1 x size) @ (size x size) products (G[S, S] is symmetric): on one CPU
+            # thread 3x faster than the broadcast product (Gw * P.unsqueeze(1)).sum(2) and 6x faster than bmm(Gw, P)
+            GP = torch.bmm(P.unsqueeze(1), Gw).squeeze(1)
             P.grad = GP - Cw
             return (P * (0.5 * GP - Cw)).sum(dtype=torch.float64)  # the loss up to the constant 0.5*||X||^2
 
@@ -400,6 +376,13 @@ class SpreadDictionary:
         return self.B.detach().T.double().numpy()
 
 
+def joined_batches(schedule: list[np.ndarray], join: int) -> list[np.ndarray]:
+    """Spread's mini-batches: ``join`` consecutive ones of each pass of ``schedule`` (passes x batches x patches
+    indices) concatenated, so that both methods see the same patches in the same order (the last of a pass may
+    be shorter)."""
+    return [np.concatenate(epoch[j: j + join]) for epoch in schedule for j in range(0, len(epoch), join)]
+
+
 # ----------------------------------------------------------------------------------------------------
 # measuring
 
@@ -498,8 +481,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--n-train", type=int, default=40000, help="training patches")
     parser.add_argument("--n-test", type=int, default=1000, help="held-out patches")
     parser.add_argument("--atoms", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=2, help="passes over the training patches")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the training patches")
+    parser.add_argument("--batch-size", type=int, default=256, help="scikit-learn's mini-batch (its default)")
+    parser.add_argument("--spread-batch-size", type=int, default=1024,
+                        help="spread's mini-batch: a multiple of --batch-size, so that it is that many of "
+                             "scikit-learn's batches, joined (the same patches in the same order)")
     parser.add_argument("--lam", type=float, default=0.15, help="L1 strength (alpha of scikit-learn; spread kappa = lam/2)")
     parser.add_argument("--sklearn-alphas", type=float, nargs="+", default=[0.9, 1.0, 1.1],
                         help="scikit-learn alphas, as multiples of --lam")
@@ -529,7 +515,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.n_train, args.n_test, args.epochs, args.checkpoints = 1024, 200, 1, 2
-        args.sklearn_alphas = [1.0]
+        args.sklearn_alphas, args.spread_batch_size = [1.0], 512
+    if args.spread_batch_size % args.batch_size:
+        parser.error(f"--spread-batch-size ({args.spread_batch_size}) must be a multiple of --batch-size ({args.batch_size})")
 
     from sklearn.decomposition import MiniBatchDictionaryLearning
     from threadpoolctl import threadpool_limits
@@ -546,8 +534,13 @@ def main(argv=None) -> dict:
     D0 = D0 / np.linalg.norm(D0, axis=1, keepdims=True)  # both start from the same random patches
     n_batches = len(X_train) // bs
     schedule = [rng.permutation(len(X_train))[: n_batches * bs].reshape(n_batches, bs) for _ in range(args.epochs)]
-    batches = [b for epoch in schedule for b in epoch]  # the same mini-batches, in the same order, for both
-    marks = {round(len(batches) * (i + 1) / args.checkpoints) for i in range(args.checkpoints)}
+    batches = [b for epoch in schedule for b in epoch]  # scikit-learn's mini-batches, in order
+    spread_batches = joined_batches(schedule, args.spread_batch_size // bs)
+
+    def checkpoints(count: int) -> set[int]:
+        return {round(count * (i + 1) / args.checkpoints) for i in range(args.checkpoints)}
+
+    marks, spread_marks = checkpoints(len(batches)), checkpoints(len(spread_batches))
 
     # the first torch.optim.Optimizer() of a process imports torch._dynamo (about 2 s, once): not spread's time
     torch.optim.SGD([torch.zeros(1, requires_grad=True)])
@@ -557,14 +550,14 @@ def main(argv=None) -> dict:
                                  args.dict_iters, args.adam_lr, args.seed, args.working_set, args.code_rounds,
                                  args.oracle_codes)
         curve, seconds, train_nnz = [], 0.0, []
-        bar = tqdm(batches, desc="spread", unit="batch")
+        bar = tqdm(spread_batches, desc="spread", unit="batch")
         for i, idx in enumerate(bar, 1):
-            D_before = model.components_ if i in marks else None
+            D_before = model.components_ if i in spread_marks else None
             start = time.perf_counter()
             A = model.partial_fit(X_train[idx])
             seconds += time.perf_counter() - start
             train_nnz.append(float((A != 0).sum(0).float().mean()))
-            if i in marks:
+            if i in spread_marks:
                 # how far the (cheap) training codes of this batch are from the lasso optimum (lasso_cd)
                 X_batch = X_train[idx]
                 train_obj = code_stats(X_batch, A.T.double().numpy(), D_before, lam)["objective_per_patch"]
@@ -581,7 +574,9 @@ def main(argv=None) -> dict:
         cd_codes = sklearn_transform(D_spread, X_test, lam)
         cd_stats = code_stats(X_test, cd_codes, D_spread, lam)
         spread_row = dict(method="spread", alpha=lam, train_seconds=seconds, test_coding_seconds=coding_seconds,
-                          train_nnz_last_epoch=float(np.mean(train_nnz[-n_batches:])), **curve[-1])
+                          batch_size=args.spread_batch_size,
+                          train_nnz_last_epoch=float(np.mean(train_nnz[-len(spread_batches) // args.epochs:])),
+                          **curve[-1])
         spread_row["train_codes_objective_gap_median"] = float(np.median([p["train_codes_objective_gap"] for p in curve]))
         best = cd_stats["objective_per_patch"]
         spread_row["coder_objective_gap_vs_lasso_cd"] = (spread_row["objective_per_patch"] - best) / best
@@ -609,7 +604,7 @@ def main(argv=None) -> dict:
                     if mult == 1.0:
                         sk_curve.append(dict(batches=i, seconds=seconds, **stats))
             sk_rows.append(dict(method="MiniBatchDictionaryLearning", algorithm=args.sklearn_algorithm, alpha=alpha,
-                                train_seconds=seconds, test_coding_seconds=coding_seconds, **stats))
+                                batch_size=bs, train_seconds=seconds, test_coding_seconds=coding_seconds, **stats))
             if mult == 1.0:
                 D_sklearn, sk_usage = dico.components_.copy(), (codes != 0).sum(axis=0)
 
@@ -662,14 +657,15 @@ def main(argv=None) -> dict:
     (out / "sparse_coding.json").write_text(json.dumps(result, indent=1))
 
     print(f"\nSparse coding, {len(X_train)} training / {len(X_test)} held-out 16x16 patches, {args.atoms} atoms, "
-          f"{args.epochs} passes of {n_batches} mini-batches of {bs}, lam={lam:g}, {args.threads} thread(s), "
+          f"{args.epochs} passes of {n_batches} mini-batches of {bs} (spread: {len(spread_batches) // args.epochs} of "
+          f"{args.spread_batch_size}), lam={lam:g}, {args.threads} thread(s), "
           f"{result['meta']['machine']}\n")
-    print("| method | alpha | train time (s) | held-out rel. error | nonzeros / patch | exact zeros | "
+    print("| method | alpha | batch | train time (s) | held-out rel. error | nonzeros / patch | exact zeros | "
           "held-out objective / patch | held-out coding time (s) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in result["rows"]:
         name = r["method"] + (f" ({r['algorithm']})" if "algorithm" in r else "")
-        print(f"| {name} | {r['alpha']:.3g} | {r['train_seconds']:.1f} | {r['rel_error']:.4f} | "
+        print(f"| {name} | {r['alpha']:.3g} | {r['batch_size']} | {r['train_seconds']:.1f} | {r['rel_error']:.4f} | "
               f"{r['nnz_per_patch']:.2f} | {100 * r['zero_fraction']:.2f}% | {r['objective_per_patch']:.5f} | "
               f"{r['test_coding_seconds']:.2f} |")
     coder = "lasso_cd (--oracle-codes diagnostic)" if args.oracle_codes else (
