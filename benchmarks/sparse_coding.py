@@ -51,22 +51,22 @@ settings is about +-0.0003, several times the effect of most settings below, so 
   until the zero pass at the end of the round's one LBFGS step. Per batch the codes get closer to the optimum
   (objective gap 2.95e-2 -> 2.76e-2 for 10 + 8 iterations, 1.08e-2 -> 8.3e-3 for 10 + 10 + 10, 1024 patches
   of a mid-training dictionary); the dictionary's gain is within the noise.
-* the Gram-block closure as a batch of ``(1 x 32) @ (32 x 32)`` products (3x faster than the broadcast product).
+* the Gram-block closure as a batch of ``(1 x 32) @ (32 x 32)`` products (2-3x faster than the broadcast product).
 * not kept: ``zero_threshold=1e-2`` for the codes (snaps spurious small codes sooner): 0.23842 instead of
   0.23885 on seed 0, but 0.24085 instead of 0.24054 on seed 1 and 0.24187 instead of 0.24183 on seed 2.
 
 Measured and not kept (same machine, spread-only runs of a copy of this loop with lasso_cd held-out codes;
-differences of ~0.0003 are within the trajectory noise): a third working-set round (more accurate codes, more
-time, no better); Adam or Rprop as the coder's base (per iteration cheaper, objective gap 1e-3 after 60
-iterations, but a worse dictionary: 0.23874-0.23918 on seed 0); a per-row Barzilai-Borwein base (no faster
-than LBFGS per iteration); codes warm-started from the patch's codes of the previous pass (0.23884 / 0.24055
-on seeds 0 / 1: no change); 20 dictionary iterations per batch (0.23932 / 0.24065: worse). With exact training codes (lasso_cd, ``--oracle-codes``) the dictionary rule matters:
-at batches of 1024 LBFGS with 5 iterations ends 3 passes at 0.23884, with 20 iterations at 0.23838,
-scikit-learn's block-coordinate step at 0.23854, and LBFGS preconditioned by the Cholesky factor of ``S_AA``
-(3 iterations) at 0.23829; with spread's inexact codes that preconditioned step is no better (0.23882) and
-costs more, so it is not used. Spread + LBFGS converges slowly in the codes themselves: on the optimal
-working sets, 10 / 20 / 40 iterations leave them 31% / 12% / 6% (relative Frobenius) from the lasso optimum,
-against 0.1% for lasso_cd at its default tolerance.
+differences of ~0.0003 are within the trajectory noise): a third working-set round (more accurate codes, more time,
+no better); Adam or Rprop as the coder's base (per iteration cheaper, objective gap 1e-3 after 60 iterations, but a
+worse dictionary: 0.23874-0.23918 on seed 0); a per-row Barzilai-Borwein base (no faster than LBFGS per iteration);
+codes warm-started from the patch's codes of the previous pass (0.23884 / 0.24055 on seeds 0 / 1: no change); 20
+dictionary iterations per batch (0.23932 / 0.24065: worse). With exact training codes (lasso_cd,
+``--oracle-codes``) the dictionary rule matters: at batches of 1024 LBFGS with 5 iterations ends 3 passes at
+0.23884, with 20 iterations at 0.23838, scikit-learn's block-coordinate step at 0.23854, and LBFGS preconditioned
+by the Cholesky factor of ``S_AA`` (3 iterations) at 0.23829; with spread's inexact codes that preconditioned step
+is no better (0.23882) and costs more, so it is not used. Spread + LBFGS converges slowly in the codes themselves:
+on the optimal working sets, 10 / 20 / 40 iterations leave them 31% / 12% / 6% (relative Frobenius) from the lasso
+optimum, against 0.1% for lasso_cd at its default tolerance.
 
 Patches: grayscale, whitened as in Olshausen & Field (1997) (the image spectrum is flattened by ``|f|`` with a
 low-pass roll-off ``exp(-(|f|/f0)^4)``, ``f0 = 0.2`` cycles/pixel, which keeps JPEG block noise out),
@@ -266,7 +266,7 @@ def spread_working_set_codes(X: torch.Tensor, B: torch.Tensor, lam: float, size:
         @torch.no_grad()
         def closure():
             # P G[S, S] as a batch of (1 x size) @ (size x size) products (G[S, S] is symmetric): on one CPU
-            # thread 3x faster than the broadcast product (Gw * P.unsqueeze(1)).sum(2) and 6x faster than bmm(Gw, P)
+            # thread 2-3x faster than the broadcast product (Gw * P.unsqueeze(1)).sum(2), 6x faster than bmm(Gw, P)
             GP = torch.bmm(P.unsqueeze(1), Gw).squeeze(1)
             P.grad = GP - Cw
             return (P * (0.5 * GP - Cw)).sum(dtype=torch.float64)  # the loss up to the constant 0.5*||X||^2
@@ -517,7 +517,8 @@ def main(argv=None) -> dict:
         args.n_train, args.n_test, args.epochs, args.checkpoints = 1024, 200, 1, 2
         args.sklearn_alphas, args.spread_batch_size = [1.0], 512
     if args.spread_batch_size % args.batch_size:
-        parser.error(f"--spread-batch-size ({args.spread_batch_size}) must be a multiple of --batch-size ({args.batch_size})")
+        parser.error(f"--spread-batch-size ({args.spread_batch_size}) must be a multiple of "
+                     f"--batch-size ({args.batch_size})")
 
     from sklearn.decomposition import MiniBatchDictionaryLearning
     from threadpoolctl import threadpool_limits
@@ -657,8 +658,8 @@ def main(argv=None) -> dict:
     (out / "sparse_coding.json").write_text(json.dumps(result, indent=1))
 
     print(f"\nSparse coding, {len(X_train)} training / {len(X_test)} held-out 16x16 patches, {args.atoms} atoms, "
-          f"{args.epochs} passes of {n_batches} mini-batches of {bs} (spread: {len(spread_batches) // args.epochs} of "
-          f"{args.spread_batch_size}), lam={lam:g}, {args.threads} thread(s), "
+          f"{args.epochs} passes of {n_batches} mini-batches of {bs} "
+          f"(spread: {len(spread_batches) // args.epochs} of {args.spread_batch_size}), lam={lam:g}, {args.threads} thread(s), "
           f"{result['meta']['machine']}\n")
     print("| method | alpha | batch | train time (s) | held-out rel. error | nonzeros / patch | exact zeros | "
           "held-out objective / patch | held-out coding time (s) |")
