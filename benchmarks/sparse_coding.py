@@ -155,13 +155,19 @@ def load_patches(n_train: int, n_test: int, size: int = 16, seed: int = 0,
 # spread
 
 
+def soft_threshold(z: torch.Tensor, t: float) -> torch.Tensor:
+    """``sign(z)*max(|z| - t, 0)``: with ``z = A - g/L`` and ``t = lam/L``, one proximal-gradient step of the lasso
+    (the coders' starting points; most entries land at exact zero)."""
+    return torch.sign(z) * (z.abs() - t).clamp(min=0)
+
+
 def spread_codes(X: torch.Tensor, B: torch.Tensor, lam: float, steps: int, max_iter: int,
                  zero_threshold: float) -> torch.Tensor:
     """Lasso codes ``argmin_A 0.5*||X - B A||^2 + lam*|A|_1`` (X: pixels x patches) by spread + LBFGS."""
     B = B.detach()
     lipschitz = float(torch.linalg.matrix_norm(B, 2)) ** 2
     z = B.T @ X / lipschitz  # one proximal-gradient step from A = 0: a start aligned with the first gradient
-    A = torch.nn.Parameter(torch.sign(z) * (z.abs() - lam / lipschitz).clamp(min=0))
+    A = torch.nn.Parameter(soft_threshold(z, lam / lipschitz))
     optimizer = SpreadOptimizer([A], torch.optim.LBFGS, kappa=lam / 2, lr=1, max_iter=max_iter, history_size=10,
                                 line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9,
                                 zero_threshold=zero_threshold)
@@ -200,7 +206,7 @@ def spread_train_codes(X: torch.Tensor, B: torch.Tensor, lam: float, max_iter: i
         lipschitz = float(v @ (G @ v))
         half_xx = 0.5 * float(X.pow(2).sum(dtype=torch.float64))
         z = C / lipschitz
-        A = torch.nn.Parameter(torch.sign(z) * (z.abs() - lam / lipschitz).clamp(min=0))
+        A = torch.nn.Parameter(soft_threshold(z, lam / lipschitz))
     optimizer = SpreadOptimizer([A], torch.optim.LBFGS, kappa=lam / 2, lr=1, max_iter=max_iter, history_size=10,
                                 line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9,
                                 zero_threshold=zero_threshold)
@@ -257,7 +263,7 @@ def spread_working_set_codes(X: torch.Tensor, B: torch.Tensor, lam: float, size:
             # round 1): the set's zeros that violate their condition start off the saddle U = W = 0, where
             # spread's factors cannot move before the zero pass at the end of the round's one LBFGS step
             z = torch.gather(A - g / lipschitz, 1, idx) if A is not None else Cw / lipschitz
-            P0 = torch.sign(z) * (z.abs() - lam / lipschitz).clamp(min=0)
+            P0 = soft_threshold(z, lam / lipschitz)
         P = torch.nn.Parameter(P0)
         optimizer = SpreadOptimizer([P], torch.optim.LBFGS, kappa=lam / 2, lr=1, max_iter=max_iter, history_size=10,
                                     line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9,
@@ -537,6 +543,7 @@ def main(argv=None) -> dict:
     schedule = [rng.permutation(len(X_train))[: n_batches * bs].reshape(n_batches, bs) for _ in range(args.epochs)]
     batches = [b for epoch in schedule for b in epoch]  # scikit-learn's mini-batches, in order
     spread_batches = joined_batches(schedule, args.spread_batch_size // bs)
+    spread_per_pass = len(spread_batches) // args.epochs
 
     def checkpoints(count: int) -> set[int]:
         return {round(count * (i + 1) / args.checkpoints) for i in range(args.checkpoints)}
@@ -576,7 +583,7 @@ def main(argv=None) -> dict:
         cd_stats = code_stats(X_test, cd_codes, D_spread, lam)
         spread_row = dict(method="spread", alpha=lam, train_seconds=seconds, test_coding_seconds=coding_seconds,
                           batch_size=args.spread_batch_size,
-                          train_nnz_last_epoch=float(np.mean(train_nnz[-len(spread_batches) // args.epochs:])),
+                          train_nnz_last_epoch=float(np.mean(train_nnz[-spread_per_pass:])),
                           **curve[-1])
         spread_row["train_codes_objective_gap_median"] = float(np.median([p["train_codes_objective_gap"] for p in curve]))
         best = cd_stats["objective_per_patch"]
@@ -659,7 +666,7 @@ def main(argv=None) -> dict:
 
     print(f"\nSparse coding, {len(X_train)} training / {len(X_test)} held-out 16x16 patches, {args.atoms} atoms, "
           f"{args.epochs} passes of {n_batches} mini-batches of {bs} "
-          f"(spread: {len(spread_batches) // args.epochs} of {args.spread_batch_size}), lam={lam:g}, {args.threads} thread(s), "
+          f"(spread: {spread_per_pass} of {args.spread_batch_size}), lam={lam:g}, {args.threads} thread(s), "
           f"{result['meta']['machine']}\n")
     print("| method | alpha | batch | train time (s) | held-out rel. error | nonzeros / patch | exact zeros | "
           "held-out objective / patch | held-out coding time (s) |")
