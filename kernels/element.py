@@ -1,7 +1,7 @@
 r"""Fused spread step for element sparsity: one pass, one launch for many tensors.
 
 Reference: :func:`spread_optim.kernels.reference.element_factor_grads`, the base rule
-(:mod:`spread_optim.kernels.rules`) and :func:`spread_optim.kernels.reference.element_finish`, in that
+(:mod:`spread_optim.kernels.rules`) and :func:`spread_optim.kernels.reference.element_zero_pass`, in that
 order, as ``SpreadOptimizer`` runs them with ``fused=False``. Per element, in the factors' dtype:
 
     g  = grad / grad_scale (negated when maximising)
@@ -10,7 +10,7 @@ order, as ``SpreadOptimizer`` runs them with ``fused=False``. Per element, in th
     revive = dead and |g| > 2*kappa:  U = s, W = -sign(g)*s, s = sqrt(lr*(|g| - 2*kappa))
     snap   = not dead and (|U1*W1| <= zero_threshold and (|U1*W1| <= |U0*W0| or |g| <= 2*kappa)
                            or U1*W1 * U0*W0 < 0)
-    U, W = 0 where snap or (dead and not revive);  theta = U*W (parameter dtype)
+    U, W = +0.0 where snap or (dead and not revive);  theta = U*W (parameter dtype)
 
 Bytes per element (fp32, Adam): read g, U, W, 4 states (28), write U, W, 4 states, theta (28) = 56.
 ``theta_old`` is ``U0*W0`` in the factors' dtype (the reference reads the parameter: the same value for
@@ -33,7 +33,7 @@ from spread_optim.kernels.rules import StepOptions, factor_update
 
 BLOCK = 1024
 #: pointer slots per tensor: gradient, parameter, U, W, 3 base-state slots for U, 3 for W
-SLOTS = 10
+SLOTS = tl.constexpr(10)
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _element_step_kernel(
     mask = offs < tl.load(numels + t)
     if HAS_FOUND:
         mask = mask & ((offs * 0 + tl.load(found_ptr)) == 0)
-    row = pointers + t * 10
+    row = pointers + t * SLOTS
     g = tl.load(tl.load(row + 0).to(tl.pointer_type(G_DTYPE)) + offs, mask=mask, other=0.0).to(F_DTYPE)
     if HAS_SCALE:
         g = g / tl.load(scale_ptr).to(F_DTYPE)
@@ -87,7 +87,7 @@ def _element_step_kernel(
     zero = (dead & ~revive) | snap
     sign_g = tl.where(g > 0.0, 1.0, tl.where(g < 0.0, -1.0, 0.0)).to(F_DTYPE)
     U = tl.where(revive, s, tl.where(zero, 0.0, U1))
-    W = tl.where(revive, -sign_g * s, tl.where(zero, 0.0, W1))
+    W = tl.where(revive, 0.0 - sign_g * s, tl.where(zero, 0.0, W1))  # (0.0 - x: never -0.0)
     tl.store(U_ptr + offs, U, mask=mask)
     tl.store(W_ptr + offs, W, mask=mask)
     tl.store(tl.load(row + 1).to(tl.pointer_type(P_DTYPE)) + offs, (U * W).to(P_DTYPE), mask=mask)

@@ -1,19 +1,19 @@
 r"""Fused spread step for group sparsity (rows, columns, explicit ids, groups shared by several tensors).
 
 Reference: :func:`spread_optim.kernels.reference.group_factor_grads`, the base rule
-(:mod:`spread_optim.kernels.rules`) and :func:`spread_optim.kernels.reference.group_finish`. With
+(:mod:`spread_optim.kernels.rules`) and :func:`spread_optim.kernels.reference.group_zero_pass`. With
 ``theta_g = u_g * W_g`` and ``g`` the loss gradient (unscaled, negated when maximising), five launches
 per step cover every tensor of a param group, whatever the number of groups (no Python loop over groups):
 
 1. reduce (over the ``W`` tensors): per group ``sum g*W0``, ``sum g^2``, ``sum W0^2``;
 2. ``u`` (over the ``u`` vectors): ``du = sum g*W0 + 2*kappa*u0`` -> base rule -> ``u1``;
 3. ``W``: ``dW = u0*g + 2*kappa*W0`` -> base rule -> ``W1``; per group ``sum W1^2``, ``sum W1*W0``;
-4. decide per group (over the ``u`` vectors), as ``group_finish``: ``dead = u0 == 0 and ||W0_g|| == 0``;
+4. decide per group (over the ``u`` vectors), as ``group_zero_pass``: ``dead = u0 == 0 and ||W0_g|| == 0``;
    revive when dead and ``||g_g|| > 2*kappa`` (``u = s``, ``W_g = -s*g_g/||g_g||``,
    ``s = sqrt(lr*(||g_g|| - 2*kappa))``); snap when not dead and (``||theta1_g|| <= zero_threshold`` and
    (``||theta1_g|| <= ||theta0_g||`` or ``||g_g|| <= 2*kappa``), or ``<theta1_g, theta0_g> < 0``),
    with ``||theta_g|| = |u|*||W_g||``;
-5. finish (over the ``W`` tensors): ``W = keep*W1 + direction*g``, ``theta = u*W``.
+5. finish (over the ``W`` tensors): ``W = (W1 if keep else 0) + direction*g``, ``theta = u*W`` (zeros are +0.0).
 
 Per-group sums are accumulated with atomic adds into one scratch buffer (a program whose block lies in
 one group, e.g. inside one long row, adds its block sum once). A parameter without a gradient keeps its
@@ -35,15 +35,16 @@ from spread_optim.kernels.rules import StepOptions, factor_update
 
 BLOCK = 1024
 #: structure kinds in the per-tensor table
-ROW, COLUMN, IDS = 0, 1, 2
-#: scratch rows (each ``num_groups`` long)
-S_GW, S_GG, S_WW0, S_WW1, S_W1W0, U0, KEEP, DIRECTION, U_FINAL = range(9)
+ROW, COLUMN, IDS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+#: scratch rows, each ``num_groups`` long: sum g*W0, sum g^2, sum W0^2, sum W1^2, sum W1*W0 (accumulated);
+#: u0, keep, direction and the final u (written per group)
+S_GW, S_GG, S_WW0, S_WW1, S_W1W0, S_U0, S_KEEP, S_DIRECTION, S_U = (tl.constexpr(i) for i in range(9))
 #: pointer slots of a W tensor: gradient, parameter, W, 3 base-state slots, group ids
-W_SLOTS = 7
+W_SLOTS = tl.constexpr(7)
 #: pointer slots of a u vector: u, 3 base-state slots
-U_SLOTS = 4
+U_SLOTS = tl.constexpr(4)
 #: integer slots of a W tensor: numel, kind, inner size, size of dim 1, offset of its groups, has a gradient
-W_META = 6
+W_META = tl.constexpr(6)
 
 
 @triton.jit
@@ -52,7 +53,7 @@ def _w_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND: tl.constexpr
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid).to(tl.int64)
     offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    info = meta + t * 6
+    info = meta + t * W_META
     mask = offs < tl.load(info + 0)
     if HAS_FOUND:
         mask = mask & ((offs * 0 + tl.load(found_ptr)) == 0)
@@ -76,10 +77,10 @@ def _group_index(info, row, offs, mask):
     kind = offs * 0 + tl.load(info + 1)  # a block, not a scalar: the interpreter masks with blocks only
     inner = tl.load(info + 2)
     size1 = tl.load(info + 3)
-    by_dim = tl.where(kind == 0, offs // inner, (offs // inner) % size1)
+    by_dim = tl.where(kind == ROW, offs // inner, (offs // inner) % size1)
     ids_ptr = tl.load(row + 6).to(tl.pointer_type(tl.int64))
-    ids = tl.load(ids_ptr + offs, mask=mask & (kind == 2), other=0)
-    return tl.load(info + 4) + tl.where(kind == 2, ids, by_dim)
+    ids = tl.load(ids_ptr + offs, mask=mask & (kind == IDS), other=0)
+    return tl.load(info + 4) + tl.where(kind == IDS, ids, by_dim)
 
 
 @triton.jit
@@ -111,7 +112,7 @@ def _w_inputs(pointers, meta, block_tensor, block_start, scale_ptr, found_ptr, M
     """What the reduce and update passes read of a ``W`` block: the loss gradient (0 for a tensor without
     one, ``mask_g`` off there), ``W`` and each element's group index."""
     t, offs, mask, info = _w_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND, BLOCK)
-    row = pointers + t * 7
+    row = pointers + t * W_SLOTS
     mask_g = mask & ((offs * 0 + tl.load(info + 5)) != 0)
     g = _loss_grad(row, offs, mask_g, scale_ptr, G_DTYPE, F_DTYPE, MAXIMIZE, HAS_SCALE)
     W_ptr = tl.load(row + 2).to(tl.pointer_type(F_DTYPE))
@@ -126,9 +127,9 @@ def _reduce_kernel(pointers, meta, block_tensor, block_start, scratch, num_group
     t, offs, mask, row, mask_g, g, W_ptr, W0, gidx = _w_inputs(
         pointers, meta, block_tensor, block_start, scale_ptr, found_ptr, MAXIMIZE, HAS_SCALE, HAS_FOUND, G_DTYPE,
         F_DTYPE, BLOCK)
-    _accumulate(scratch + 0 * num_groups, gidx, g * W0, mask)
-    _accumulate(scratch + 1 * num_groups, gidx, g * g, mask)
-    _accumulate(scratch + 2 * num_groups, gidx, W0 * W0, mask)
+    _accumulate(scratch + S_GW * num_groups, gidx, g * W0, mask)
+    _accumulate(scratch + S_GG * num_groups, gidx, g * g, mask)
+    _accumulate(scratch + S_WW0 * num_groups, gidx, W0 * W0, mask)
 
 
 @triton.jit
@@ -137,16 +138,16 @@ def _u_update_kernel(pointers, meta, block_tensor, block_start, hyper, firsts, s
                      RULE: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                      HAS_FOUND: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, mask, gidx = _u_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND, BLOCK)
-    row = pointers + t * 4
+    row = pointers + t * U_SLOTS
     u_ptr = tl.load(row + 0).to(tl.pointer_type(F_DTYPE))
     u0 = tl.load(u_ptr + offs, mask=mask, other=0.0)
-    du = tl.load(scratch + 0 * num_groups + gidx, mask=mask, other=0.0) + 2.0 * kappa * u0
+    du = tl.load(scratch + S_GW * num_groups + gidx, mask=mask, other=0.0) + 2.0 * kappa * u0
     u1 = factor_update(row, 1, u0, du, offs, mask, tl.load(hyper + t * 2).to(F_DTYPE),
                        tl.load(hyper + t * 2 + 1).to(F_DTYPE), tl.load(firsts + t), one_minus_beta1, beta2,
                        one_minus_beta2, eps, momentum, one_minus_dampening, RULE, AMSGRAD, HAS_MOMENTUM,
                        NESTEROV, F_DTYPE)
     tl.store(u_ptr + offs, u1, mask=mask)
-    tl.store(scratch + 5 * num_groups + gidx, u0, mask=mask)
+    tl.store(scratch + S_U0 * num_groups + gidx, u0, mask=mask)
 
 
 @triton.jit
@@ -158,7 +159,7 @@ def _w_update_kernel(pointers, meta, block_tensor, block_start, hyper, firsts, s
     t, offs, mask, row, mask_g, g, W_ptr, W0, gidx = _w_inputs(
         pointers, meta, block_tensor, block_start, scale_ptr, found_ptr, MAXIMIZE, HAS_SCALE, HAS_FOUND, G_DTYPE,
         F_DTYPE, BLOCK)
-    u0 = tl.load(scratch + 5 * num_groups + gidx, mask=mask, other=0.0)
+    u0 = tl.load(scratch + S_U0 * num_groups + gidx, mask=mask, other=0.0)
     dW = u0 * g + 2.0 * kappa * W0
     W1 = factor_update(row, 3, W0, dW, offs, mask_g, tl.load(hyper + t * 2).to(F_DTYPE),
                        tl.load(hyper + t * 2 + 1).to(F_DTYPE), tl.load(firsts + t), one_minus_beta1, beta2,
@@ -166,8 +167,8 @@ def _w_update_kernel(pointers, meta, block_tensor, block_start, hyper, firsts, s
                        NESTEROV, F_DTYPE)
     W1 = tl.where(mask_g, W1, W0)
     tl.store(W_ptr + offs, W1, mask=mask_g)
-    _accumulate(scratch + 3 * num_groups, gidx, W1 * W1, mask)
-    _accumulate(scratch + 4 * num_groups, gidx, W1 * W0, mask)
+    _accumulate(scratch + S_WW1 * num_groups, gidx, W1 * W1, mask)
+    _accumulate(scratch + S_W1W0 * num_groups, gidx, W1 * W0, mask)
 
 
 @triton.jit
@@ -175,13 +176,13 @@ def _decide_kernel(pointers, meta, block_tensor, block_start, scratch, num_group
                    kappa, lr_revive, zero_threshold, HAS_FOUND: tl.constexpr, F_DTYPE: tl.constexpr,
                    BLOCK: tl.constexpr):
     t, offs, mask, gidx = _u_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND, BLOCK)
-    u_ptr = tl.load(pointers + t * 4).to(tl.pointer_type(F_DTYPE))
+    u_ptr = tl.load(pointers + t * U_SLOTS).to(tl.pointer_type(F_DTYPE))
     u1 = tl.load(u_ptr + offs, mask=mask, other=0.0)
-    u0 = tl.load(scratch + 5 * num_groups + gidx, mask=mask, other=0.0)
-    gnorm = tl.sqrt(tl.load(scratch + 1 * num_groups + gidx, mask=mask, other=0.0))
-    ww0 = tl.load(scratch + 2 * num_groups + gidx, mask=mask, other=0.0)
-    w1norm = tl.sqrt(tl.load(scratch + 3 * num_groups + gidx, mask=mask, other=0.0))
-    w1w0 = tl.load(scratch + 4 * num_groups + gidx, mask=mask, other=0.0)
+    u0 = tl.load(scratch + S_U0 * num_groups + gidx, mask=mask, other=0.0)
+    gnorm = tl.sqrt(tl.load(scratch + S_GG * num_groups + gidx, mask=mask, other=0.0))
+    ww0 = tl.load(scratch + S_WW0 * num_groups + gidx, mask=mask, other=0.0)
+    w1norm = tl.sqrt(tl.load(scratch + S_WW1 * num_groups + gidx, mask=mask, other=0.0))
+    w1w0 = tl.load(scratch + S_W1W0 * num_groups + gidx, mask=mask, other=0.0)
 
     excess = gnorm - 2.0 * kappa
     dead = (u0 == 0.0) & (ww0 == 0.0)
@@ -195,11 +196,11 @@ def _decide_kernel(pointers, meta, block_tensor, block_start, scratch, num_group
     zero = (dead & ~revive) | snap
     direction = tl.where(revive, -s / tl.where(revive, gnorm, 1.0), 0.0)
     keep = tl.where(zero | revive, 0.0, 1.0)
-    u = tl.where(revive, s, u1 * keep)
+    u = tl.where(revive, s, tl.where(keep != 0.0, u1, 0.0))
     tl.store(u_ptr + offs, u, mask=mask)
-    tl.store(scratch + 6 * num_groups + gidx, keep, mask=mask)
-    tl.store(scratch + 7 * num_groups + gidx, direction, mask=mask)
-    tl.store(scratch + 8 * num_groups + gidx, u, mask=mask)
+    tl.store(scratch + S_KEEP * num_groups + gidx, keep, mask=mask)
+    tl.store(scratch + S_DIRECTION * num_groups + gidx, direction, mask=mask)
+    tl.store(scratch + S_U * num_groups + gidx, u, mask=mask)
 
 
 @triton.jit
@@ -207,17 +208,17 @@ def _finish_kernel(pointers, meta, block_tensor, block_start, scratch, num_group
                    MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
                    G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, mask, info = _w_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND, BLOCK)
-    row = pointers + t * 7
+    row = pointers + t * W_SLOTS
     gidx = _group_index(info, row, offs, mask)
-    direction = tl.load(scratch + 7 * num_groups + gidx, mask=mask, other=0.0)
+    direction = tl.load(scratch + S_DIRECTION * num_groups + gidx, mask=mask, other=0.0)
     # the gradient is read only where a group is revived
     g = _loss_grad(row, offs, mask & ((offs * 0 + tl.load(info + 5)) != 0) & (direction != 0.0), scale_ptr, G_DTYPE, F_DTYPE,
                    MAXIMIZE, HAS_SCALE)
     W_ptr = tl.load(row + 2).to(tl.pointer_type(F_DTYPE))
     W1 = tl.load(W_ptr + offs, mask=mask, other=0.0)
-    keep = tl.load(scratch + 6 * num_groups + gidx, mask=mask, other=0.0)
-    W = W1 * keep + g * direction
-    u = tl.load(scratch + 8 * num_groups + gidx, mask=mask, other=0.0)
+    keep = tl.load(scratch + S_KEEP * num_groups + gidx, mask=mask, other=0.0)
+    W = tl.where(keep != 0.0, W1, 0.0) + g * direction  # (where, not W1*keep: never -0.0)
+    u = tl.load(scratch + S_U * num_groups + gidx, mask=mask, other=0.0)
     tl.store(W_ptr + offs, W, mask=mask)
     tl.store(tl.load(row + 1).to(tl.pointer_type(P_DTYPE)) + offs, (u * W).to(P_DTYPE), mask=mask)
 
@@ -226,11 +227,11 @@ def structure_row(structure, numel: int, group_offset: int, has_grad: bool) -> l
     """The integer table row of one ``W`` tensor (see ``W_META``)."""
     shape = structure.shape
     if structure.kind == "row":
-        kind, inner, size1 = ROW, (numel // shape[0]) if shape[0] else 1, 1
+        kind, inner, size1 = ROW.value, (numel // shape[0]) if shape[0] else 1, 1
     elif structure.kind == "column":
-        kind, inner, size1 = COLUMN, max(1, numel // (shape[0] * shape[1])) if shape[0] * shape[1] else 1, shape[1]
+        kind, inner, size1 = COLUMN.value, max(1, numel // (shape[0] * shape[1])) if shape[0] * shape[1] else 1, shape[1]
     else:
-        kind, inner, size1 = IDS, 1, 1
+        kind, inner, size1 = IDS.value, 1, 1
     return [numel, kind, inner, size1, group_offset, int(has_grad)]
 
 

@@ -1,8 +1,8 @@
 r"""Per-element base rules shared by the fused kernels (Triton ``@jit`` helpers, inlined by the compiler).
 
-Each helper moves one factor ``x`` given its gradient ``grad`` of the smooth objective, exactly as
-``torch.optim`` does on a leaf tensor (``_single_tensor_sgd`` / ``_single_tensor_adam``), in the
-factors' dtype:
+Each helper moves one factor ``x`` given its gradient ``grad`` of the smooth objective, as the spec's
+:func:`spread_optim.kernels.reference.sgd_rule` / :func:`~spread_optim.kernels.reference.adam_rule` (torch's
+``_single_tensor_sgd`` / ``_single_tensor_adam`` on one leaf tensor), in the factors' dtype:
 
 * SGD: ``buf = grad`` at the first step, else ``buf = momentum*buf + (1-dampening)*grad``;
   ``d = grad + momentum*buf`` (Nesterov) or ``d = buf``; ``x -= lr*d`` (``d = grad`` without momentum).

@@ -34,7 +34,7 @@ def _attach_checkout_kernels() -> None:
 _attach_checkout_kernels()
 
 from spread_optim.optimizer import SpreadOptimizer  # noqa: E402
-from spread_optim.optimizers import SpreadAdam, SpreadAdamW, SpreadSGD  # noqa: E402
+from spread_optim.dropins import SpreadAdam, SpreadAdamW, SpreadSGD  # noqa: E402
 from spread_optim.report import SparsityReport, sparsity_report  # noqa: E402
 
 __all__ = ["SpreadOptimizer", "SpreadSGD", "SpreadAdam", "SpreadAdamW", "sparsity_report", "SparsityReport", "SpreadFeatureSelector"]

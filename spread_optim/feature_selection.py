@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from spread_optim._estimator_base import BaseEstimator as _Base
-from spread_optim.optimizers import SpreadAdam
+from spread_optim.dropins import SpreadAdam
 
 try:  # scikit-learn is optional (test/bench dependency): with it the selector is a full scikit-learn estimator
     from sklearn.feature_selection import SelectorMixin as _Selector

@@ -6,7 +6,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-from spread_optim.distributed import is_dtensor, sparsity_rows
+from spread_optim.distributed import AllReduce, is_dtensor, is_sharded, local, local_rows
 from spread_optim.structure import GroupStructure, describe
 
 
@@ -106,5 +106,38 @@ def sparsity_report(model_or_optimizer, optimizer=None) -> SparsityReport:
     else:
         entries = [(names[p], p, kappa, sparsity) for p, (kappa, sparsity) in settings.items()]
     if any(is_dtensor(e[1]) for e in entries):  # FSDP2: counts summed over the shards, one all-reduce
-        return SparsityReport(sparsity_rows(entries, _row))
+        return SparsityReport(_sharded_rows(entries))
     return SparsityReport(_row(*e) for e in entries)
+
+
+def _sharded_rows(entries) -> list[ParamSparsity]:
+    """Rows of DTensor parameters: each rank counts its shard, one all-reduce per mesh sums the counts."""
+    rows, pending = [], []
+    for name, p, kappa, sparsity in entries:
+        data = local(p.detach())
+        if not is_sharded(p):
+            row = _row(name, data, kappa, sparsity)
+            row.shape, row.numel = tuple(p.shape), p.numel()
+            rows.append(row)
+            continue
+        kind = describe(sparsity)
+        zeros = (data == 0).sum().to(torch.float64).reshape(1)
+        if kind == "element" or p.dim() == 0 or (kind == "column" and p.dim() < 2):
+            num_groups, counts, whole = p.numel(), torch.cat([zeros, zeros]), True
+        else:
+            structure = GroupStructure(sparsity, p.shape, data.device).rows(*local_rows(p))
+            nonzero = structure.reduce((data != 0).to(torch.float64))
+            if kind == "row":  # whole groups on each rank: count them locally
+                num_groups, counts, whole = p.shape[0], torch.cat([zeros, (nonzero == 0).sum().to(torch.float64).reshape(1)]), True
+            else:  # column / ids: each group's nonzero count is summed over the shards
+                num_groups, counts, whole = structure.num_groups, torch.cat([zeros, nonzero]), False
+        row = ParamSparsity(name, tuple(p.shape), kappa, kind, p.numel(), 0, 0, num_groups)
+        rows.append(row)
+        pending.append((p.device_mesh.get_group(), p.device, counts, row, whole))
+    for group in {id(g): g for g, *_ in pending}.values():
+        mine = [x for x in pending if x[0] is group]
+        totals = AllReduce(group, mine[0][1]).sum([counts for _, _, counts, _, _ in mine])
+        for (_, _, _, row, whole), total in zip(mine, totals):
+            row.zeros = int(total[0])
+            row.zero_groups = int(total[1]) if whole else int((total[1:] == 0).sum())
+    return rows

@@ -1,6 +1,6 @@
 """Solutions against closed forms and independent solvers, factor gradients against autograd.
 
-Oracles (DESIGN.md §1), never the library's own earlier output:
+Oracles (the math in kernels/reference.py), never the library's own earlier output:
 
 * orthogonal lasso (``X^T X / n = I``): soft-thresholding of ``z = X^T y / n`` at ``2*kappa``;
 * orthogonal group lasso: ``b_g = max(0, 1 - 2*kappa/||z_g||) * z_g``;
@@ -174,7 +174,7 @@ def _start(shape, seed: int, random_start: bool) -> torch.Tensor:
 def test_lasso_orthogonal_sgd(case, random_start):
     X, y, kappa, expected, seed = case
     b = _start(X.shape[1], seed, random_start)
-    # the factor problem's curvature (DESIGN.md §1 Hessian) is below 4*M + 2*kappa along the way,
+    # the factor problem's curvature (the Hessian at the zero saddle, [[2k, g], [g, 2k]]) is below 4*M + 2*kappa along the way,
     # M = max(|z|, |b_start|): lr * curvature < 2
     M = max((X.T @ y).abs().max().item() / X.shape[0], b.detach().abs().max().item())
     opt = SpreadSGD([b], lr=1.0 / (2 * M + 2 * kappa), kappa=kappa)
@@ -557,10 +557,10 @@ def test_reference_factor_grads_equal_autograd(name, seed, kappa):
     if kind == "element":
         U, W = torch.randn(shapes[0], generator=gen, dtype=DT), torch.randn(shapes[0], generator=gen, dtype=DT)
         g = cs[0] + ds[0] * (U * W)
-        gU, gW = ref.element_factor_grads([g], [U], [W], kappa)
+        gU, gW = ref.element_factor_grads(g, U, W, kappa)
         eU, eW = autograd_factor_grads(kind, [U, W], ids, shapes, cs, ds, kappa)
-        torch.testing.assert_close(gU[0], eU, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(gW[0], eW, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(gU, eU, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(gW, eW, rtol=1e-12, atol=1e-14)
         return
     sparsity = ids if kind == "ids" else kind
     structures = [GroupStructure(sparsity, torch.Size(s), torch.device("cpu")) for s in shapes]

@@ -266,6 +266,14 @@ def _job(rank, world, port, out, ckpt):
                 errors.append(str(err))
         result["layout_errors"] = errors
 
+        # LBFGS on sharded parameters: refused when the optimizer is built, with the group named (its line search
+        # and the exact-zero pass's backtracking would have to agree across ranks; before, the ranks hung)
+        try:
+            SpreadOptimizer(param_groups(m2), torch.optim.LBFGS, lr=0.1)
+            result["lbfgs_error"] = None
+        except ValueError as err:
+            result["lbfgs_error"] = str(err)
+
         # element and row groups only: shard-local, one all-reduce per step (the gradient check)
         m2 = _fsdp_model()
         opt2 = SpreadAdam(param_groups(m2, "local"), lr=0.1)
@@ -411,6 +419,12 @@ def test_fsdp2_unsupported_layouts_are_refused(ranks):
         shared, placement = r["layout_errors"]
         assert shared is not None and "param group 0" in shared and "share_groups" in shared
         assert placement is not None and "param group 0" in placement and "Shard(dim=1)" in placement
+
+
+def test_fsdp2_lbfgs_is_refused_at_construction(ranks):
+    results, _ = ranks
+    for r in results:
+        assert r["lbfgs_error"] is not None and "LBFGS" in r["lbfgs_error"] and "param group 0" in r["lbfgs_error"]
 
 
 def test_fsdp2_nonfinite_gradient_on_one_shard(ranks):

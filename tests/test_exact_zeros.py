@@ -1,6 +1,6 @@
 """Exact zeros: hold, revive and snap (spread_optim.kernels.reference), initialisation, and the report.
 
-Oracles: the closed-form lasso / group-lasso solution of an orthogonal design (DESIGN.md §1), one
+Oracles: the closed-form lasso / group-lasso solution of an orthogonal design (soft-thresholding of X^T y / n), one
 proximal-gradient (ISTA) step computed by hand, plain ``torch.optim.SGD`` for dense groups, and counts of
 zeros computed by hand.
 """

@@ -2,7 +2,7 @@
 zero_grad, add_param_group, checkpoints, deepcopy/pickle, dtypes, missing gradients, named params.
 
 Oracles: torch.optim itself (dense groups must be bit-identical to it), the factor-gradient formulas of
-DESIGN.md §1 written out by hand (``dU = g*W + 2*kappa*U``, ``dW = g*U + 2*kappa*W``), and uninterrupted
+the spec (kernels/reference.py) written out by hand (``dU = g*W + 2*kappa*U``, ``dW = g*U + 2*kappa*W``), and uninterrupted
 runs (a checkpointed / copied / scaled run must equal bit for bit a run that never was).
 All on CPU, small models, fixed seeds.
 """

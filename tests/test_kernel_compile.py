@@ -1,6 +1,6 @@
 """The Triton kernels compile for real GPUs (A100: sm_80, H100: sm_90) down to a cubin, on this CPU-only machine.
 
-The interpreter (``TRITON_INTERPRET=1``, tests/test_fused.py) checks the numbers but not what only the compiler
+The interpreter (``TRITON_INTERPRET=1``, tests/test_kernels.py) checks the numbers but not what only the compiler
 sees: types, pointer casts, control flow on scalars, atomics. Triton can compile ahead of time for a named target
 without a device (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, with the ``ptxas``
 bundled in its wheel). Runs in a subprocess, because conftest turns the interpreter on for this process.

@@ -107,7 +107,7 @@ def test_lbfgs_does_not_move_entries_held_at_zero():
 
     moved_by_base = []
     opt.step(closure)
-    base_step = opt._base.step
+    base_step = opt._hidden.step
     for _ in range(6):
         held = (opt.state[b]["U"] == 0) & (opt.state[b]["W"] == 0)
         assert held.any()
@@ -117,9 +117,9 @@ def test_lbfgs_does_not_move_entries_held_at_zero():
             moved_by_base.append(int((held & ((opt.state[b]["U"] != 0) | (opt.state[b]["W"] != 0))).sum()))
             return out
 
-        opt._base.step = watched
+        opt._hidden.step = watched
         opt.step(closure)
-        opt._base.step = base_step
+        opt._hidden.step = base_step
     assert moved_by_base == [0] * 6, moved_by_base  # before the fix: [47, 40, 39, 38, 38, 38]
 
 

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the param group and the key (DESIGN.md §3)."""
+"""Bad input gets a clear error naming the param group and the key (the project's rule: name the group and the key, and nothing moves)."""
 
 from __future__ import annotations
 

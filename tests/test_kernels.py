@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from spread_optim import SpreadOptimizer, fused  # noqa: E402
+from spread_optim import SpreadOptimizer  # noqa: E402
+from spread_optim.kernels import dispatch  # noqa: E402
 from spread_optim.kernels import tables  # noqa: E402
 
 BASES = [
@@ -155,7 +156,7 @@ def step_both(ref_params, ref_opt, ker_params, ker_opt, grads, *, grad_scale=Non
     ker_opt.step()
     for name in ("grad_scale", "found_inf"):
         ker_opt.__dict__.pop(name, None)
-    assert ker_opt._fused_groups, "the kernels did not run"
+    assert "triton" in ker_opt._paths, "the kernels did not run"
 
 
 @settings(max_examples=25, **QUICK)
@@ -197,7 +198,7 @@ def test_device_and_host_step_counters(monkeypatch):
     ref_params, ref_opt, ker_params, ker_opt, gen = make_pair("element", False, [(50,)], "adam", dict(lr=0.02))
     for group in ker_opt.param_groups:
         group["fused"] = None
-    monkeypatch.setattr(fused, "uses_kernels", lambda opt, group, index: opt._is_sparse(group))
+    monkeypatch.setattr(dispatch, "_on_cuda", lambda tensors: True)  # fused=None picks the kernels, as on CUDA
     step_both(ref_params, ref_opt, ker_params, ker_opt, _grads(ref_params, gen))
     assert_same_state(ref_params, ref_opt, ker_params, ker_opt)
     assert ker_opt.state[ker_params[0]]["base"]["U"]["step"].device.type == "cpu"
@@ -236,7 +237,7 @@ def test_trajectories_agree(base, options):
             loss = ((model(x) - y) ** 2).mean()
             (-loss if options.get("maximize") else loss).backward()
             opt.step()
-        assert bool(opt._fused_groups) == use_kernels
+        assert ("triton" in opt._paths) == use_kernels
         runs.append(model)
     zeros = {}
     for (name, a), b in zip(runs[0].named_parameters(), runs[1].parameters()):
@@ -268,7 +269,7 @@ def test_dispatch_rules(monkeypatch):
     p.grad = torch.randn(4, 3)
     opt = SpreadOptimizer([p], "adam", kappa=0.1)  # fused=None on CPU tensors: the reference
     opt.step()
-    assert not opt._fused_groups
+    assert opt._paths == ["cpu"]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     opt = SpreadOptimizer([p], "adam", kappa=0.1, fused=True)
     with pytest.raises(RuntimeError, match="param group 0: fused=True.*cpu.*TRITON_INTERPRET"):
@@ -281,8 +282,8 @@ def test_dispatch_rules(monkeypatch):
     # another base's own `fused` option is its own business: spread runs the generic path around it
     adagrad = SpreadOptimizer([p], torch.optim.Adagrad, kappa=0.1, fused=True)
     adagrad.step()
-    assert not adagrad._fused_groups and "U" in adagrad.state[p]
-    monkeypatch.setattr(fused, "_kernels", {"error": ImportError("No module named 'triton'")})
+    assert adagrad._paths == ["cpu"] and "U" in adagrad.state[p]
+    monkeypatch.setattr(dispatch, "_kernels", {"error": ImportError("No module named 'triton'")})
     with pytest.raises(RuntimeError, match="Triton is not available"):
         SpreadOptimizer([p], "adam", kappa=0.1, fused=True).step()
 
@@ -315,9 +316,9 @@ def test_missing_triton_warns_once_and_runs_the_reference(monkeypatch):
     """fused=None on a GPU without Triton: the reference runs, and one warning says why."""
     import warnings
 
-    monkeypatch.setattr(fused, "_on_cuda", lambda group: True)  # as if the tensors were on a GPU
-    monkeypatch.setattr(fused, "_kernels", {"error": ImportError("No module named 'triton'")})
-    monkeypatch.setattr(fused, "_warned", False)
+    monkeypatch.setattr(dispatch, "_on_cuda", lambda tensors: True)  # as if the tensors were on a GPU
+    monkeypatch.setattr(dispatch, "_kernels", {"error": ImportError("No module named 'triton'")})
+    monkeypatch.setattr(dispatch, "_warned", False)
     p = torch.randn(4, 3, requires_grad=True)
     opt = SpreadOptimizer([p], "sgd", lr=0.1, kappa=0.1)
     with warnings.catch_warnings(record=True) as caught:
@@ -327,7 +328,7 @@ def test_missing_triton_warns_once_and_runs_the_reference(monkeypatch):
             opt.step()
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "Triton is not available" in messages[0] and "reference" in messages[0]
-    assert not opt._fused_groups and "U" in opt.state[p]
+    assert "triton" not in opt._paths and "U" in opt.state[p]
 
 
 def test_grad_scaler_end_to_end():

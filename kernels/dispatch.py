@@ -1,0 +1,120 @@
+"""The one place that decides which implementation steps a sparse param group.
+
+:func:`choose` takes the group's tensors and options (never the optimizer) and returns a :class:`Choice`:
+
+* ``"triton"``: the fused kernels (:mod:`.element`, :mod:`.group`), one pass over memory for the factor
+  gradients, the base rule (SGD, Adam, AdamW), the exact-zero pass and theta;
+* ``"cpu"``: the spec's CPU fast path (:mod:`.cpu`) around the torch base, for CPU tensors in eager mode;
+* ``"spec"``: the spec itself (:mod:`.reference`) around the torch base: on other devices, on sharded
+  (DTensor) parameters, and under ``torch.compile``, which fuses the spec's plain operations itself.
+
+On the two split paths the factors are moved by the torch base; ``Choice.base_fused`` says whether that base is
+asked for torch's one-pass fused CPU kernel (``fused=None`` and ``foreach=None`` on CPU tensors).
+
+The base's own keyword ``fused`` chooses for SGD, Adam and AdamW:
+
+* ``None`` (default): the kernels for CUDA tensors, the split path otherwise (and when Triton is not installed:
+  then a one-time warning says so);
+* ``False``: the split path;
+* ``True``: the kernels, or an error that says why they cannot run (on CPU tensors they run only under the
+  Triton interpreter, ``TRITON_INTERPRET=1``, which is how the tests run them).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+#: the base rules with a fused path (exact classes: a subclass may change the rule)
+FUSED_RULES = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
+_CPU_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_kernels: dict = {}
+_warned = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    path: str  # "triton", "cpu" or "spec"
+    base_fused: bool = False  # the split path's torch base runs its fused CPU kernel
+    why_not_triton: str | None = None
+
+
+def kernels() -> dict:
+    """The Triton kernel modules, imported on first use (Triton is optional: ``{"error": ...}`` without it)."""
+    if not _kernels:
+        try:
+            from spread_optim.kernels import element, group, rules
+
+            _kernels.update(element=element, group=group, rules=rules)
+        except Exception as error:  # pragma: no cover - depends on the installation
+            _kernels["error"] = error
+    return _kernels
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _on_cuda(tensors: Sequence[torch.Tensor]) -> bool:
+    return any(t.is_cuda for t in tensors)
+
+
+def why_not_triton(params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], one_dtype: bool, sharded: bool) -> str | None:
+    """Why the kernels cannot step a group with these parameters (and all their factors, ``tensors``)."""
+    if sharded:
+        return "the parameters are sharded DTensors (FSDP2): the spec runs on their local shards"
+    if not tensors:
+        return None
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        return f"the group's tensors are on several devices ({sorted(map(str, devices))})"
+    device = next(iter(devices))
+    if device.type != "cuda" and not interpreting():
+        return f"its tensors are on {device.type} (the kernels run on CUDA devices, or on CPU under TRITON_INTERPRET=1)"
+    error = kernels().get("error")
+    if error is not None:
+        return f"Triton is not available ({type(error).__name__}: {error})"
+    if any(p.dtype not in _KERNEL_DTYPES for p in params):
+        return "the kernels take float32, bfloat16 or float16 parameters (float64 runs the spec)"
+    if any(not t.is_contiguous() for t in tensors):
+        return "a parameter or factor is not contiguous"
+    if one_dtype and len({p.dtype for p in params}) > 1:
+        return "a group-sparse param group mixes parameter dtypes"
+    return None
+
+
+def choose(
+    params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], options: dict, *, base_cls: type,
+    one_dtype: bool, sharded: bool, where: str,
+) -> Choice:
+    """The implementation of one sparse param group (module docstring). ``params``: its parameters;
+    ``tensors``: those and their factors; ``options``: the param group; ``one_dtype``: its kind's kernels need
+    one parameter dtype. Raises for ``fused=True`` when the kernels cannot run."""
+    global _warned
+    rule = FUSED_RULES.get(base_cls)
+    fused = options.get("fused")
+    if rule is not None and (fused is True or (fused is None and _on_cuda(tensors))):
+        reason = why_not_triton(params, tensors, one_dtype, sharded)
+        if reason is None:
+            return Choice("triton")
+        if fused is True:
+            raise RuntimeError(f"{where}: fused=True, but {reason}; use fused=None or False for the reference path")
+        if "error" in kernels() and not _warned:  # (the other reasons are the user's choice: no warning)
+            _warned = True
+            warnings.warn(f"spread_optim: the fused kernels are off, {reason}; the reference path runs instead",
+                          RuntimeWarning, stacklevel=5)
+    on_cpu = bool(params) and all(p.device.type == "cpu" for p in params)
+    path = "cpu" if on_cpu and not sharded and not compiling() else "spec"
+    base_fused = (rule is not None and fused is None and options.get("foreach") is None and not sharded
+                  and not options.get("differentiable") and on_cpu and all(p.dtype in _CPU_FUSED_DTYPES for p in params))
+    return Choice(path, base_fused, None)

@@ -1,0 +1,196 @@
+"""The Triton path of a sparse param group: torch's state layout around the kernels' launchers.
+
+The kernels (:mod:`spread_optim.kernels.element`, :mod:`spread_optim.kernels.group`) compute the same numbers as
+the split path (the spec's factor gradients, the torch base rule on the factors, the exact-zero pass) and read
+and write the same state: ``state[p]["base"][factor]`` holds torch's own keys (``step``, ``exp_avg``,
+``exp_avg_sq``, ``max_exp_avg_sq``; ``momentum_buffer``), so a run can switch between ``fused=True`` and
+``fused=False`` and checkpoints load either way. :func:`step` takes a kind object (the param group's tensors and
+state), never the optimizer; :mod:`spread_optim.kernels.dispatch` decides when it runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spread_optim.kernels.dispatch import FUSED_RULES, kernels
+
+
+# ----------------------------------------------------------------------------------------------------
+# base state, in torch's own layout
+
+
+def _new_step(device: torch.device, on_device: bool) -> torch.Tensor:
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    if on_device:
+        return torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=device)
+    return torch.tensor(0.0, dtype=_get_scalar_dtype())
+
+
+def _adam_state(st: dict, leaf: torch.Tensor, amsgrad: bool, steps_on_device: bool) -> list[torch.Tensor | None]:
+    if not st:
+        st["step"] = _new_step(leaf.device, steps_on_device)
+        st["exp_avg"] = torch.zeros_like(leaf, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(leaf, memory_format=torch.preserve_format)
+    if amsgrad and "max_exp_avg_sq" not in st:
+        st["max_exp_avg_sq"] = torch.zeros_like(leaf, memory_format=torch.preserve_format)
+    wanted = leaf.device if steps_on_device else torch.device("cpu")
+    if st["step"].device != wanted:  # e.g. a checkpoint of the other path
+        st["step"] = st["step"].to(wanted, dtype=torch.float32 if steps_on_device else st["step"].dtype)
+    return [st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq") if amsgrad else None]
+
+
+def _sgd_state(st: dict, leaf: torch.Tensor, momentum: float) -> tuple[list[torch.Tensor | None], int]:
+    if momentum == 0:
+        return [None, None, None], 0
+    first = st.get("momentum_buffer") is None
+    if first:
+        st["momentum_buffer"] = torch.empty_like(leaf, memory_format=torch.preserve_format)
+    return [st["momentum_buffer"], None, None], int(first)
+
+
+class _Rule:
+    """The base rule's options of one group, and the per-tensor scalars of one step."""
+
+    def __init__(self, base_cls: type, group: dict, device: torch.device):
+        self.adam = FUSED_RULES[base_cls] == "adam"
+        self.rule = kernels()["rules"].ADAM if self.adam else kernels()["rules"].SGD
+        self.group = group
+        self.device = device
+        lr = group["lr"]
+        self.lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+        if self.adam:
+            self.beta1, self.beta2 = (float(b) for b in group["betas"])
+            self.options = dict(beta1=self.beta1, beta2=self.beta2, eps=group["eps"], amsgrad=group["amsgrad"])
+            self.steps_on_device = bool(group.get("capturable")) or bool(group.get("fused"))
+        else:
+            self.options = dict(momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"])
+            self.steps_on_device = False
+
+    def states(self, states: list[dict], leaves: list[torch.Tensor]) -> tuple[list[list], list[int]]:
+        """Create missing state; return the state slots and the SGD first-step flags of each leaf."""
+        if self.adam:
+            return [_adam_state(st, leaf, self.group["amsgrad"], self.steps_on_device) for st, leaf in zip(states, leaves)], [0] * len(leaves)
+        pairs = [_sgd_state(st, leaf, self.group["momentum"]) for st, leaf in zip(states, leaves)]
+        return [s for s, _ in pairs], [f for _, f in pairs]
+
+    def hyper(self, states: list[dict]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Advance the step counters; return ``(step_size, sqrt(bc2))`` per leaf (float32, on the device)
+        and the device step tensors (to be rolled back when a scaler finds an inf)."""
+        if not self.adam:
+            return _table([[self.lr, 1.0]] * len(states), torch.float32, self.device), []
+        steps = [st["step"] for st in states]
+        if not steps:
+            return torch.zeros(0, 2, dtype=torch.float32, device=self.device), []
+        torch._foreach_add_(steps, 1)
+        if self.steps_on_device:  # no host synchronisation (CUDA graphs): the bias corrections on the device
+            t = torch.stack(steps).double()
+            lr = self.group["lr"].reshape(()).double() if isinstance(self.group["lr"], torch.Tensor) else self.lr
+            values = torch.stack([lr / (1 - self.beta1 ** t), (1 - self.beta2 ** t).sqrt()], dim=1)
+            return values.float(), steps
+        rows = []
+        for s in steps:
+            n = s.item()
+            rows.append([self.lr / (1 - self.beta1 ** n), math.sqrt(1 - self.beta2 ** n)])
+        return torch.tensor(rows, dtype=torch.float32, device=self.device), []
+
+
+def nonfinite_flag(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """For capturable groups (no host synchronisation allowed): a device flag, 1 when one of ``grads`` has a NaN
+    or inf. The kernels then skip the step on the device, as with GradScaler's ``found_inf``: nothing moves, step
+    counters included."""
+    if not grads:
+        return None
+    flag = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    # checks every gradient (and multiplies it by 1: unchanged bit for bit) in one fused pass
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones(1, device=flag.device))
+    return flag
+
+
+def _table(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small device table, cached on its values: uploaded once, not at every step (a step that uploads
+    nothing can be captured in a CUDA graph)."""
+    from spread_optim.kernels import tables
+
+    rows = [v if isinstance(v, (list, tuple)) else [v] for v in values]
+    table = tables.value_table(rows, dtype, device)
+    return table if values and isinstance(values[0], (list, tuple)) else table.view(-1)
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor | None:
+    g = p.grad
+    if g is None:
+        return None
+    return g if g.is_contiguous() else g.contiguous()
+
+
+def _options(rule: "_Rule", group):
+    return kernels()["rules"].StepOptions(rule=rule.rule, kappa=group["kappa"], lr_revive=float(group["lr"]),
+                                         zero_threshold=group["zero_threshold"], maximize=bool(group.get("maximize", False)),
+                                         **rule.options)
+
+
+def step_element(base_cls: type, group: dict, params, state, grad_scale, found_inf) -> None:
+    """One fused step of an element-sparse param group (``state``: the optimizer's state mapping)."""
+    live = [(p, _grad(p)) for p in params if p.grad is not None]
+    if not live:
+        return
+    device = live[0][0].device
+    rule = _Rule(base_cls, group, device)
+    sts = [state[p] for p, _ in live]
+    leaf_states = [st["base"][k] for st in sts for k in ("U", "W")]
+    slots, firsts = rule.states(leaf_states, [st[k] for st in sts for k in ("U", "W")])
+    hyper, device_steps = rule.hyper(leaf_states)
+    kernels()["element"].element_step(
+        [g for _, g in live], [p for p, _ in live], [st["U"] for st in sts], [st["W"] for st in sts],
+        [slots[2 * i] + slots[2 * i + 1] for i in range(len(live))], hyper.reshape(-1, 4).contiguous(),
+        _table([firsts[2 * i:2 * i + 2] for i in range(len(live))], torch.int32, device),
+        _options(rule, group), grad_scale=grad_scale, found_inf=found_inf,
+    )
+    _uncount_skipped(device_steps, found_inf)
+
+
+def step_grouped(base_cls: type, group: dict, sets, structures: dict, state, grad_scale, found_inf) -> None:
+    """One fused step of a group-sparse param group: ``sets`` lists the parameters sharing each ``u``."""
+    sets = [m for m in sets if any(p.grad is not None for p in m)]
+    if not sets:
+        return
+    device = sets[0][0].device
+    rule = _Rule(base_cls, group, device)
+    Ws, thetas, grads, structs, share_index, w_states, us, u_states = [], [], [], [], [], [], [], []
+    for k, members in enumerate(sets):
+        st0 = state[members[0]]
+        us.append(st0["u"])
+        u_states.append(st0["base"]["u"])
+        for p in members:
+            Ws.append(state[p]["W"])
+            w_states.append(state[p]["base"]["W"])
+            thetas.append(p)
+            grads.append(_grad(p))
+            structs.append(structures[p])
+            share_index.append(k)
+    live = [i for i, g in enumerate(grads) if g is not None]
+    w_slots, w_firsts = [[None, None, None] for _ in Ws], [0] * len(Ws)
+    live_slots, live_firsts = rule.states([w_states[i] for i in live], [Ws[i] for i in live])
+    for i, slot, first in zip(live, live_slots, live_firsts):
+        w_slots[i], w_firsts[i] = slot, first
+    u_slots, u_firsts = rule.states(u_states, us)
+    live_hyper, w_steps = rule.hyper([w_states[i] for i in live])
+    w_hyper = torch.ones(len(Ws), 2, dtype=torch.float32, device=device)
+    if live:
+        w_hyper[_table(live, torch.int64, device)] = live_hyper
+    u_hyper, u_steps = rule.hyper(u_states)
+    kernels()["group"].group_step(
+        grads, thetas, Ws, structs, share_index, w_slots, w_hyper, _table(w_firsts, torch.int32, device), us, u_slots,
+        u_hyper.contiguous(), _table(u_firsts, torch.int32, device), _options(rule, group),
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+    _uncount_skipped(w_steps + u_steps, found_inf)
+
+
+def _uncount_skipped(device_steps: list[torch.Tensor], found_inf: torch.Tensor | None) -> None:
+    """A step skipped for an inf does not count (as torch's fused Adam)."""
+    if found_inf is not None and device_steps:
+        torch._foreach_sub_(device_steps, [found_inf.reshape(()).to(device_steps[0].dtype)] * len(device_steps))

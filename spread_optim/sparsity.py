@@ -1,0 +1,434 @@
+r"""The sparsity kinds of a sparse param group, as objects with the same verbs.
+
+:class:`Element` (``theta = U*W``, L1) and :class:`Grouped` (``theta_g = u_g*W_g``, group lasso over rows,
+columns, explicit ids, possibly shared by several parameters) each wrap one param group and the optimizer's
+state. The step (:mod:`spread_optim.step`) calls the same verbs on every kind, in this order, and never asks
+which kind it holds:
+
+=====================  =====================================================================================
+``ensure_factors``     create the factors of parameters that have none (from the weights: ``init``)
+``adopt``              rebuild the factors of entries whose weight was changed outside the optimizer
+``nonfinite``          per parameter, a scalar that is nonzero when its gradient has a NaN or inf
+``begin``              remember which entries are dead (on the zero saddle) at the step's start; returns the
+                       partial sums that need other ranks (groups spanning shards), else ``[]``
+``set_factor_grads``   the smooth objective's factor gradients, into the factors' ``.grad``
+``finish_sums``        after the base step: partial sums the zero pass needs from other ranks, else ``[]``
+``zero_pass``          hold / revive / snap (:mod:`spread_optim.kernels.reference`), then write theta
+``write_theta``        ``theta = U*W`` (``u_g*W_g``) into the parameters
+``kkt``, ``penalty``   diagnostics
+=====================  =====================================================================================
+
+Sums over groups that span shards (FSDP2) are the only thing a kind needs from other ranks; the kinds hand them
+to the step, which sums all of them in one round through the communicator (identity in one process).
+Arithmetic runs on local shards: ``local(t)`` is ``t`` itself for a plain tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from spread_optim import _triton
+from spread_optim.distributed import LOCAL, is_dtensor, is_sharded, like, local, local_rows, vector_like
+from spread_optim.kernels import cpu
+from spread_optim.kernels import reference as ref
+from spread_optim.structure import GroupStructure
+
+Theta = Callable[[torch.Tensor], torch.Tensor]  # parameter -> its local theta at the step's start
+
+
+def _theta_now(p: torch.Tensor) -> torch.Tensor:
+    return local(p.detach())
+
+
+def write_product(p: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> None:
+    """``p = U*W`` on local tensors (no temporary when the dtypes agree: a fresh full-size tensor costs page
+    faults on CPU)."""
+    if p.dtype == U.dtype and p.is_contiguous():
+        torch.mul(U, W, out=p)
+    else:
+        p.copy_(U * W)
+
+
+class Kind:
+    """What :class:`Element` and :class:`Grouped` share: the param group, the optimizer's state, the path."""
+
+    factor_keys: tuple[str, ...] = ()
+    #: the fused kernels need one parameter dtype across the param group
+    one_dtype = False
+
+    def __init__(self, group: dict, index: int, state, path: str = "spec", comm=LOCAL, scratch: dict | None = None):
+        self.group, self.state, self.comm = group, state, comm
+        self.where = f"param group {index}"
+        self.params: list[torch.Tensor] = list(group["params"])
+        self.fast = path == "cpu"  # the CPU fast path of the spec (kernels/cpu.py)
+        self.path = path
+        self.scratch = {} if scratch is None else scratch
+        self._dead: list = []
+
+    # the loss gradient as the factors see it
+    def loss_grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        """``dL/dtheta`` (local, in the factors' dtype; ``-grad`` when maximising), None without a gradient."""
+        if p.grad is None:
+            return None
+        g = local(p.grad)
+        g = g.to(ref.factor_dtype(p.dtype))
+        return -g if self.group.get("maximize", False) else g
+
+    @property
+    def kappa(self) -> float:
+        return self.group["kappa"]
+
+    def factor_leaves(self) -> Iterator[tuple[torch.Tensor, str, torch.Tensor]]:
+        """``(param, key, factor)`` for every factor, in the order the base receives them."""
+        for p in self.params:
+            st = self.state[p]
+            for key in ("U", "u", "W"):
+                if key in st:
+                    yield p, key, st[key]
+
+    def nonfinite(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(param, probe)`` per parameter with a gradient: the probe is 0 when the gradient is finite."""
+        out = []
+        for p in self.params:
+            if p.grad is None:
+                continue
+            g = local(p.grad)
+            if g.is_sparse:
+                raise TypeError(f"{self.where}: sparse gradients are not supported in a sparse group (parameter of shape {tuple(p.shape)})")
+            if g.is_complex():
+                raise TypeError(f"{self.where}: complex gradients are not supported in a sparse group")
+            out.append((p, cpu.nonfinite_probe(g) if self.fast else (~torch.isfinite(g)).sum()))
+        return out
+
+    # the sums a kind needs from other ranks: none unless its groups span shards (Grouped overrides these)
+    @property
+    def spans_shards(self) -> bool:
+        return False
+
+    def end_begin(self, reduced=()) -> None:
+        """Complete :meth:`begin` with its parts summed over ranks."""
+
+    def grad_sums(self) -> list:
+        return []
+
+    def set_W_grads_first(self) -> list:
+        return []
+
+    def finish_sums(self, theta_old: Theta = _theta_now) -> list:
+        return []
+
+    def penalty(self) -> torch.Tensor:
+        """This rank's part of ``kappa*sum ||factor||^2`` (replicated factors counted on one rank)."""
+        mine = self.comm.owns_replicated()
+        factors = [local(f) for _, _, f in self.factor_leaves() if mine or is_sharded(f)]
+        return ref.penalty(factors, self.kappa) if factors else torch.zeros((), dtype=torch.float64)
+
+
+class Element(Kind):
+    """Element sparsity: ``theta = U*W`` entry by entry, penalty ``2*kappa*||theta||_1``."""
+
+    factor_keys = ("U", "W")
+
+    def ensure_factors(self) -> None:
+        for p in self.params:
+            st = self.state[p]
+            if "W" not in st:
+                U, W = ref.init_element(local(p), self.group["init"])
+                st.update(U=like(U, p), W=like(W, p), base={"U": {}, "W": {}})
+
+    def _factors(self, p):
+        st = self.state[p]
+        return local(st["U"]), local(st["W"])
+
+    def begin(self) -> list:
+        self._dead = []
+        for p in self.params:
+            U, W = self._factors(p)
+            if self.fast:
+                self._dead.append(cpu.element_dead(U, W, out=self._scratch(p, U)))
+            else:
+                self._dead.append(ref.element_dead(U, W))
+        return []
+
+    def _scratch(self, p, U):
+        """A buffer like ``U`` kept between steps for the dead mask (None for small tensors)."""
+        if U.numel() < cpu.CHUNK or not U.is_contiguous():
+            return None
+        buffer = self.scratch.get(p)
+        if buffer is None or buffer.shape != U.shape or buffer.dtype != U.dtype or buffer.device != U.device:
+            buffer = self.scratch[p] = torch.empty_like(U)
+        return buffer
+
+    def set_factor_grads(self, reduced=(), skip_W: bool = False) -> None:
+        live = []
+        for p in self.params:
+            st = self.state[p]
+            g = self.loss_grad(p)
+            if g is None:
+                st["U"].grad = st["W"].grad = None
+            else:
+                live.append((p, st, g))
+        if not live:
+            return
+        if self.fast:
+            Us = [local(st["U"]) for _, st, _ in live]
+            Ws = [local(st["W"]) for _, st, _ in live]
+            out = ([_reusable(st["U"].grad, U) for (_, st, _), U in zip(live, Us)],
+                   [_reusable(st["W"].grad, W) for (_, st, _), W in zip(live, Ws)])
+            dUs, dWs = cpu.element_factor_grads([g for _, _, g in live], Us, Ws, self.kappa, out=out)
+        else:
+            pairs = [ref.element_factor_grads(g, *self._factors(p), self.kappa) for p, _, g in live]
+            dUs, dWs = [a for a, _ in pairs], [b for _, b in pairs]
+        for (p, st, _), dU, dW in zip(live, dUs, dWs):
+            st["U"].grad = dU if dU is st["U"].grad else like(dU, st["U"])
+            st["W"].grad = dW if dW is st["W"].grad else like(dW, st["W"])
+
+    def zero_pass(self, lr: float, theta_old: Theta = _theta_now, reduced=()) -> None:
+        thr = self.group["zero_threshold"]
+        for p, dead in zip(self.params, self._dead):
+            g = self.loss_grad(p)
+            if g is None:
+                continue
+            U, W = self._factors(p)
+            if self.fast:
+                cpu.element_zero_pass_(U, W, g, theta_old(p), dead, self.kappa, lr, thr)
+            else:
+                new_U, new_W = ref.element_zero_pass(U, W, g, theta_old(p), dead, self.kappa, lr, thr)
+                U.copy_(new_U)
+                W.copy_(new_W)
+            write_product(local(p), U, W)
+
+    def write_theta(self) -> None:
+        for p in self.params:
+            write_product(local(p), *self._factors(p))
+
+    def revived(self) -> bool:
+        """Whether the zero pass revived an entry that was dead at :meth:`begin`."""
+        for p, dead in zip(self.params, self._dead):
+            U, W = self._factors(p)
+            if bool((dead.bool() & ~ref.element_dead(U, W)).any()):
+                return True
+        return False
+
+    def fused_step(self, base_cls: type, grad_scale=None, found_inf=None) -> None:
+        """The whole step in the Triton kernels (factor gradients, base rule, zero pass, theta)."""
+        _triton.step_element(base_cls, self.group, self.params, self.state, grad_scale, found_inf)
+
+    def kkt(self) -> float:
+        worst = 0.0
+        for p in self.params:
+            g = self.loss_grad(p)
+            if g is not None and g.numel():
+                worst = _max(worst, float(ref.element_kkt(local(p.detach()), g, self.kappa)))
+        return worst
+
+
+class Grouped(Kind):
+    """Group sparsity: ``theta_g = u_g*W_g``, penalty ``2*kappa*sum_g ||theta_g||_2``.
+
+    One ``u`` per share set: every parameter alone, or all of the param group together (``share_groups``).
+    ``u`` lives in the state of the set's first parameter."""
+
+    factor_keys = ("u", "W")
+    one_dtype = True
+
+    def __init__(self, group: dict, index: int, state, path: str = "spec", comm=LOCAL, scratch=None, structures=None):
+        super().__init__(group, index, state, path, comm, scratch)
+        self.sets = [self.params] if group["share_groups"] else [[p] for p in self.params]
+        if group["share_groups"] and len({(is_dtensor(p), is_sharded(p)) for p in self.params}) > 1:
+            raise ValueError(f"{self.where}: 'share_groups'=True needs its parameters sharded alike "
+                             "(all of them DTensors from fully_shard, or none)")
+        cache = {} if structures is None else structures
+        self.structures = {}
+        for p in self.params:  # the structure of each parameter's local rows
+            key = (p, id(group["sparsity"]))
+            if key not in cache:
+                whole = GroupStructure(group["sparsity"], p.shape, p.device)
+                cache[key] = whole.rows(*local_rows(p)) if is_sharded(p) else whole
+            self.structures[p] = cache[key]
+        dim0_groups = isinstance(group["sparsity"], str) and group["sparsity"] == "row"
+        # a set spans shards when its groups are not whole on each rank (column or id groups of dim-0 shards)
+        self.spans = [not dim0_groups and any(is_sharded(p) for p in members) for members in self.sets]
+        self._pending: list = []
+
+    @property
+    def spans_shards(self) -> bool:
+        return any(self.spans)
+
+    def _locals(self, members):
+        st = self.state
+        return local(st[members[0]]["u"]), [local(st[p]["W"]) for p in members], [self.structures[p] for p in members]
+
+    def ensure_factors(self) -> None:
+        for k, members in enumerate(self.sets):
+            have = ["W" in self.state[p] for p in members]
+            if all(have):
+                continue
+            if any(have):
+                raise ValueError(f"{self.where}: a shared set cannot gain members after its first step")
+            total = (lambda x: self.comm.sum([x])[0]) if self.spans[k] else (lambda x: x)
+            u, Ws = ref.init_group([local(p.detach()) for p in members], [self.structures[p] for p in members],
+                                   self.group["init"], total=total)
+            rows = isinstance(self.group["sparsity"], str) and self.group["sparsity"] == "row"
+            for i, (p, W) in enumerate(zip(members, Ws)):
+                self.state[p].update(W=like(W, p), base={"W": {}})
+                if i == 0:
+                    self.state[p]["u"] = vector_like(u, p, rows=rows and not self.spans[k])
+                    self.state[p]["base"]["u"] = {}
+
+    def _grads(self, members):
+        """The loss gradients of a set, and whether any exists; a member without one counts as zero."""
+        grads = [self.loss_grad(p) for p in members]
+        return grads, any(g is not None for g in grads)
+
+    def _filled(self, grads, Ws):
+        return [torch.zeros_like(W) if g is None else g for g, W in zip(grads, Ws)]
+
+    def begin(self) -> list:
+        """Dead groups; for sets spanning shards, ``||W_g||^2`` needs the other ranks (see :meth:`end_begin`)."""
+        self._dead, self._pending = [], []
+        parts = []
+        for k, members in enumerate(self.sets):
+            u, Ws, structures = self._locals(members)
+            w_sq = ref.group_dots(Ws, Ws, structures)
+            if self.spans[k]:
+                self._dead.append(None)
+                self._pending.append(k)
+                parts.append(w_sq)
+            else:
+                self._dead.append(ref.group_dead(u, w_sq))
+        return parts
+
+    def end_begin(self, reduced: Sequence[torch.Tensor]) -> None:
+        """Complete :meth:`begin` with its parts summed over ranks."""
+        for k, w_sq in zip(self._pending, reduced):
+            self._dead[k] = ref.group_dead(local(self.state[self.sets[k][0]]["u"]), w_sq)
+        self._pending = []
+
+    def grad_sums(self) -> list:
+        """``sum g*W`` of the sets spanning shards (the loss part of ``du``), to be summed over ranks."""
+        parts = []
+        for k, members in enumerate(self.sets):
+            if self.spans[k]:
+                _, Ws, structures = self._locals(members)
+                grads, _ = self._grads(members)
+                parts.append(ref.group_dots(self._filled(grads, Ws), Ws, structures))
+        return parts
+
+    def set_W_grads_first(self) -> list[torch.Tensor]:
+        """For sets spanning shards: ``W``'s gradient (local: it needs ``u``, not sums); returns those leaves."""
+        leaves = []
+        for k, members in enumerate(self.sets):
+            if not self.spans[k]:
+                continue
+            u, Ws, structures = self._locals(members)
+            for p, W, s in zip(members, Ws, structures):
+                g = self.loss_grad(p)
+                leaf = self.state[p]["W"]
+                leaf.grad = None if g is None else like(ref.group_W_grad(g, u, W, s, self.kappa), leaf)
+                if g is not None:
+                    leaves.append(leaf)
+        return leaves
+
+    def set_factor_grads(self, reduced=(), skip_W: bool = False) -> None:
+        """``reduced``: :meth:`grad_sums` summed over ranks; ``skip_W``: the ``W`` of spanning sets were moved
+        already (:meth:`set_W_grads_first`): only their ``u`` gets a gradient."""
+        gW = dict(zip([k for k in range(len(self.sets)) if self.spans[k]], reduced))
+        for k, members in enumerate(self.sets):
+            st0 = self.state[members[0]]
+            u, Ws, structures = self._locals(members)
+            grads, live = self._grads(members)
+            if not live:
+                st0["u"].grad = None
+                for p in members:
+                    self.state[p]["W"].grad = None
+                continue
+            if skip_W and self.spans[k]:
+                st0["u"].grad = like(gW[k] + 2 * self.kappa * u, st0["u"])
+                for p in members:
+                    self.state[p]["W"].grad = None
+                continue
+            du, dWs = ref.group_factor_grads(self._filled(grads, Ws), u, Ws, structures, self.kappa, gW=gW.get(k))
+            st0["u"].grad = like(du, st0["u"])
+            for p, dW, g in zip(members, dWs, grads):
+                self.state[p]["W"].grad = None if g is None else like(dW, self.state[p]["W"])
+
+    def _finish_inputs(self, theta_old: Theta):
+        for k, members in enumerate(self.sets):
+            grads, live = self._grads(members)
+            if live:
+                u, Ws, structures = self._locals(members)
+                yield k, members, u, Ws, structures, self._filled(grads, Ws), [theta_old(p) for p in members]
+
+    def finish_sums(self, theta_old: Theta = _theta_now) -> list:
+        """The zero pass's per-group sums of sets spanning shards (the others are summed in :meth:`zero_pass`)."""
+        return [ref.group_finish_sums(Ws, grads, olds, structures)
+                for k, _, _, Ws, structures, grads, olds in self._finish_inputs(theta_old) if self.spans[k]]
+
+    def zero_pass(self, lr: float, theta_old: Theta = _theta_now, reduced=()) -> None:
+        """``reduced``: :meth:`finish_sums` summed over ranks, in order."""
+        reduced = iter(reduced)
+        thr = self.group["zero_threshold"]
+        for k, members, u, Ws, structures, grads, olds in list(self._finish_inputs(theta_old)):
+            sums = next(reduced) if self.spans[k] else ref.group_finish_sums(Ws, grads, olds, structures)
+            new_u, new_Ws = ref.group_zero_pass(u, Ws, grads, sums, structures, self._dead[k], self.kappa, lr, thr)
+            u.copy_(new_u)
+            for W, new_W in zip(Ws, new_Ws):
+                W.copy_(new_W)
+            self._write(members, u, Ws, structures)
+
+    def _write(self, members, u, Ws, structures) -> None:
+        for p, W, s in zip(members, Ws, structures):
+            local(p).copy_(s.expand(u) * W)
+
+    def write_theta(self) -> None:
+        for members in self.sets:
+            self._write(members, *self._locals(members))
+
+    def revived(self) -> bool:
+        for k, members in enumerate(self.sets):
+            u, Ws, structures = self._locals(members)
+            after = ref.group_dead(u, ref.group_dots(Ws, Ws, structures))
+            if bool((self._dead[k] & ~after).any()):
+                return True
+        return False
+
+    def fused_step(self, base_cls: type, grad_scale=None, found_inf=None) -> None:
+        """The whole step in the Triton kernels (factor gradients, base rule, zero pass, theta)."""
+        _triton.step_grouped(base_cls, self.group, self.sets, self.structures, self.state, grad_scale, found_inf)
+
+    def kkt(self) -> float:
+        worst = 0.0
+        for k, members in enumerate(self.sets):
+            live = [(p, self.loss_grad(p)) for p in members]
+            live = [(p, g) for p, g in live if g is not None and p.numel()]
+            if not live:
+                continue
+            total = (lambda x: self.comm.sum([x])[0]) if self.spans[k] else (lambda x: x)
+            value = ref.group_kkt([local(p.detach()) for p, _ in live], [g for _, g in live],
+                                  [self.structures[p] for p, _ in live], self.kappa, total=total)
+            worst = _max(worst, float(value))
+        return worst
+
+
+def _max(a: float, b: float) -> float:
+    """``max`` that keeps a NaN (Python's ``max(0.0, nan)`` drops it)."""
+    return b if b != b or b > a else a
+
+
+def _reusable(buffer: torch.Tensor | None, like_: torch.Tensor) -> torch.Tensor | None:
+    """Last step's gradient buffer of a large factor, to be overwritten (a fresh large allocation costs page
+    faults on CPU); None for small factors (one foreach op for all of them is cheaper)."""
+    if buffer is None or like_.numel() < cpu.CHUNK or buffer.shape != like_.shape or buffer.dtype != like_.dtype:
+        return None
+    return buffer if buffer.device == like_.device and buffer.is_contiguous() else None
+
+
+def make_kind(group: dict, index: int, state, path: str, comm=LOCAL, scratch=None, structures=None) -> Kind:
+    """The kind object of sparse param group ``index``."""
+    sparsity = group["sparsity"]
+    if isinstance(sparsity, str) and sparsity == "element":
+        return Element(group, index, state, path, comm, scratch)
+    return Grouped(group, index, state, path, comm, scratch, structures)
