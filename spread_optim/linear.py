@@ -34,6 +34,11 @@ product ``X^T R`` checks every feature of every output, and the rounds go on unt
 condition (the outer loop of celer and skglm; the inner problems are solved by spread). The outputs' working sets are
 stacked into one ``(k, m, n)`` tensor, so an evaluation costs ``O(k m n)`` instead of ``O(k d n)``.
 ``working_set=False`` runs the optimizer on the whole ``(d, k)`` coefficient matrix.
+
+``alpha=0`` is ordinary least squares (with a warning, as scikit-learn's ``Lasso``): the fit runs LBFGS alone
+(``kappa=0``: a dense group), stopped when the largest entry of the gradient is at most ``tol * alpha_max``.
+From ``W = 0`` its iterates stay in the row space of ``X`` (centred with ``fit_intercept``), so where the
+problem is underdetermined the result is the minimum-norm least-squares solution, as ``LinearRegression``'s.
 """
 
 from __future__ import annotations
@@ -94,7 +99,8 @@ def _solve(
 ):
     """Minimise ``||targets - forward(P)||^2/(2n) + 2*kappa*R(P)`` from ``P0`` with spread + LBFGS.
 
-    Stops when ``optimizer.kkt_residual() <= tol_abs``, after ``max_steps`` steps, or when ``patience``
+    Stops when ``optimizer.kkt_residual() <= tol_abs`` (``kappa=0``, least squares: the largest entry of the
+    gradient, as the optimizer leaves a dense group to its base), after ``max_steps`` steps, or when ``patience``
     steps in a row did not lower the smooth objective: LBFGS's line search no longer sees a change in the
     objective's floating-point value (in float64 near a KKT residual of ``sqrt(L * f * 1e-16)``; the
     relative objective suboptimality is then ~1e-15). Returns ``(P, residuals, steps, kkt)`` with
@@ -113,17 +119,20 @@ def _solve(
         box[0], box[1] = residuals.detach(), float(loss.detach())
         return loss
 
+    def residual() -> float:
+        return opt.kkt_residual() if kappa > 0 else float(P.grad.abs().max()) if P.numel() else 0.0
+
     opt = _make_optimizer(P, kappa, sparsity, history_size)
     with torch.enable_grad():
         closure()
-    kkt = opt.kkt_residual()
+    kkt = residual()
     steps, best, stalled = 0, math.inf, 0
     while kkt > tol_abs and steps < max_steps and stalled < patience:
         opt.step(closure)
         steps += 1
         with torch.enable_grad():
             closure()  # gradients at the new point, for the KKT residual
-        kkt = opt.kkt_residual()
+        kkt = residual()
         smooth = box[1] + opt.penalty()
         stalled = stalled + 1 if smooth >= best else 0
         best = min(best, smooth)
@@ -157,6 +166,12 @@ class _SpreadLinear(_Base, _Regressor):
             self._x_mean, self._y_mean = X.mean(0), Y.mean(0)
             X, Y = X - self._x_mean, Y - self._y_mean
         self.n_features_in_ = X.shape[1]
+        if alpha == 0:
+            warnings.warn(
+                "With alpha=0 this is ordinary least squares (no penalty, no sparsity): it is fitted by LBFGS alone, "
+                "from zero (the minimum-norm solution where there are several). You are advised to use the "
+                "LinearRegression estimator", UserWarning, stacklevel=3,
+            )
         return X, Y
 
     def _finish(self, W: torch.Tensor, kkt: float, tol_abs: float, steps: int) -> None:
@@ -186,7 +201,8 @@ class SpreadLasso(_SpreadLinear):
     fitted together as one ``(d, k)`` parameter (see the module docstring).
 
     Args:
-        alpha: L1 strength (scikit-learn's ``alpha``; the optimizer's ``2*kappa``).
+        alpha: L1 strength (scikit-learn's ``alpha``; the optimizer's ``2*kappa``); ``0`` is least squares (with
+            a warning; module docstring).
         fit_intercept: centre ``X`` and ``Y`` and fit an unpenalised intercept.
         tol: stop when the KKT residual is at most ``tol * alpha_max`` (``alpha_max = max|X^T Y|/n``).
         max_iter: cap on optimizer steps (each runs up to 10 LBFGS iterations), over all working sets.
@@ -216,7 +232,7 @@ class SpreadLasso(_SpreadLinear):
         n, d = X.shape
         XtY = X.T @ Y / n  # minus the data term's gradient at W = 0
         tol_abs = self.tol * (float(XtY.abs().max()) if XtY.numel() else 0.0)
-        if self.working_set:
+        if self.working_set and self.alpha > 0:  # alpha = 0: every feature is in, a working set would only add rounds
             W, kkt, steps, rounds = _working_set_lasso(X, Y, XtY, self.alpha, tol_abs, self.max_iter)
         else:
             W0 = torch.zeros(d, Y.shape[1], dtype=X.dtype, device=X.device)
@@ -228,7 +244,11 @@ class SpreadLasso(_SpreadLinear):
 
 
 def _working_set_lasso(X, Y, XtY, alpha, tol_abs, max_steps, min_size=10):
-    """Lasso on growing per-output working sets; returns ``(W (d, k), kkt, steps, rounds)``."""
+    """Lasso on growing per-output working sets; returns ``(W (d, k), kkt, steps, rounds)``.
+
+    At most ``max_steps`` steps and as many rounds (a round takes at least one step unless its sets were already
+    solved).
+    """
     n, d = X.shape
     k = Y.shape[1]
     W = torch.zeros(d, k, dtype=X.dtype, device=X.device)
@@ -244,7 +264,7 @@ def _working_set_lasso(X, Y, XtY, alpha, tol_abs, max_steps, min_size=10):
         outside = float(((g.abs() - alpha).clamp(min=0) * ~inside).max()) if W.numel() else 0.0
         # done when everything is optimal, or when nothing outside the sets asks to join and the inner
         # solve stalled (a new round on the same sets would not do better)
-        if kkt <= tol_abs or steps >= max_steps or (outside <= tol_abs and stalled):
+        if kkt <= tol_abs or steps >= max_steps or rounds >= max_steps or (outside <= tol_abs and stalled):
             return W, kkt, steps, rounds
         nonzero = W != 0
         # per output: its nonzeros first, then its zeros by how much they violate |g| <= alpha; the sets
