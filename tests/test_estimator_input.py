@@ -154,6 +154,20 @@ def test_tensor_that_requires_grad(name):
     np.testing.assert_array_equal(model.coef_, LINEAR[name]().fit(X, y).coef_)
 
 
+@pytest.mark.parametrize(
+    "X, y, match",
+    [
+        (np.zeros((0, 10)), np.zeros(0), "0 sample"),
+        (classification()[0], None, "requires y to be passed"),
+        (classification()[0], np.zeros(120), "1 class"),
+        (classification()[0], np.where(classification()[1] > 0, np.nan, 0.0), "Input y contains NaN"),
+    ],
+)
+def test_bad_fit_data_selector(X, y, match):
+    with pytest.raises(ValueError, match=match):
+        selector().fit(X, y)
+
+
 # ----------------------------------------------------------------------------------------------------
 # predict / transform
 
@@ -174,6 +188,17 @@ def test_predict_checks(name):
         model.predict(X[0])
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):
         model.score(X, y[:-1])
+
+
+def test_selector_predict_checks():
+    X, y = classification()
+    sel = selector().fit(X, y)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        sel.score(X, y[:-1])
+    with pytest.raises(ValueError, match="float32"):  # the model's input would be inf: not NaN probabilities
+        sel.predict_proba(X[:3] * 1e40)
+    with pytest.raises(ValueError, match="float32"):
+        selector(standardize=False).fit(X * 1e300, y)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,6 +295,22 @@ def test_group_ids_need_not_be_contiguous():
     np.testing.assert_array_equal(huge.coef_, contiguous.coef_)
 
 
+@pytest.mark.parametrize("param, value", [("warm_start", "no"), ("warm_start", None), ("standardize", 1), ("kappa", True),
+                                          ("max_epochs", 5.0), ("lr", np.inf)])
+def test_bad_params_selector(param, value):
+    X, y = classification()
+    with pytest.raises(ValueError, match=param):
+        selector(**{param: value}).fit(X, y)
+
+
+def test_numpy_scalars_are_valid_selector_params():
+    X, y = classification()
+    plain = selector(kappa=float(np.float32(0.05)), max_epochs=20, batch_size=32, n_features_to_select=2).fit(X, y)
+    numpy = selector(kappa=np.float32(0.05), max_epochs=np.int64(20), batch_size=np.int64(32), n_features_to_select=np.int64(2),
+                     warm_start=np.bool_(False), standardize=np.bool_(True)).fit(X, y)
+    np.testing.assert_array_equal(numpy.feature_importances_, plain.feature_importances_)
+
+
 # ----------------------------------------------------------------------------------------------------
 # a failed fit leaves a fitted estimator exactly as it was
 
@@ -312,8 +353,50 @@ def test_failed_refit_keeps_the_previous_fit_linear(name):
     np.testing.assert_array_equal(est.predict(frame), prediction)
 
 
+def test_failed_refit_keeps_the_previous_fit_selector():
+    X, y = classification()
+    sel = selector(n_features_to_select=2).fit(X, y)
+    before, support = fitted_state(sel), sel.get_support()
+    failures = [
+        lambda: sel.fit(X[:, :4], np.zeros(len(X))),  # new width, one class
+        lambda: sel.fit(np.where(X > 2, np.nan, X), y),
+        lambda: sel.set_params(n_features_to_select=50).fit(X, y),  # more than the 10 features
+    ]
+    for fail in failures:
+        with pytest.raises(ValueError):
+            fail()
+        sel.set_params(n_features_to_select=2)
+        assert_same_state(fitted_state(sel), before)
+        np.testing.assert_array_equal(sel.get_support(), support)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the selector: scale-free standardisation, warm-start parameter changes
+
+
+def test_selector_standardisation_is_scale_free():
+    """Features in tiny or huge units (1e-14, 1e300) are standardised as in unit scale: the same selection."""
+    X, y = classification()
+    X[:, 9] = 5.0  # a constant feature stays out in any units
+    ref = selector(max_epochs=100).fit(X, y)
+    assert ref.get_support(indices=True).tolist() == [0, 1]
+    for scale in (1e-14, 1e300):
+        sel = selector(max_epochs=100).fit(X * scale, y)
+        np.testing.assert_array_equal(sel.get_support(), ref.get_support())
+        np.testing.assert_allclose(sel.feature_importances_, ref.feature_importances_, rtol=1e-4)
+        np.testing.assert_allclose(sel.mean_ / scale, ref.mean_, rtol=1e-12)
+
+
+def test_selector_warm_start_follows_parameter_changes():
+    X, y = classification()
+    sel = selector(kappa=0.2, warm_start=True, hidden_sizes=(4,)).fit(X, y)
+    few = sel.n_selected_features_
+    sel.set_params(kappa=0.0, weight_decay=0.5).fit(X, y)  # no penalty: every feature revives
+    assert sel.n_selected_features_ > few
+    decay = [g["weight_decay"] for g in sel._optimizer.param_groups[1:] if any(p.dim() > 1 for p in g["params"])]
+    assert decay == [0.5]
+    with pytest.raises(ValueError, match="standardize"):
+        sel.set_params(standardize=False).fit(X, y)
 
 
 # ----------------------------------------------------------------------------------------------------
