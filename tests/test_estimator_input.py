@@ -360,7 +360,7 @@ def test_failed_refit_keeps_the_previous_fit_selector():
     failures = [
         lambda: sel.fit(X[:, :4], np.zeros(len(X))),  # new width, one class
         lambda: sel.fit(np.where(X > 2, np.nan, X), y),
-        lambda: sel.set_params(n_features_to_select=50).fit(X, y),  # more than the 10 features
+        lambda: sel.set_params(n_features_to_select=50).fit(X[:, :6], y),  # more than the 6 features
     ]
     for fail in failures:
         with pytest.raises(ValueError):
