@@ -29,7 +29,11 @@ so).
 
 Preprocessing. ``standardize=True`` (default) scales every feature to zero mean and unit variance on the
 training data inside ``fit`` (the statistics are kept in ``mean_``/``scale_`` and applied by
-``predict``); ``kappa`` then means the same for every feature. With ``standardize=False`` the user must
+``predict``); ``kappa`` then means the same for every feature, whatever its units: the statistics are
+computed on each feature divided by a power of two near its largest magnitude (exact, and no overflow for
+features near 1e300, no false "constant" for features near 1e-14); a feature is constant when its
+standard deviation is at most 1e-12 of its largest magnitude (it is then scaled by that magnitude: ~0 once
+centred). With ``standardize=False`` the user must
 standardise (``make_pipeline(StandardScaler(), SpreadFeatureSelector(standardize=False))``): the group
 lasso is not scale invariant, a feature with a large scale is cheaper to keep.
 
@@ -38,7 +42,9 @@ scikit-learn. The selector follows scikit-learn's selector API (``fit``/``transf
 dependency of the package: when it is importable the class subclasses ``sklearn.base.BaseEstimator`` and
 ``sklearn.feature_selection.SelectorMixin`` and validates its input with scikit-learn's own checks;
 without it a minimal built-in base provides ``get_params``/``set_params``, ``get_support``, ``transform``,
-``fit_transform`` and ``inverse_transform`` over NumPy arrays.
+``fit_transform`` and ``inverse_transform`` over NumPy arrays. Parameters are checked at ``fit``; data is
+checked by :mod:`spread_optim._estimator_base` (scikit-learn's checks and messages); a ``fit`` that raises
+leaves the selector as it was.
 
 Reproducibility. With an int ``random_state`` the fit is deterministic (the initial weights and the
 mini-batch order come from one ``torch.Generator``; the global torch RNG is not touched), for a given
@@ -55,18 +61,16 @@ import warnings
 import numpy as np
 import torch
 
+from spread_optim._estimator_base import HAS_SKLEARN
 from spread_optim._estimator_base import BaseEstimator as _Base
+from spread_optim._estimator_base import check_consistent_length, check_is_fitted, check_param, keeps_state_on_error
+from spread_optim._estimator_base import validate_fit_data, validate_X
 from spread_optim.dropins import SpreadAdam
 
 try:  # scikit-learn is optional (test/bench dependency): with it the selector is a full scikit-learn estimator
     from sklearn.feature_selection import SelectorMixin as _Selector
     from sklearn.utils.multiclass import check_classification_targets as _check_targets
-    from sklearn.utils.validation import check_is_fitted as _check_is_fitted
-    from sklearn.utils.validation import validate_data as _validate_data
-
-    HAS_SKLEARN = True
 except ImportError:  # pragma: no cover - exercised only without scikit-learn
-    HAS_SKLEARN = False
 
     class _Selector:  # type: ignore[no-redef]
         """The part of ``sklearn.feature_selection.SelectorMixin`` a NumPy user needs."""
@@ -76,7 +80,7 @@ except ImportError:  # pragma: no cover - exercised only without scikit-learn
             return np.flatnonzero(mask) if indices else mask
 
         def transform(self, X):
-            X = self._check_X(X)
+            X = validate_X(self, X)
             return X[:, self.get_support()]
 
         def fit_transform(self, X, y=None, **fit_params):
@@ -94,10 +98,6 @@ except ImportError:  # pragma: no cover - exercised only without scikit-learn
     def _check_targets(y):
         if np.asarray(y).dtype.kind == "f" and not np.all(np.asarray(y) == np.round(np.asarray(y))):
             raise ValueError("Unknown label type: continuous targets; SpreadFeatureSelector is for classification")
-
-    def _check_is_fitted(estimator, attributes=None):
-        if not hasattr(estimator, "feature_importances_"):
-            raise AttributeError(f"This {type(estimator).__name__} instance is not fitted yet. Call 'fit' first.")
 
 
 class SpreadFeatureSelector(_Selector, _Base):
@@ -129,7 +129,8 @@ class SpreadFeatureSelector(_Selector, _Base):
             (default). With ``False`` the features are used as given (standardise them yourself).
         warm_start: with ``True`` a second ``fit`` on data with the same features and classes continues from
             the current model and optimizer state for another ``max_epochs`` epochs (as
-            ``sklearn.neural_network.MLPClassifier``); e.g. for early stopping on held-out data.
+            ``sklearn.neural_network.MLPClassifier``); e.g. for early stopping on held-out data. ``kappa``,
+            ``lr`` and ``weight_decay`` may change between the fits; ``hidden_sizes`` and ``standardize`` may not.
         working_set: ``False`` (default): every epoch updates all features. ``True`` (full batch only): the
             optimizer sees only a working set of features (the nonzero groups plus the zero groups that violate
             their optimality condition ``||g_j|| <= 2*kappa`` most, at most ``max(128, number of nonzero groups)``
@@ -178,24 +179,15 @@ class SpreadFeatureSelector(_Selector, _Base):
     # validation
 
     def _check_params(self) -> tuple[int, ...]:
-        def real(name, value, low, strict):
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or (value <= low if strict else value < low):
-                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
-
-        real("kappa", self.kappa, 0, strict=False)
-        real("lr", self.lr, 0, strict=True)
-        real("weight_decay", self.weight_decay, 0, strict=False)
-        for name in ("max_epochs",):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        b = self.batch_size
-        if b is not None and (isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1):
-            raise ValueError(f"batch_size must be None (full batch) or an int >= 1, got {b!r}")
-        k = self.n_features_to_select
-        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
-            raise ValueError(f"n_features_to_select must be None or an int >= 1, got {k!r}")
+        """Every parameter checked (at ``fit``, as scikit-learn does); returns ``hidden_sizes`` as a tuple of ints."""
+        check_param(self, "kappa", "real", 0)
+        check_param(self, "lr", "real", 0, strict=True)
+        check_param(self, "weight_decay", "real", 0)
+        check_param(self, "max_epochs", "int", 1)
+        check_param(self, "batch_size", "int", 1, allow_none=True)
+        check_param(self, "n_features_to_select", "int", 1, allow_none=True)
+        for name in ("standardize", "warm_start", "working_set"):
+            check_param(self, name, "bool")
         hidden = self.hidden_sizes
         if hidden is None:
             hidden = ()
@@ -207,44 +199,11 @@ class SpreadFeatureSelector(_Selector, _Base):
             raise ValueError(f"hidden_sizes must be a tuple of ints >= 1, got {self.hidden_sizes!r}") from None
         if any(isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1 for h in hidden):
             raise ValueError(f"hidden_sizes must be a tuple of ints >= 1, got {self.hidden_sizes!r}")
-        if self.init not in ("zero", "random"):
+        if not isinstance(self.init, str) or self.init not in ("zero", "random"):
             raise ValueError(f"init must be 'zero' or 'random', got {self.init!r}")
-        if not isinstance(self.standardize, (bool, np.bool_)):
-            raise ValueError(f"standardize must be a bool, got {self.standardize!r}")
-        if not isinstance(self.working_set, (bool, np.bool_)):
-            raise ValueError(f"working_set must be a bool, got {self.working_set!r}")
         if self.working_set and self.batch_size is not None:
             raise ValueError("working_set=True needs full batch (batch_size=None)")
         return tuple(int(h) for h in hidden)
-
-    def _check_X(self, X, y=None, reset: bool = False, fit: bool = False):
-        """Validated float arrays (scikit-learn's checks when available); ``fit``: ``y`` is required."""
-        if HAS_SKLEARN:
-            if y is None and not fit:
-                return _validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
-            return _validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32])
-        X = np.asarray(X)
-        if X.dtype.kind not in "biuf":
-            raise ValueError(f"X must be numeric, got dtype {X.dtype}")
-        X = X.astype(np.float64 if X.dtype != np.float32 else np.float32)
-        if X.ndim != 2:
-            raise ValueError(f"Expected 2D array (n_samples, n_features), got shape {X.shape}")
-        if X.shape[0] < 1 or X.shape[1] < 1:
-            raise ValueError(f"X must have at least one sample and one feature, got shape {X.shape}")
-        if not np.isfinite(X).all():
-            raise ValueError("Input X contains NaN or infinity")
-        if reset:
-            self.n_features_in_ = X.shape[1]
-        elif X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} is expecting {self.n_features_in_} features as input")
-        if y is None and not fit:
-            return X
-        if y is None:
-            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
-        y = np.asarray(y)
-        if y.ndim != 1 or y.shape[0] != X.shape[0]:
-            raise ValueError(f"y must have shape ({X.shape[0]},), got {y.shape}")
-        return X, y
 
     # ------------------------------------------------------------------------------------------------
     # fitting
@@ -267,7 +226,7 @@ class SpreadFeatureSelector(_Selector, _Base):
         dense = [p for p in model.parameters() if all(p is not s for s in shared)]
         decay = [p for p in dense if p.dim() > 1]  # the MLP's deeper weights: L2, so that the group lasso is
         free = [p for p in dense if p.dim() <= 1]  # not evaded by shrinking the first layer and growing the next
-        groups = [{"params": shared, "kappa": float(self.kappa), "sparsity": "column", "share_groups": True}]
+        groups = [{"params": shared, "kappa": self._group_kappa(), "sparsity": "column", "share_groups": True}]
         # the dense groups on CPU: torch's fused Adam (one kernel per group instead of a loop over the tensors;
         # the same update): for the small models of the gene sets the optimizer's per-tensor overhead is most of a step
         cpu = all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in dense)
@@ -276,35 +235,46 @@ class SpreadFeatureSelector(_Selector, _Base):
             groups.append({"params": decay, "kappa": 0.0, "weight_decay": float(self.weight_decay), **fused})
         if free:
             groups.append({"params": free, "kappa": 0.0, **fused})
-        # kappa=0 in the first group would make it a dense group: a tiny kappa keeps the factors (and the
-        # exact-zero machinery) while being no penalty at all in practice
-        if groups[0]["kappa"] == 0:
-            groups[0]["kappa"] = 1e-12
         return SpreadAdam(groups, lr=float(self.lr))
 
+    def _group_kappa(self) -> float:
+        # kappa=0 in the shared group would make it a dense group: a tiny kappa keeps the factors (and the
+        # exact-zero machinery) while being no penalty at all in practice
+        return float(self.kappa) if self.kappa > 0 else 1e-12
+
+    def _set_hyperparameters(self, optimizer: SpreadAdam) -> None:
+        """``lr``, ``kappa`` and ``weight_decay`` from the current parameters (they may change between warm-started fits)."""
+        shared, *dense = optimizer.param_groups
+        shared["kappa"] = self._group_kappa()
+        for g in optimizer.param_groups:
+            g["lr"] = float(self.lr)
+        for g in dense:
+            if any(p.dim() > 1 for p in g["params"]):  # the MLP's deeper weights
+                g["weight_decay"] = float(self.weight_decay)
+
+    @keeps_state_on_error
     def fit(self, X, y):
         """Train the classifier on ``X`` (``(n_samples, n_features)``) and labels ``y``; select features."""
         hidden = self._check_params()
         continuing = self.warm_start and hasattr(self, "model_")
-        X, y = self._check_X(X, y, reset=not continuing, fit=True)
+        X, y = validate_fit_data(self, X, y, reset=not continuing)
         _check_targets(y)
         classes, y_idx = np.unique(y, return_inverse=True)
         if continuing:
-            if not np.array_equal(classes, self.classes_) or self._hidden != hidden:
-                raise ValueError("warm_start=True: the classes and hidden_sizes must be those of the previous fit")
+            same = (np.array_equal(classes, self.classes_) and self._hidden == hidden
+                    and getattr(self, "_standardize", self.standardize) == self.standardize)
+            if not same:
+                raise ValueError("warm_start=True: the classes, hidden_sizes and standardize must be those of the previous fit")
         elif len(classes) < 2:
             raise ValueError(f"y must contain at least 2 classes, got 1 class ({classes.tolist()!r})")
         n, d = X.shape
+        if self.n_features_to_select is not None and self.n_features_to_select > d:
+            raise ValueError(f"n_features_to_select={self.n_features_to_select} is larger than the number of features ({d})")
         if not continuing:
             self.classes_ = classes
             self._hidden = hidden
-            if self.standardize:
-                mean = X.mean(axis=0, dtype=np.float64)
-                scale = X.std(axis=0, dtype=np.float64)
-                scale[scale <= 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0  # constant features stay 0
-            else:
-                mean, scale = np.zeros(d), np.ones(d)
-            self.mean_, self.scale_ = mean, scale
+            self._standardize = bool(self.standardize)
+            self.mean_, self.scale_ = _standardisation(X) if self.standardize else (np.zeros(d), np.ones(d))
             seed = _seed_from(self.random_state)
             self._generator = torch.Generator().manual_seed(seed)
             self.model_ = self._build(d, len(classes), hidden, self._generator)
@@ -313,11 +283,9 @@ class SpreadFeatureSelector(_Selector, _Base):
             self.n_iter_ = 0
             self._ws = None
         else:
-            for g in self._optimizer.param_groups:  # hyperparameters may have been changed by set_params
-                g["lr"] = float(self.lr)
-            if self.kappa > 0:
-                self._optimizer.param_groups[0]["kappa"] = float(self.kappa)
-        Xt = torch.as_tensor(self._standardized(X), dtype=torch.float32)
+            self._set_hyperparameters(self._optimizer)  # they may have been changed by set_params
+            self.loss_curve_ = list(self.loss_curve_)  # appended to: a failed fit restores the previous list
+        Xt = self._input(X)
         yt = torch.as_tensor(y_idx, dtype=torch.long)
         if self.working_set:
             self._fit_working_set(Xt, yt)
@@ -328,13 +296,11 @@ class SpreadFeatureSelector(_Selector, _Base):
             sq = sum(layer.weight.detach().double().pow(2).sum(0) for layer in model.first_layers())
         self.feature_importances_ = sq.sqrt().numpy()
         self.n_selected_features_ = int((self.feature_importances_ > 0).sum())
-        if self.n_features_to_select is not None and self.n_features_to_select > d:
-            raise ValueError(f"n_features_to_select={self.n_features_to_select} is larger than the number of features ({d})")
         if self.n_features_to_select is not None and self.n_selected_features_ < self.n_features_to_select:
             warnings.warn(
                 f"only {self.n_selected_features_} features have a nonzero group, fewer than "
                 f"n_features_to_select={self.n_features_to_select}: features with zero importance fill up the "
-                "selection (lower kappa to select more)", UserWarning, stacklevel=2,
+                "selection (lower kappa to select more)", UserWarning, stacklevel=3,  # fit, keeps_state_on_error
             )
         return self
 
@@ -372,15 +338,12 @@ class SpreadFeatureSelector(_Selector, _Base):
         rebuild the spread factors restart (balanced, from the current weights: the same model) and the dense
         parameters keep their Adam state.
         """
-        kappa = float(self.kappa) if self.kappa > 0 else 1e-12
         epochs, done = int(self.max_epochs), 0
         model = self.model_
         while done < epochs:
-            self._ws_update(Xt, yt, kappa)
+            self._ws_update(Xt, yt)
             active, sub, optimizer = self._ws
-            for g in optimizer.param_groups:
-                g["lr"] = float(self.lr)
-            optimizer.param_groups[0]["kappa"] = kappa
+            self._set_hyperparameters(optimizer)
             xa = Xt[:, active]
             sub.train()
             for _ in range(min(self._WS_CHECK_EVERY, epochs - done)):
@@ -390,8 +353,9 @@ class SpreadFeatureSelector(_Selector, _Base):
                 done += 1
             sub.write_back(model, active)  # the full model: the working set's columns, exact zeros elsewhere
 
-    def _ws_update(self, Xt: torch.Tensor, yt: torch.Tensor, kappa: float) -> None:
+    def _ws_update(self, Xt: torch.Tensor, yt: torch.Tensor) -> None:
         """Check every feature's optimality condition; rebuild the working set when zero groups outside it violate it."""
+        kappa = self._group_kappa()
         model = self.model_
         firsts = model.first_layers()
         for layer in firsts:
@@ -428,11 +392,17 @@ class SpreadFeatureSelector(_Selector, _Base):
                     optimizer.state[p] = old[2].state[p]
         self._ws = (active, sub, optimizer)
 
-    def _standardized(self, X: np.ndarray) -> np.ndarray:
-        return (X - self.mean_) / self.scale_
+    def _input(self, X: np.ndarray) -> torch.Tensor:
+        """``X`` standardised with the fitted statistics, as the model's float32 input (a clear error if it overflows)."""
+        with np.errstate(over="ignore"):
+            Xt = torch.as_tensor((X - self.mean_) / self.scale_, dtype=torch.float32)
+        if not torch.isfinite(Xt).all():
+            raise ValueError(f"X does not fit the model's float32 input once standardised with mean_ and scale_ (largest "
+                             f"|X| = {np.abs(X).max():.3g}): rescale it (or standardize=True)")
+        return Xt
 
     def _get_support_mask(self) -> np.ndarray:
-        _check_is_fitted(self, "feature_importances_")
+        check_is_fitted(self, "feature_importances_")
         imp = self.feature_importances_
         if self.n_features_to_select is None:
             return imp > 0
@@ -446,9 +416,7 @@ class SpreadFeatureSelector(_Selector, _Base):
 
     def predict_proba(self, X) -> np.ndarray:
         """Mean of the ensemble's softmax probabilities, ``(n_samples, n_classes)``."""
-        _check_is_fitted(self, "feature_importances_")
-        X = self._check_X(X)
-        Xt = torch.as_tensor(self._standardized(X), dtype=torch.float32)
+        Xt = self._input(validate_X(self, X))
         self.model_.eval()
         with torch.no_grad():
             probs = [torch.softmax(out, dim=1) for out in self.model_(Xt)]
@@ -461,7 +429,9 @@ class SpreadFeatureSelector(_Selector, _Base):
 
     def score(self, X, y) -> float:
         """Accuracy of :meth:`predict`."""
-        return float(np.mean(self.predict(X) == np.asarray(y)))
+        pred = self.predict(X)
+        check_consistent_length(pred, y)
+        return float(np.mean(pred == np.asarray(y)))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -550,6 +520,25 @@ class _Stacked(torch.nn.Module):
             layer.weight[:, active] = self.first.weight[row: row + rows]
             layer.bias.copy_(self.first.bias[row: row + rows])
             row += rows
+
+
+def _standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and scale (the standard deviation), scale-free and overflow-safe.
+
+    The statistics are computed on each column divided by a power of two near its largest magnitude: exact (the
+    same numbers as ``X``'s own statistics wherever those neither overflow nor underflow), and finite for features
+    near 1e300, whose variance would overflow. A feature is constant when its deviation is at most 1e-12 of its
+    largest magnitude (relative: a feature in units of 1e-14 is not constant); its scale is that magnitude (1 for
+    an all-zero feature), so that it stays ~0 once centred (rounding noise of relative size 1e-16) in any units.
+    """
+    biggest = np.abs(X).max(axis=0).astype(np.float64)
+    unit = np.ldexp(1.0, np.frexp(biggest)[1])  # biggest / unit in [0.5, 1); 1 for a zero column
+    Xu = X / unit
+    mean = Xu.mean(axis=0, dtype=np.float64) * unit
+    scale = Xu.std(axis=0, dtype=np.float64) * unit
+    constant = scale <= 1e-12 * biggest
+    scale[constant] = np.where(biggest > 0, biggest, 1.0)[constant]
+    return mean, scale
 
 
 def _seed_from(random_state) -> int:

@@ -168,7 +168,7 @@ def test_bad_input_and_sklearn_api():
         SpreadGroupLasso(alpha=0.1, groups=np.arange(5)).fit(X, y)
     with pytest.raises(ValueError, match="samples"):
         SpreadLasso(alpha=0.1).fit(X, y[:-1])
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match="infinity"):  # scikit-learn's message
         SpreadLasso(alpha=0.1).fit(np.where(X > 2, np.inf, X), y)
     model = clone(SpreadLasso(alpha=0.3, working_set=False))
     assert model.get_params()["alpha"] == 0.3 and model.get_params()["working_set"] is False
