@@ -44,6 +44,23 @@ def element_dead(U: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = No
     return out
 
 
+def element_adopt_(U: torch.Tensor, W: torch.Tensor, theta: torch.Tensor, scheme: str) -> bool:
+    """:func:`.reference.element_adopt`, in place, chunk by chunk: a chunk whose weights all equal ``U*W`` (the
+    common case, tested as ``sum |U*W - theta| == 0``, which is NaN when a weight is) costs one product and one
+    sum; only a chunk with a changed weight is rebuilt. Returns whether anything was adopted."""
+    from spread_optim.kernels.reference import element_adopt
+
+    adopted = False
+    for u, w, t in zip(*(chunks(x) for x in (U, W, theta))):
+        product = u * w if t.dtype == u.dtype else (u * w).to(t.dtype)
+        if float(product.sub_(t).abs_().sum()) != 0:
+            new_u, new_w = element_adopt(u, w, t, scheme)
+            u.copy_(new_u)
+            w.copy_(new_w)
+            adopted = True
+    return adopted
+
+
 def element_factor_grads(grads, Us, Ws, kappa: float, out=None):
     """:func:`.reference.element_factor_grads` for lists of tensors (foreach): ``(dUs, dWs)``.
 

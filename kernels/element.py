@@ -4,6 +4,7 @@ Reference: :func:`spread_optim.kernels.reference.element_factor_grads`, the base
 (:mod:`spread_optim.kernels.rules`) and :func:`spread_optim.kernels.reference.element_zero_pass`, in that
 order, as ``SpreadOptimizer`` runs them with ``fused=False``. Per element, in the factors' dtype:
 
+    U0, W0 = split(theta) where theta != U0*W0 (a weight written outside the optimizer is adopted)
     g  = grad / grad_scale (negated when maximising)
     dU = g*W0 + 2*kappa*U0,   dW = g*U0 + 2*kappa*W0        -> base rule -> U1, W1 (and states)
     dead   = U0 == 0 and W0 == 0
@@ -12,7 +13,8 @@ order, as ``SpreadOptimizer`` runs them with ``fused=False``. Per element, in th
                            or U1*W1 * U0*W0 < 0)
     U, W = +0.0 where snap or (dead and not revive);  theta = U*W (parameter dtype)
 
-Bytes per element (fp32, Adam): read g, U, W, 4 states (28), write U, W, 4 states, theta (28) = 56.
+Bytes per element (fp32, Adam): read g, theta, U, W, 4 states (32), write U, W, 4 states, theta (28) = 60 (the
+read of theta, to adopt outside writes, is 4 of them).
 ``theta_old`` is ``U0*W0`` in the factors' dtype (the reference reads the parameter: the same value for
 float32 parameters, the rounded one for bf16).
 
@@ -29,7 +31,7 @@ import triton
 import triton.language as tl
 
 from spread_optim.kernels import tables
-from spread_optim.kernels.rules import StepOptions, factor_update
+from spread_optim.kernels.rules import StepOptions, factor_update, split, to_param
 
 BLOCK = 1024
 #: pointer slots per tensor: gradient, parameter, U, W, 3 base-state slots for U, 3 for W
@@ -41,7 +43,7 @@ def _element_step_kernel(
     pointers, numels, block_tensor, block_start, hyper, firsts, scale_ptr, found_ptr,
     lr_revive, zero_threshold, kappa, one_minus_beta1, beta2, one_minus_beta2, eps, momentum, one_minus_dampening,
     RULE: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, BALANCED: tl.constexpr,
     G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -58,8 +60,16 @@ def _element_step_kernel(
         g = -g
     U_ptr = tl.load(row + 2).to(tl.pointer_type(F_DTYPE))
     W_ptr = tl.load(row + 3).to(tl.pointer_type(F_DTYPE))
+    P_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
     U0 = tl.load(U_ptr + offs, mask=mask, other=0.0)
     W0 = tl.load(W_ptr + offs, mask=mask, other=0.0)
+    # the weights are the truth: an entry written outside the optimizer gets its factors rebuilt from it
+    weight = tl.load(P_ptr + offs, mask=mask, other=0.0).to(F_DTYPE)
+    # (compared in the factors' dtype: theta is exact there; Triton's interpreter cannot compare bf16 blocks)
+    changed = to_param(U0 * W0, P_DTYPE).to(F_DTYPE) != weight
+    U_new, W_new = split(weight, BALANCED)
+    U0 = tl.where(changed, U_new, U0)
+    W0 = tl.where(changed, W_new, W0)
     step_size_U = tl.load(hyper + t * 4 + 0).to(F_DTYPE)
     bc2_U = tl.load(hyper + t * 4 + 1).to(F_DTYPE)
     step_size_W = tl.load(hyper + t * 4 + 2).to(F_DTYPE)
@@ -90,7 +100,7 @@ def _element_step_kernel(
     W = tl.where(revive, 0.0 - sign_g * s, tl.where(zero, 0.0, W1))  # (0.0 - x: never -0.0)
     tl.store(U_ptr + offs, U, mask=mask)
     tl.store(W_ptr + offs, W, mask=mask)
-    tl.store(tl.load(row + 1).to(tl.pointer_type(P_DTYPE)) + offs, (U * W).to(P_DTYPE), mask=mask)
+    tl.store(P_ptr + offs, to_param(U * W, P_DTYPE), mask=mask)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -143,5 +153,6 @@ def element_step(
             grad_scale if grad_scale is not None else hyper, found_inf if found_inf is not None else firsts,
             float(options.lr_revive), float(options.zero_threshold), *options.rule_args(), **options.rule_flags(),
             MAXIMIZE=bool(options.maximize), HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
+            BALANCED=options.balanced,
             G_DTYPE=tl_dtype(g_dtype), P_DTYPE=tl_dtype(p_dtype), F_DTYPE=tl_dtype(f_dtype), BLOCK=BLOCK,
         )

@@ -17,8 +17,13 @@ per step cover every tensor of a param group, whatever the number of groups (no 
 
 Per-group sums are accumulated with atomic adds into one scratch buffer (a program whose block lies in
 one group, e.g. inside one long row, adds its block sum once). A parameter without a gradient keeps its
-``W`` and contributes ``g = 0``. Bytes per element (fp32 Adam): 8 (reduce: g, W) + 28 (update: g, W, 2 states
-read; W, 2 states written) + 12 (finish: W read, W and theta written) = 48, plus a few per group.
+``W`` and contributes ``g = 0``. Bytes per element (fp32 Adam): 12 (reduce: g, W, theta) + 28 (update: g, W, 2 states
+read; W, 2 states written) + 12 (finish: W read, W and theta written) = 52, plus a few per group.
+
+The weights are the truth: the reduce pass also counts, per group, the weights that no longer equal ``u0*W0``
+(written outside the optimizer) and sums ``theta^2`` and ``g*theta``; the ``u`` pass adopts such a group (``u0`` from
+the weights' norm, as :func:`spread_optim.kernels.reference.init_group`, whose sums of ``W0 = theta/u0`` follow from
+those of theta) and the ``W`` pass reads theta again in adopted groups only, to write ``W0 = theta/u0``.
 """
 
 from __future__ import annotations
@@ -31,16 +36,18 @@ import triton.language as tl
 
 from spread_optim.kernels import tables
 from spread_optim.kernels.element import tl_dtype
-from spread_optim.kernels.rules import StepOptions, factor_update
+from spread_optim.kernels.rules import StepOptions, factor_update, split, to_param
 
 BLOCK = 1024
 #: structure kinds in the per-tensor table
 ROW, COLUMN, IDS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-#: scratch rows, each ``num_groups`` long: sum g*W0, sum g^2, sum W0^2, sum W1^2, sum W1*W0 (accumulated);
-#: u0, keep, direction and the final u (written per group)
-S_GW, S_GG, S_WW0, S_WW1, S_W1W0, S_U0, S_KEEP, S_DIRECTION, S_U = (tl.constexpr(i) for i in range(9))
-#: pointer slots of a W tensor: gradient, parameter, W, 3 base-state slots, group ids
-W_SLOTS = tl.constexpr(7)
+#: scratch rows, each ``num_groups`` long: sum g*W0, sum g^2, sum W0^2, sum W1^2, sum W1*W0, the number of
+#: weights written outside the optimizer, sum theta^2, sum g*theta (accumulated); u0, keep, direction and the final
+#: u (written per group)
+S_GW, S_GG, S_WW0, S_WW1, S_W1W0, S_CHANGED, S_PP, S_GP, S_U0, S_KEEP, S_DIRECTION, S_U = (tl.constexpr(i) for i in range(12))
+SCRATCH_ROWS = 12
+#: pointer slots of a W tensor: gradient, parameter, W, 3 base-state slots, group ids, its u vector
+W_SLOTS = tl.constexpr(8)
 #: pointer slots of a u vector: u, 3 base-state slots
 U_SLOTS = tl.constexpr(4)
 #: integer slots of a W tensor: numel, kind, inner size, size of dim 1, offset of its groups, has a gradient
@@ -123,10 +130,20 @@ def _w_inputs(pointers, meta, block_tensor, block_start, scale_ptr, found_ptr, M
 @triton.jit
 def _reduce_kernel(pointers, meta, block_tensor, block_start, scratch, num_groups, scale_ptr, found_ptr,
                    MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
-                   G_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                   G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, mask, row, mask_g, g, W_ptr, W0, gidx = _w_inputs(
         pointers, meta, block_tensor, block_start, scale_ptr, found_ptr, MAXIMIZE, HAS_SCALE, HAS_FOUND, G_DTYPE,
         F_DTYPE, BLOCK)
+    # the weights are the truth: count the weights written outside the optimizer, per group (one read of theta)
+    weight = tl.load(tl.load(row + 1).to(tl.pointer_type(P_DTYPE)) + offs, mask=mask, other=0.0)
+    u_ptr = tl.load(row + 7).to(tl.pointer_type(F_DTYPE))
+    u0 = tl.load(u_ptr + gidx - tl.load(meta + t * W_META + 4), mask=mask, other=0.0)
+    theta = weight.to(F_DTYPE)
+    # (compared in the factors' dtype: theta is exact there; Triton's interpreter cannot compare bf16 blocks)
+    changed = (to_param(u0 * W0, P_DTYPE).to(F_DTYPE) != theta).to(F_DTYPE)
+    _accumulate(scratch + S_CHANGED * num_groups, gidx, changed, mask)
+    _accumulate(scratch + S_PP * num_groups, gidx, theta * theta, mask)
+    _accumulate(scratch + S_GP * num_groups, gidx, g * theta, mask)
     _accumulate(scratch + S_GW * num_groups, gidx, g * W0, mask)
     _accumulate(scratch + S_GG * num_groups, gidx, g * g, mask)
     _accumulate(scratch + S_WW0 * num_groups, gidx, W0 * W0, mask)
@@ -136,12 +153,26 @@ def _reduce_kernel(pointers, meta, block_tensor, block_start, scratch, num_group
 def _u_update_kernel(pointers, meta, block_tensor, block_start, hyper, firsts, scratch, num_groups, found_ptr,
                      kappa, one_minus_beta1, beta2, one_minus_beta2, eps, momentum, one_minus_dampening,
                      RULE: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                     HAS_FOUND: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_FOUND: tl.constexpr, BALANCED: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, mask, gidx = _u_block(meta, block_tensor, block_start, found_ptr, HAS_FOUND, BLOCK)
     row = pointers + t * U_SLOTS
     u_ptr = tl.load(row + 0).to(tl.pointer_type(F_DTYPE))
     u0 = tl.load(u_ptr + offs, mask=mask, other=0.0)
-    du = tl.load(scratch + S_GW * num_groups + gidx, mask=mask, other=0.0) + 2.0 * kappa * u0
+    gW = tl.load(scratch + S_GW * num_groups + gidx, mask=mask, other=0.0)
+    # a group with a weight written outside the optimizer is adopted: u0 from the weights' norm (as init_group),
+    # W0 = theta/u0 (written by the W pass), and the sums of W0 follow from those of theta
+    adopt = tl.load(scratch + S_CHANGED * num_groups + gidx, mask=mask, other=0.0) > 0.0
+    pp = tl.load(scratch + S_PP * num_groups + gidx, mask=mask, other=0.0)
+    if BALANCED:
+        _, u_new = split(tl.sqrt(pp), BALANCED)
+    else:
+        u_new = tl.zeros_like(pp) + 1.0
+    inv = tl.where(u_new != 0.0, 1.0 / tl.where(u_new != 0.0, u_new, 1.0), 0.0)
+    u0 = tl.where(adopt, u_new, u0)
+    gW = tl.where(adopt, tl.load(scratch + S_GP * num_groups + gidx, mask=mask, other=0.0) * inv, gW)
+    ww0 = tl.load(scratch + S_WW0 * num_groups + gidx, mask=mask, other=0.0)
+    tl.store(scratch + S_WW0 * num_groups + gidx, tl.where(adopt, pp * inv * inv, ww0), mask=mask)
+    du = gW + 2.0 * kappa * u0
     u1 = factor_update(row, 1, u0, du, offs, mask, tl.load(hyper + t * 2).to(F_DTYPE),
                        tl.load(hyper + t * 2 + 1).to(F_DTYPE), tl.load(firsts + t), one_minus_beta1, beta2,
                        one_minus_beta2, eps, momentum, one_minus_dampening, RULE, AMSGRAD, HAS_MOMENTUM,
@@ -155,18 +186,21 @@ def _w_update_kernel(pointers, meta, block_tensor, block_start, hyper, firsts, s
                      found_ptr, kappa, one_minus_beta1, beta2, one_minus_beta2, eps, momentum, one_minus_dampening,
                      RULE: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                      MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
-                     G_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                     G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, mask, row, mask_g, g, W_ptr, W0, gidx = _w_inputs(
         pointers, meta, block_tensor, block_start, scale_ptr, found_ptr, MAXIMIZE, HAS_SCALE, HAS_FOUND, G_DTYPE,
         F_DTYPE, BLOCK)
     u0 = tl.load(scratch + S_U0 * num_groups + gidx, mask=mask, other=0.0)
+    adopt = mask & (tl.load(scratch + S_CHANGED * num_groups + gidx, mask=mask, other=0.0) > 0.0)
+    weight = tl.load(tl.load(row + 1).to(tl.pointer_type(P_DTYPE)) + offs, mask=adopt, other=0.0).to(F_DTYPE)
+    W0 = tl.where(adopt, weight * tl.where(u0 != 0.0, 1.0 / tl.where(u0 != 0.0, u0, 1.0), 0.0), W0)
     dW = u0 * g + 2.0 * kappa * W0
     W1 = factor_update(row, 3, W0, dW, offs, mask_g, tl.load(hyper + t * 2).to(F_DTYPE),
                        tl.load(hyper + t * 2 + 1).to(F_DTYPE), tl.load(firsts + t), one_minus_beta1, beta2,
                        one_minus_beta2, eps, momentum, one_minus_dampening, RULE, AMSGRAD, HAS_MOMENTUM,
                        NESTEROV, F_DTYPE)
     W1 = tl.where(mask_g, W1, W0)
-    tl.store(W_ptr + offs, W1, mask=mask_g)
+    tl.store(W_ptr + offs, W1, mask=mask_g | adopt)
     _accumulate(scratch + S_WW1 * num_groups, gidx, W1 * W1, mask)
     _accumulate(scratch + S_W1W0 * num_groups, gidx, W1 * W0, mask)
 
@@ -220,7 +254,7 @@ def _finish_kernel(pointers, meta, block_tensor, block_start, scratch, num_group
     W = tl.where(keep != 0.0, W1, 0.0) + g * direction  # (where, not W1*keep: never -0.0)
     u = tl.load(scratch + S_U * num_groups + gidx, mask=mask, other=0.0)
     tl.store(W_ptr + offs, W, mask=mask)
-    tl.store(tl.load(row + 1).to(tl.pointer_type(P_DTYPE)) + offs, (u * W).to(P_DTYPE), mask=mask)
+    tl.store(tl.load(row + 1).to(tl.pointer_type(P_DTYPE)) + offs, to_param(u * W, P_DTYPE), mask=mask)
 
 
 def structure_row(structure, numel: int, group_offset: int, has_grad: bool) -> list[int]:
@@ -272,8 +306,9 @@ def group_step(
         total += u.numel()
     if total == 0:
         return
-    scratch = torch.zeros(9, total, dtype=f_dtype, device=device)
-    w_rows = [[g if g is not None else W, p, W, *st, s.ids] for g, p, W, st, s in zip(grads, thetas, Ws, w_states, structures)]
+    scratch = torch.zeros(SCRATCH_ROWS, total, dtype=f_dtype, device=device)
+    w_rows = [[g if g is not None else W, p, W, *st, s.ids, us[k]]
+              for g, p, W, st, s, k in zip(grads, thetas, Ws, w_states, structures, share_index)]
     w_pointers = tables.pointer_table(w_rows, device)
     w_meta = tables.value_table(
         [structure_row(s, W.numel(), offsets[k], g is not None) for g, W, s, k in zip(grads, Ws, structures, share_index)],
@@ -291,15 +326,17 @@ def group_step(
     rule_args = options.rule_args()
     w_grid = (w_blocks.numel(),)
     u_grid = (u_blocks.numel(),)
+    p_dtype = tl_dtype(thetas[0].dtype)
     if w_grid[0]:
-        _reduce_kernel[w_grid](w_pointers, w_meta, w_blocks, w_starts, scratch, total, scale, found, **grad_flags, **flags)
+        _reduce_kernel[w_grid](w_pointers, w_meta, w_blocks, w_starts, scratch, total, scale, found, **grad_flags,
+                               P_DTYPE=p_dtype, **flags)
     _u_update_kernel[u_grid](u_pointers, u_meta, u_blocks, u_starts, u_hyper, u_firsts, scratch, total, found,
-                             *rule_args, **rule_flags, **flags)
+                             *rule_args, **rule_flags, BALANCED=options.balanced, **flags)
     if w_grid[0]:
         _w_update_kernel[w_grid](w_pointers, w_meta, w_blocks, w_starts, w_hyper, w_firsts, scratch, total, scale, found,
-                                 *rule_args, **rule_flags, **grad_flags, **flags)
+                                 *rule_args, **rule_flags, **grad_flags, P_DTYPE=p_dtype, **flags)
     _decide_kernel[u_grid](u_pointers, u_meta, u_blocks, u_starts, scratch, total, found,
                            float(options.kappa), float(options.lr_revive), float(options.zero_threshold), **flags)
     if w_grid[0]:
         _finish_kernel[w_grid](w_pointers, w_meta, w_blocks, w_starts, scratch, total, scale, found,
-                               **grad_flags, P_DTYPE=tl_dtype(thetas[0].dtype), **flags)
+                               **grad_flags, P_DTYPE=p_dtype, **flags)

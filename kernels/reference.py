@@ -122,9 +122,38 @@ def init_group(
     return u, Ws
 
 
+def element_adopt(U: torch.Tensor, W: torch.Tensor, theta: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's weights are the truth: entries whose weight no longer equals ``U*W`` (a checkpoint loaded, a
+    pruning mask, clipping: any write outside the optimizer) get their factors rebuilt from the weight, as
+    :func:`init_element` builds them (an exact zero lands on the saddle, where it is held until its KKT condition
+    revives it). Returns the new ``(U, W)``; the other entries keep theirs."""
+    changed = (U * W).to(theta.dtype) != theta
+    new_U, new_W = init_element(theta, scheme)
+    return torch.where(changed, new_U, U), torch.where(changed, new_W, W)
+
+
+def group_changed(u: torch.Tensor, Ws: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor],
+                  structures: Sequence[GroupStructure]) -> torch.Tensor:
+    """Per group, the number of entries whose weight no longer equals ``u_g*W`` (partial over shards)."""
+    return sum(s.reduce(((s.expand(u) * W).to(t.dtype) != t).to(u.dtype)) for W, t, s in zip(Ws, thetas, structures))
+
+
+def group_adopt(u: torch.Tensor, Ws: Sequence[torch.Tensor], thetas: Sequence[torch.Tensor], structures: Sequence[GroupStructure],
+                scheme: str, changed: torch.Tensor, total: Sum = _local) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`element_adopt` per group: the groups with ``changed > 0`` (:func:`group_changed`, summed over shards)
+    get ``u_g`` and ``W_g`` rebuilt from the weights, as :func:`init_group` builds them."""
+    new_u, new_Ws = init_group(thetas, structures, scheme, total)
+    pick = changed > 0
+    return torch.where(pick, new_u, u), [torch.where(s.expand(pick), nW, W) for W, nW, s in zip(Ws, new_Ws, structures)]
+
+
 def group_dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], structures: Sequence[GroupStructure]) -> torch.Tensor:
     """``sum_p reduce_p(x_p * y_p)``: the inner product of ``x`` and ``y`` over each (possibly shared) group."""
-    return sum(s.reduce(x * y) for x, y, s in zip(xs, ys, structures))
+    total = None
+    for x, y, s in zip(xs, ys, structures):
+        part = s.reduce(x * y)
+        total = part if total is None else total + part
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,7 +181,7 @@ def group_factor_grads(
 
 def group_W_grad(g: torch.Tensor, u: torch.Tensor, W: torch.Tensor, structure: GroupStructure, kappa: float) -> torch.Tensor:
     """``dW_i = u_g(i) g_i + 2*kappa*W_i`` (local to a shard: it needs ``u``, not the group's sums)."""
-    return structure.expand(u) * g + 2 * kappa * W
+    return torch.addcmul(2 * kappa * W, structure.expand(u), g)
 
 
 def penalty(factors: Sequence[torch.Tensor], kappa: float) -> torch.Tensor:

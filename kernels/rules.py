@@ -31,6 +31,7 @@ class StepOptions:
 
     rule: int
     kappa: float
+    balanced: bool  # init "balanced" (else "unbalanced"): how an adopted weight is split into factors
     lr_revive: float  # the proximal step of a revival (the group's lr)
     zero_threshold: float
     beta1: float = 0.0
@@ -50,6 +51,35 @@ class StepOptions:
 
     def rule_flags(self) -> dict:
         return dict(RULE=self.rule, AMSGRAD=bool(self.amsgrad), HAS_MOMENTUM=self.momentum != 0, NESTEROV=bool(self.nesterov))
+
+
+@triton.jit
+def to_param(x, P_DTYPE: tl.constexpr):
+    """``x`` (float32 factors' product) in the parameter's dtype, rounded to nearest even as ``torch``'s
+    ``.to()``. For bf16 the rounding is done on the bits (Triton's interpreter truncates fp32 -> bf16)."""
+    if P_DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(P_DTYPE)
+
+
+@triton.jit
+def split(t, BALANCED: tl.constexpr):
+    """:func:`spread_optim.kernels.reference.init_element` of one block: ``(a, b)`` with ``a*b == t`` exactly;
+    balanced: ``b = 2**rint(log2|t| / 2)`` (ties to even, as ``torch.round``), 0 for zeros; else ``(1, t)``."""
+    if BALANCED:
+        nonzero = t != 0.0
+        half = tl.log2(tl.where(nonzero, tl.abs(t), 1.0)) * 0.5
+        r = tl.floor(half + 0.5)
+        r = tl.where(((r - half) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)  # ties to even
+        b = tl.where(nonzero, tl.exp2(r), 0.0)
+        a = tl.where(nonzero, t / tl.where(nonzero, b, 1.0), 0.0)
+    else:
+        a = tl.zeros_like(t) + 1.0
+        b = t
+    return a, b
 
 
 @triton.jit

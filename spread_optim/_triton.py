@@ -127,7 +127,8 @@ def _grad(p: torch.Tensor) -> torch.Tensor | None:
 
 
 def _options(rule: "_Rule", group):
-    return kernels()["rules"].StepOptions(rule=rule.rule, kappa=group["kappa"], lr_revive=float(group["lr"]),
+    return kernels()["rules"].StepOptions(rule=rule.rule, kappa=group["kappa"], balanced=group["init"] == "balanced",
+                                         lr_revive=float(group["lr"]),
                                          zero_threshold=group["zero_threshold"], maximize=bool(group.get("maximize", False)),
                                          **rule.options)
 

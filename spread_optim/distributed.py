@@ -33,7 +33,12 @@ def _dtensor_cls():
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_dtensor(t) -> bool:
+    if type(t) in _PLAIN:  # the common case, without a look-up
+        return False
     cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls)
 

@@ -304,6 +304,14 @@ class SpreadOptimizer(Optimizer):
         if self._comm.distributed and spans and per_parameter(self._base_cls) and grad_scale is None and found_inf is None and not fused:
             return self._step_one_round(split, begin, flags, names)
         self._factor_grads(split, begin, (flags, names))
+        self._step_rest(split, fused, grad_scale, found_inf, device_flag)
+
+    def _step_two_rounds(self, split, begin, flags) -> None:
+        self._factor_grads(split, begin, flags)
+        self._step_rest(split, [], None, None, None)
+
+    def _step_rest(self, split, fused, grad_scale, found_inf, device_flag) -> None:
+        """After the factor gradients: the base step, the zero pass and theta; the fused kinds' kernels."""
         for k in fused:
             for _, _, leaf in k.factor_leaves():
                 leaf.grad = None  # the base must not step them: the kernels do
@@ -318,14 +326,18 @@ class SpreadOptimizer(Optimizer):
     def _factor_grads(self, split: list[Kind], begin=None, flags=None) -> None:
         """Check the gradients (raise before anything moves) and set the factor gradients; one exchange carries
         the non-finite counts, ``begin``'s parts (the kinds' :meth:`begin`, first evaluation only) and ``sum g*W``.
-        ``flags``: ``(probes, names)`` when already taken."""
+        ``flags``: ``(probes, names)`` when already taken. A set spanning shards whose weights were written outside
+        the optimizer (on any rank) is adopted, and the exchange repeated (only in such a step)."""
         flags, names = self._nonfinite(split) if flags is None else flags
         begin = [[] for _ in split] if begin is None else begin
-        reduced_flags, reduced_begin, reduced_grads = self._exchange(flags, begin, [k.grad_sums() for k in split])
-        self._raise_if_nonfinite(reduced_flags, names)
-        for k, parts, sums in zip(split, reduced_begin, reduced_grads):
-            if parts:
-                k.end_begin(parts)
+        while True:
+            reduced_flags, reduced_begin, reduced_grads = self._exchange(flags, begin, [k.grad_sums() for k in split])
+            self._raise_if_nonfinite(reduced_flags, names)
+            adopted = [k.end_begin(parts) for k, parts in zip(split, reduced_begin) if parts]
+            if not any(adopted):
+                break
+            flags, begin = [], [k.begin() for k in split]
+        for k, sums in zip(split, reduced_grads):
             k.set_factor_grads(sums)
 
     def _penalty(self, kinds: list[Kind]) -> torch.Tensor:
@@ -357,14 +369,17 @@ class SpreadOptimizer(Optimizer):
         self._hidden.step(only=first)
         finish = [k.finish_sums() for k in split]
         reduced_flags, reduced_begin, reduced_grads, reduced_finish = self._exchange(flags, begin, grad_sums, finish)
-        if _any_nonfinite(reduced_flags):
+        nonfinite = _any_nonfinite(reduced_flags)
+        adopted = not nonfinite and any([k.end_begin(parts) for k, parts in zip(split, reduced_begin) if parts])
+        if nonfinite or adopted:
             for leaf, value, state in saved:
                 leaf.detach().copy_(value)
                 self._hidden.optimizer.state[leaf] = state
             self._raise_if_nonfinite(reduced_flags, names)
+            # weights written outside the optimizer were adopted: this step takes the two-round way
+            return self._step_two_rounds(split, [k.begin() for k in split], ([], names))
         del saved
-        for k, parts, sums in zip(split, reduced_begin, reduced_grads):
-            k.end_begin(parts)
+        for k, sums in zip(split, reduced_grads):
             k.set_factor_grads(sums, skip_W=True)
         self._hidden.step()
         for k, sums in zip(split, reduced_finish):

@@ -107,8 +107,9 @@ class Kind:
     def spans_shards(self) -> bool:
         return False
 
-    def end_begin(self, reduced=()) -> None:
-        """Complete :meth:`begin` with its parts summed over ranks."""
+    def end_begin(self, reduced=()) -> bool:
+        """Complete :meth:`begin` with its parts summed over ranks; True when the step must start over."""
+        return False
 
     def grad_sums(self) -> list:
         return []
@@ -143,9 +144,17 @@ class Element(Kind):
         return local(st["U"]), local(st["W"])
 
     def begin(self) -> list:
+        """Adopt the weights written outside the optimizer, then remember the dead entries."""
         self._dead = []
         for p in self.params:
             U, W = self._factors(p)
+            theta = local(p.detach())
+            if self.fast:
+                cpu.element_adopt_(U, W, theta, self.group["init"])
+            else:
+                new_U, new_W = ref.element_adopt(U, W, theta, self.group["init"])
+                U.copy_(new_U)
+                W.copy_(new_W)
             if self.fast:
                 self._dead.append(cpu.element_dead(U, W, out=self._scratch(p, U)))
             else:
@@ -287,25 +296,47 @@ class Grouped(Kind):
         return [torch.zeros_like(W) if g is None else g for g, W in zip(grads, Ws)]
 
     def begin(self) -> list:
-        """Dead groups; for sets spanning shards, ``||W_g||^2`` needs the other ranks (see :meth:`end_begin`)."""
+        """Adopt the weights written outside the optimizer, then remember the dead groups. For sets spanning
+        shards, ``||W_g||^2`` and the count of changed weights need the other ranks (see :meth:`end_begin`)."""
         self._dead, self._pending = [], []
         parts = []
         for k, members in enumerate(self.sets):
             u, Ws, structures = self._locals(members)
-            w_sq = ref.group_dots(Ws, Ws, structures)
+            thetas = [local(p.detach()) for p in members]
+            changed = ref.group_changed(u, Ws, thetas, structures)
             if self.spans[k]:
                 self._dead.append(None)
                 self._pending.append(k)
-                parts.append(w_sq)
-            else:
-                self._dead.append(ref.group_dead(u, w_sq))
+                parts += [ref.group_dots(Ws, Ws, structures), changed]
+                continue
+            if bool(changed.any()):
+                self._adopt(k, changed)
+            self._dead.append(ref.group_dead(u, ref.group_dots(Ws, Ws, structures)))
         return parts
 
-    def end_begin(self, reduced: Sequence[torch.Tensor]) -> None:
-        """Complete :meth:`begin` with its parts summed over ranks."""
-        for k, w_sq in zip(self._pending, reduced):
+    def _adopt(self, k: int, changed: torch.Tensor) -> None:
+        members = self.sets[k]
+        u, Ws, structures = self._locals(members)
+        total = (lambda x: self.comm.sum([x])[0]) if self.spans[k] else (lambda x: x)
+        new_u, new_Ws = ref.group_adopt(u, Ws, [local(p.detach()) for p in members], structures, self.group["init"],
+                                        changed, total)
+        u.copy_(new_u)
+        for W, new_W in zip(Ws, new_Ws):
+            W.copy_(new_W)
+
+    def end_begin(self, reduced: Sequence[torch.Tensor]) -> bool:
+        """Complete :meth:`begin` with its parts summed over ranks. Returns True when a weight of a spanning set
+        was written outside the optimizer (on any rank): that set is then adopted (which needs the other ranks
+        again) and the step must start over."""
+        adopted = False
+        for i, k in enumerate(self._pending):
+            w_sq, changed = reduced[2 * i], reduced[2 * i + 1]
+            if bool(changed.any()):
+                self._adopt(k, changed)
+                adopted = True
             self._dead[k] = ref.group_dead(local(self.state[self.sets[k][0]]["u"]), w_sq)
         self._pending = []
+        return adopted
 
     def grad_sums(self) -> list:
         """``sum g*W`` of the sets spanning shards (the loss part of ``du``), to be summed over ranks."""
@@ -355,8 +386,10 @@ class Grouped(Kind):
             for p, dW, g in zip(members, dWs, grads):
                 self.state[p]["W"].grad = None if g is None else like(dW, self.state[p]["W"])
 
-    def _finish_inputs(self, theta_old: Theta):
+    def _finish_inputs(self, theta_old: Theta, spanning_only: bool = False):
         for k, members in enumerate(self.sets):
+            if spanning_only and not self.spans[k]:
+                continue
             grads, live = self._grads(members)
             if live:
                 u, Ws, structures = self._locals(members)
@@ -365,7 +398,7 @@ class Grouped(Kind):
     def finish_sums(self, theta_old: Theta = _theta_now) -> list:
         """The zero pass's per-group sums of sets spanning shards (the others are summed in :meth:`zero_pass`)."""
         return [ref.group_finish_sums(Ws, grads, olds, structures)
-                for k, _, _, Ws, structures, grads, olds in self._finish_inputs(theta_old) if self.spans[k]]
+                for k, _, _, Ws, structures, grads, olds in self._finish_inputs(theta_old, spanning_only=True)]
 
     def zero_pass(self, lr: float, theta_old: Theta = _theta_now, reduced=()) -> None:
         """``reduced``: :meth:`finish_sums` summed over ranks, in order."""

@@ -237,6 +237,28 @@ def _job(rank, world, port, out, ckpt):
             opt2.step()
         result["fsdp_gradless"] = snapshot(m2, opt2, full)
 
+        # weights written outside the optimizer, on one rank's shard of groups that span shards (columns of
+        # d.weight, the shared columns of a.weight and b.weight): adopted on every rank, nothing lost
+        m2 = _fsdp_model()
+        opt2 = SpreadAdam(param_groups(m2), lr=0.1)
+        for _ in range(2):
+            opt2.zero_grad()
+            loss_fn(m2, x, y).backward()
+            opt2.step()
+        if rank == 0:
+            with torch.no_grad():
+                m2.d.weight.to_local()[0].zero_()
+                m2.a.weight.to_local()[0, 2] = 0.5
+        written = {name: full(p.detach()).clone() for name, p in m2.named_parameters()}
+        for group in opt2.param_groups:
+            group["lr"] = 0.0
+        adopt_comms = []
+        for _ in range(2):
+            opt2.zero_grad()
+            loss_fn(m2, x, y).backward()
+            adopt_comms.append(_counted_step(opt2, only="all_reduce"))
+        result.update(fsdp_adopt_written=written, fsdp_adopt_after=snapshot(m2, opt2, full), fsdp_adopt_comms=adopt_comms)
+
         # a base from outside torch.optim (no promise that it steps two subsets as it steps the whole):
         # the two-round path, same numbers
         m2 = _fsdp_model()
@@ -419,6 +441,18 @@ def test_fsdp2_unsupported_layouts_are_refused(ranks):
         shared, placement = r["layout_errors"]
         assert shared is not None and "param group 0" in shared and "share_groups" in shared
         assert placement is not None and "param group 0" in placement and "Shard(dim=1)" in placement
+
+
+def test_fsdp2_outside_writes_on_one_shard_are_adopted(ranks):
+    """A write to one rank's shard of column groups: every rank adopts it (the step then takes extra rounds), the
+    weights stay as written, the factors reproduce them, and the next step is back to one all-reduce."""
+    results, _ = ranks
+    for r in results:
+        written, after = r["fsdp_adopt_written"], r["fsdp_adopt_after"]
+        for name, value in written.items():
+            assert torch.equal(after[name], value), name
+        assert torch.equal(after["d.weight.u"][None, :] * after["d.weight.W"], written["d.weight"])
+        assert r["fsdp_adopt_comms"][0] > 1 and r["fsdp_adopt_comms"][1] == 1, r["fsdp_adopt_comms"]
 
 
 def test_fsdp2_lbfgs_is_refused_at_construction(ranks):
