@@ -56,6 +56,16 @@ def _snapshot(tensors):
     return [(t, t.detach().clone()) for t in tensors]
 
 
+def _copy_state(state: dict) -> dict:
+    """A copy of LBFGS's state that its next iterations cannot change (it updates some tensors in place, and
+    appends to and pops from its history lists)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, list) else v for k, v in state.items()}
+
+
+def _finite(loss) -> bool:
+    return bool(torch.isfinite(loss).all()) if isinstance(loss, torch.Tensor) else loss == loss and abs(loss) != float("inf")
+
+
 def step(kinds: Kinds, hidden, closure: Callable, *, factor_grads: Callable, penalty: Callable, zero_pass: Callable,
          lbfgs: bool, lr: float):
     """One step of a multi-evaluation base (module docstring). ``factor_grads(kinds, begin_parts=None)``: check
@@ -68,7 +78,9 @@ def step(kinds: Kinds, hidden, closure: Callable, *, factor_grads: Callable, pen
     theta_start: dict = {}
     versions: list = []  # versions of the factor leaves at each evaluation
     base_params = [t for g in hidden.param_groups for t in g["params"]]
-    start = _snapshot(base_params) if lbfgs else None  # factors and dense parameters at the step's start
+    # LBFGS moves factors and dense parameters at every line-search trial: what it had at the step's start, to put
+    # back when a later evaluation fails (its history too: a failed step must not leave a pair in it)
+    start = (_snapshot(base_params), _copy_state(hidden.first_state())) if lbfgs else None
 
     def spread_closure():
         with torch.no_grad():
@@ -80,6 +92,8 @@ def step(kinds: Kinds, hidden, closure: Callable, *, factor_grads: Callable, pen
         with torch.enable_grad():
             loss = closure()
         last_loss[0] = loss
+        if loss is not None and not _finite(loss):
+            raise FloatingPointError(f"the closure returned a non-finite loss ({_as_float(loss)}); nothing was updated")
         with torch.no_grad():
             factor_grads(kinds, None if first_loss else begin)
             pen = penalty(kinds)
@@ -92,8 +106,11 @@ def step(kinds: Kinds, hidden, closure: Callable, *, factor_grads: Callable, pen
     try:
         hidden.step(spread_closure)
     except FloatingPointError:
-        if start is not None and first_loss:
-            restore(start)
+        if start is not None:
+            restore(start[0])
+            state = hidden.first_state()
+            state.clear()
+            state.update(start[1])
             for k in kinds:
                 k.write_theta()
         raise

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from spread_optim import _closure
+from spread_optim import _checkpoint, _closure
 from spread_optim._base import HiddenBase, per_parameter, single_group
 from spread_optim._triton import nonfinite_flag
 from spread_optim.distributed import LOCAL, check_not_zero_shared, communicator, is_dtensor
@@ -125,6 +125,7 @@ class SpreadOptimizer(Optimizer):
         self._paths: list[str] = []  # per param group: "base" (dense), "cpu", "spec" or "triton"
         self._comm = LOCAL
         self._dense_stepped: set[int] = set()  # ids of parameters stepped in a dense group (SGD keeps no state)
+        self._built_for: dict = {}  # param -> the sparsity its factors were built for (see _refactor_if_changed)
 
     # ------------------------------------------------------------------------------------------------
     # pickling / deepcopy: the base instance, the caches and the plan are derived
@@ -223,6 +224,7 @@ class SpreadOptimizer(Optimizer):
                 if (p, id(group["sparsity"])) not in self._structures:
                     validate_sparsity(group["sparsity"], p, f"param group {index}")
             self._check_stays_sparse(group, index)
+            self._refactor_if_changed(group)
             choice, kind = self._make_kind(group, index)
             kinds.append(kind)
             paths.append(choice.path)
@@ -254,7 +256,6 @@ class SpreadOptimizer(Optimizer):
                 )
 
     def _check_stays_sparse(self, group, index) -> None:
-        element = isinstance(group["sparsity"], str) and group["sparsity"] == "element"
         for p in group["params"]:
             st = self.state.get(p)
             if (st and "W" not in st) or id(p) in self._dense_stepped:
@@ -262,8 +263,22 @@ class SpreadOptimizer(Optimizer):
                     f"param group {index}: 'kappa' became > 0 after the group was stepped as a dense group; "
                     "whether a group is sparse is fixed at its first step (start from a tiny kappa instead)"
                 )
-            if st and ("U" in st) != element and "W" in st:
-                raise ValueError(f"param group {index}: 'sparsity' changed after the group's first step; the factors cannot follow")
+
+    def _refactor_if_changed(self, group) -> None:
+        """A group whose ``sparsity`` or ``share_groups`` changed since its factors were built starts new factors
+        from its current weights (the old factors, and the base's state for them, describe another structure)."""
+        sparsity = group["sparsity"]
+        built_for = (describe(sparsity), id(sparsity) if isinstance(sparsity, torch.Tensor) else None, group["share_groups"])
+        params = group["params"]
+        stale = [p for p in params if self._built_for.get(p, built_for) != built_for]
+        element = built_for[0] == "element"
+        stale += [p for p in params if "W" in self.state.get(p, {}) and ("U" in self.state[p]) != element]
+        if stale:
+            for p in params:
+                if "W" in self.state.get(p, {}):
+                    self.state[p].clear()
+        for p in params:
+            self._built_for[p] = built_for
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -461,20 +476,31 @@ class SpreadOptimizer(Optimizer):
     # checkpoints
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`; factors and their base state keep the factors' dtype (float32 for bf16
-        parameters), everything is moved to the parameter's device."""
-        factor_dtypes = {p: ref.factor_dtype(p.dtype) if is_sparse(g) else None for g in self.param_groups for p in g["params"]}
+        """Load a :meth:`state_dict` (checked first: see :mod:`spread_optim._checkpoint`; a refused checkpoint
+        changes nothing). Factors and their base state keep the factors' dtype (float32 for bf16 parameters);
+        everything is moved to the parameter's device. Weights that differ from the loaded factors (a model
+        checkpoint newer than this one) are adopted at the next step: the model's weights stay the truth."""
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():  # (torch runs them before its checks)
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state_dict = _checkpoint.prepare(state_dict, self.param_groups, self.defaults)
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         # Optimizer.load_state_dict casts floating state to the parameter's dtype; keep a float32 copy of sparse
         # entries of low-precision parameters and put it back afterwards.
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
         keep = {}
-        if len(ids) == len(params):
-            for i, p in zip(ids, params):
-                entry = state_dict["state"].get(i)
-                if entry is not None and "W" in entry and factor_dtypes.get(p) not in (None, p.dtype):
-                    keep[p] = _map_tensors(entry, lambda k, t, d=factor_dtypes[p], dev=p.device: t.clone() if k == "step" else t.to(device=dev, dtype=d, copy=True) if t.is_floating_point() else t.to(dev, copy=True))
-        super().load_state_dict(state_dict)
+        for i, p in zip(ids, params):
+            entry = state_dict["state"].get(i)
+            if entry is not None and "W" in entry and ref.factor_dtype(p.dtype) != p.dtype:
+                dtype = ref.factor_dtype(p.dtype)
+                keep[p] = _map_tensors(entry, lambda k, t, d=dtype, dev=p.device: t.clone() if k == "step" else t.to(device=dev, dtype=d, copy=True) if t.is_floating_point() else t.to(dev, copy=True))
+        hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, type(self._optimizer_load_state_dict_pre_hooks)()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
         for p, entry in keep.items():
             self.state[p] = entry
         self._init_derived()
