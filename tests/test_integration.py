@@ -839,3 +839,22 @@ def test_parameters_as_generator():
     assert_runs_equal(opt, opt_ref)
     assert_same([p.detach() for p in opt2_model.parameters()], [p.detach() for p in ref.parameters()], "params")
     assert "U" in opt.state[w]
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.1])
+def test_global_step_hooks_fire_once_with_this_optimizer(kappa):
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = SpreadAdam([p], lr=0.01, kappa=kappa)
+    seen = []
+    handles = [register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", o))),
+               register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append(("post", o)))]
+    try:
+        for _ in range(2):
+            p.grad = torch.randn(4, 3)
+            opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert [(when, o is opt) for when, o in seen] == [("pre", True), ("post", True)] * 2

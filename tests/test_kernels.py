@@ -387,3 +387,14 @@ def test_block_table():
     blocks, starts = tables.block_table([1, 2048, 0, 1025], 1024, torch.device("cpu"))
     assert blocks.tolist() == [0, 1, 1, 3, 3]
     assert starts.tolist() == [0, 0, 1024, 0, 1024]
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(0.02), torch.tensor([0.02]), torch.tensor([[0.02]])], ids=["0-d", "1-d", "2-d"])
+@pytest.mark.parametrize("capturable", [False, True])
+def test_tensor_lr_of_any_one_element_shape(lr, capturable):
+    """torch accepts a one-element tensor lr of any shape; the kernels take it as the float does."""
+    ref_params, ref_opt, ker_params, ker_opt, gen = make_pair("element", False, [(9, 4)], "adam", dict(lr=0.02, eps=1e-4))
+    for group in ker_opt.param_groups:
+        group["lr"], group["capturable"] = lr.clone(), capturable
+    step_both(ref_params, ref_opt, ker_params, ker_opt, _grads(ref_params, gen))
+    assert_same_state(ref_params, ref_opt, ker_params, ker_opt)

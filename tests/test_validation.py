@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -352,3 +354,88 @@ def test_valid_settings_construct_without_error():
         p.grad = torch.ones_like(p)
     opt.step()
     assert all(math.isfinite(float(p.detach().sum())) for p in (a, b, c))
+
+
+# ---------------------------------------------------------------------------------------------------
+# values torch accepts for its own hyperparameters are accepted for spread's keys
+
+
+@pytest.mark.parametrize("kappa", [np.float32(0.1), np.float64(0.1), np.int64(1), torch.tensor(0.1), torch.tensor([0.1])])
+def test_numpy_and_tensor_kappa_are_accepted(kappa):
+    (p,) = _params((3, 4))
+    opt = SpreadSGD([p], lr=0.1, kappa=kappa)
+    assert isinstance(opt.param_groups[0]["kappa"], float) and opt.param_groups[0]["kappa"] == pytest.approx(float(kappa))
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert "U" in opt.state[p]
+
+
+@pytest.mark.parametrize("threshold", [np.float32(1e-4), torch.tensor(1e-4), 0, float("inf")])
+def test_zero_threshold_values_torch_would_accept(threshold):
+    (p,) = _params((5,))
+    opt = SpreadSGD([p], lr=0.1, kappa=0.1, zero_threshold=threshold)
+    p.grad = torch.ones_like(p)
+    opt.step()
+
+
+@pytest.mark.parametrize("share", [np.bool_(True), torch.tensor(True)])
+def test_numpy_bool_share_groups(share):
+    a, b = _params((4, 3), (2, 3))
+    opt = SpreadSGD([a, b], lr=0.1, kappa=0.1, sparsity="column", share_groups=share)
+    assert opt.param_groups[0]["share_groups"] is True
+
+
+@pytest.mark.parametrize("typo, meant", [("kapa", "kappa"), ("kappaa", "kappa"), ("sparsty", "sparsity"), ("zero_treshold", "zero_threshold")])
+def test_a_typo_in_a_spread_key_warns(typo, meant):
+    a, b = _params((3,), (4,))
+    with pytest.warns(UserWarning, match=f"'{typo}'.*did you mean '{meant}'"):
+        SpreadSGD([{"params": [a]}, {"params": [b], typo: 0.1}], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SpreadSGD([{"params": [a], "custom_tag": "x"}], lr=0.1)  # torch keeps unknown keys: no warning far from ours
+
+
+# ---------------------------------------------------------------------------------------------------
+# kkt_residual never says "optimal" by mistake
+
+
+def test_kkt_residual_before_backward_raises():
+    (p,) = _params((4,))
+    opt = SpreadSGD([p], lr=0.1, kappa=0.1)
+    with pytest.raises(RuntimeError, match="backward"):
+        opt.kkt_residual()
+
+
+def test_kkt_residual_of_a_nan_gradient_is_nan():
+    a, b = _params((4,), (3, 2))
+    opt = SpreadSGD([{"params": [a]}, {"params": [b], "sparsity": "row"}], lr=0.1, kappa=0.1)
+    a.grad, b.grad = torch.zeros(4), torch.zeros(3, 2)
+    assert opt.kkt_residual() > 0 and not math.isnan(opt.kkt_residual())
+    for p in (a, b):
+        p.grad = torch.zeros_like(p)
+        p.grad.view(-1)[0] = float("nan")
+        assert math.isnan(opt.kkt_residual())
+        p.grad = torch.zeros_like(p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# differentiable: the base's business at kappa = 0, refused in a sparse group
+
+
+def test_differentiable_passes_to_the_base_in_dense_groups():
+    """As torch's own tests use it: a non-leaf parameter, the step differentiable with respect to its inputs."""
+    results = []
+    for cls in (torch.optim.SGD, SpreadSGD):
+        w = torch.ones(3, requires_grad=True)
+        p = w * 2.0  # a non-leaf tensor
+        p.retain_grad()
+        opt = cls([p], lr=0.1, momentum=0.9, differentiable=True)
+        p.grad = torch.full((3,), 0.5, requires_grad=True)
+        opt.step()
+        p.sum().backward()
+        results.append((p.detach().clone(), w.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    (p,) = _params((3,))
+    with pytest.raises(ValueError) as e:
+        SpreadSGD([{"params": [p]}, {"params": _params((2,)), "kappa": 0.1}], lr=0.1, differentiable=True)
+    _assert_names(e, 1, "differentiable")
