@@ -66,16 +66,32 @@ def factor_dtype(dtype: torch.dtype) -> torch.dtype:
 # factors from theta
 
 
+def exponent(t: torch.Tensor) -> torch.Tensor:
+    """The exponent ``e`` of ``|t| = m * 2**e`` with ``m`` in ``[1/2, 1)``, as ``torch.frexp`` gives it, read from
+    the bits of float32 / float64 ``t`` (``frexp`` does not vectorise under ``torch.compile``; this does).
+    Subnormals are scaled by ``2**64`` first. Meaningful for finite nonzero ``t``."""
+    ints, shift, field_mask, bias = (torch.int64, 52, 0x7FF, 1022) if t.dtype == torch.float64 else (torch.int32, 23, 0xFF, 126)
+    tiny = t.abs() < 2.0**-100
+    bits = torch.where(tiny, t * 2.0**64, t).view(ints)
+    return ((bits >> shift) & field_mask) - bias - torch.where(tiny, 64, 0)
+
+
+def power_of_two(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2**k`` (integer ``k``, a normal number of ``dtype``), built from its bits."""
+    ints, shift, bias = (torch.int64, 52, 1023) if dtype == torch.float64 else (torch.int32, 23, 127)
+    return ((k.to(ints) + bias) << shift).view(dtype)
+
+
 def balanced_split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t = a * b`` exactly, ``b = 2**round(log2 sqrt|t|) > 0``, so ``|a|/b`` lies in ``[1/2, 2]``.
+    """``t = a * b`` exactly with ``b = 2**floor(e/2)`` for ``|t| = m * 2**e`` (``m`` in ``[1/2, 1)``), so that
+    ``|a| / b = m * 2**(e mod 2)`` lies in ``[1/2, 2)``: both factors near ``sqrt|t|``.
 
     A power of two divides exactly in floating point, so ``a * b`` reproduces ``t`` bit for bit (a plain
     ``sqrt|t| * sqrt|t|`` misses in about half the entries). Zeros give ``a = b = 0``.
     """
     nonzero = t != 0
-    safe = torch.where(nonzero, t.abs(), torch.ones_like(t))
-    b = torch.where(nonzero, torch.exp2(torch.round(torch.log2(safe) / 2)), torch.zeros_like(t))
-    a = torch.where(nonzero, t / torch.where(nonzero, b, torch.ones_like(b)), torch.zeros_like(t))
+    b = torch.where(nonzero, power_of_two(torch.div(exponent(t), 2, rounding_mode="floor"), t.dtype), 0.0)
+    a = torch.where(nonzero, t / torch.where(nonzero, b, 1.0), 0.0)
     return a, b
 
 
