@@ -36,6 +36,8 @@ SPREAD_KERNELS_ON_CPU = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") =
 INTERPRETED = SPREAD_KERNELS_ON_CPU
 KAPPA = 0.05
 CLIQUEY = ("foreach", "fused", "differentiable")
+#: spread's own param-group keys (README, "Param-group keys"): the param groups are torch's plus these
+SPREAD_KEYS = ("kappa", "sparsity", "share_groups", "init", "zero_threshold")
 
 
 # ----------------------------------------------------------------------------------------------------
