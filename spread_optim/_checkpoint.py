@@ -7,9 +7,9 @@ next step), spread factors for a dense group. Nothing in the optimizer changes w
 
 Accepted as torch accepts them:
 
-* older state dicts: a param group without a base key takes the base's default (as torch's own ``__setstate__``
-  does: ``maximize``, ``foreach``, ``differentiable``, ``fused``, ``capturable``, ...), a Python-number ``step``
-  becomes a tensor;
+* older state dicts: a param group without a base key takes the base class's default (as torch's own
+  ``__setstate__`` does: ``maximize=False``, ``foreach=None``, ``differentiable=False``, ...), a Python-number
+  ``step`` becomes a tensor;
 * a ``torch.optim`` checkpoint of the base (switching from ``torch.optim.Adam`` to ``SpreadAdam`` mid-training):
   its param groups take this optimizer's spread keys, dense groups keep the base's state as it is, and a sparse
   parameter's moments, which describe theta and not the factors, are dropped: its factors start from the current
@@ -18,6 +18,7 @@ Accepted as torch accepts them:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -31,9 +32,10 @@ _SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square
            "ax", "prev", "step_size", "mu_product")
 
 
-def prepare(state_dict: dict[str, Any], param_groups: list[dict], defaults: dict) -> dict[str, Any]:
-    """A checked and completed copy of ``state_dict`` for an optimizer with these ``param_groups`` (raises
-    ValueError/TypeError naming the group and parameter)."""
+def prepare(state_dict: dict[str, Any], param_groups: list[dict], defaults: dict, base_cls: type) -> dict[str, Any]:
+    """A checked and completed copy of ``state_dict`` for an optimizer with these ``param_groups`` and
+    ``defaults`` over ``base_cls`` (raises ValueError/TypeError naming the group and parameter)."""
+    class_defaults = _class_defaults(base_cls)
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups' "
                          f"(got {type(state_dict).__name__}{' with keys ' + str(sorted(map(str, state_dict))) if isinstance(state_dict, dict) else ''})")
@@ -48,8 +50,9 @@ def prepare(state_dict: dict[str, Any], param_groups: list[dict], defaults: dict
                              f"{len(group['params'])}")
         merged = dict(saved)
         for key, value in defaults.items():
-            if key not in merged:  # an older or a torch.optim checkpoint: spread keys from this optimizer
-                merged[key] = group[key] if key in OPTIONS else value
+            if key not in merged:  # an older or a torch.optim checkpoint: spread keys from this optimizer, the
+                # base's keys from the base class's own defaults (as its __setstate__ fills them)
+                merged[key] = group[key] if key in OPTIONS else class_defaults.get(key, value)
         check_group(merged, where)
         groups.append(merged)
     state = {}
@@ -133,6 +136,15 @@ def _with_tensor_steps(entry: dict) -> dict:
     from torch.optim.optimizer import _get_scalar_dtype
 
     return {**entry, "step": torch.tensor(float(step), dtype=_get_scalar_dtype())}
+
+
+def _class_defaults(base_cls: type) -> dict:
+    """The keyword defaults of the base class's constructor (``maximize=False``, ``foreach=None``, ...)."""
+    try:
+        parameters = inspect.signature(base_cls.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a constructor without a signature
+        return {}
+    return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
 
 
 def _num_groups(group: dict, p: torch.Tensor) -> int:

@@ -197,12 +197,21 @@ def _tell_lbfgs(kinds: Kinds, hidden, base_point) -> None:
     coordinates are removed from every stored pair (pairs left with ``y.s <= 1e-10`` are dropped, as LBFGS drops
     them), else the history keeps moving them and the zero pass keeps moving them back.
 
-    LBFGS keeps its whole state in the entry of its first tensor; its counters are untouched."""
+    Without a line search (``line_search_fn=None``) LBFGS instead starts over after a zero pass that moved
+    anything. LBFGS keeps its whole state in the entry of its first tensor; its counters are otherwise untouched."""
     params = hidden.param_groups[0]["params"]
     jump = torch.cat([(q.detach() - b).reshape(-1) for q, b in zip(params, base_point)])
     state = hidden.first_state()
     d, t, g = state.get("d"), state.get("t"), state.get("prev_flat_grad")
     if not torch.is_tensor(d) or g is None or not bool(jump.any()):  # no history yet, or nothing moved
+        return
+    if hidden.param_groups[0].get("line_search_fn") is None:
+        # Without a line search nothing rejects a poor direction, and one from a history the zero pass has made
+        # stale diverged (torch's own test problem, 15 draws of 100): LBFGS starts over, as at its first step.
+        revival_step = state.get("spread_revival_step")
+        state.clear()
+        if revival_step is not None:
+            state["spread_revival_step"] = revival_step
         return
     moved = float(g.dot(d)) <= -hidden.param_groups[0]["tolerance_change"]
     state["d"] = d.mul(float(t)).add_(jump) if moved else jump

@@ -157,8 +157,8 @@ class SpreadOptimizer(Optimizer):
         for p in tensors:
             if isinstance(p, torch.Tensor) and id(p) in seen:
                 raise ValueError(
-                    f"param group {index}: a parameter of shape {tuple(p.shape)} is already in param group "
-                    f"{seen[id(p)]}; each tensor may belong to one group only"
+                    f"some parameters appear in more than one parameter group: param group {index} repeats a "
+                    f"parameter of shape {tuple(p.shape)} from param group {seen[id(p)]} (each tensor may belong to one group only)"
                 )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -485,7 +485,7 @@ class SpreadOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        state_dict = _checkpoint.prepare(state_dict, self.param_groups, self.defaults)
+        state_dict = _checkpoint.prepare(state_dict, self.param_groups, self.defaults, self._base_cls)
         params = [p for g in self.param_groups for p in g["params"]]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         # Optimizer.load_state_dict casts floating state to the parameter's dtype; keep a float32 copy of sparse

@@ -56,28 +56,7 @@ from _torch_contract import (  # noqa: E402
 )
 
 # ----------------------------------------------------------------------------------------------------
-# the known bugs (each xfail below names one of these)
-
-BUG_CLOSURE_NONE = "sparse group: step(closure) with a closure returning None raises TypeError (None + penalty)"
-BUG_GLOBAL_HOOKS = ("global optimizer step hooks fire twice per step; the second pair receives the hidden inner "
-                    "torch optimizer instead of ours")
-BUG_OLD_FLAGS = ("load_state_dict of an older state dict (no 'maximize'/'foreach'/'differentiable'/'fused'/"
-                 "'capturable' in its groups) is not defaulted as torch's __setstate__ does: KeyError at the next step")
-BUG_NONTENSOR_STEP = ("load_state_dict of a state dict whose Adam 'step' is a Python number: not turned back into a "
-                      "tensor as torch's Adam.__setstate__ does, the next step raises RuntimeError")
-BUG_LBFGS_FLOAT_CLOSURE = ("LBFGS, kappa>0: a closure returning a Python number (float, int) crashes in the revival "
-                           "backtracking (AttributeError: no .detach()) once an exact zero is revived")
-BUG_LBFGS_DIVERGES = ("LBFGS, kappa>0: on torch's ||Wx+b||^2 problem with a small lr the objective blows up (or a "
-                      "non-finite gradient is raised) for some draws, after decreasing")
-BUG_EMPTY_STATE = ("kappa=0: optimizer.state / state_dict() have empty {} entries for parameters torch keeps no state "
-                   "for (SGD without momentum, parameters without a gradient)")
-BUG_LBFGS_STATE = ("kappa=0 LBFGS: state has an extra 'spread_revival_step' key and an empty {} entry for every "
-                   "parameter but the first")
-BUG_DIFFERENTIABLE = "differentiable=True is refused at construction even at kappa=0, where the group is torch's own"
-BUG_2D_LR = ("a one-element 2-D tensor lr (shape (1, 1)) breaks the fused Adam/AdamW spread kernels "
-             "(torch.stack of the (1, n) step sizes with the (n,) bias corrections)")
-BUG_DUP_MESSAGE = ("a parameter in two param groups raises ValueError without torch's message "
-                   "'some parameters appear in more than one parameter group'")
+# the known bugs: none at present (a new one gets a BUG_* constant here and xfail(BUG_...) where it fails)
 
 
 def xfail(reason: str):
@@ -166,7 +145,6 @@ def test_errors(info):
                     cls(fresh, **kwargs)
 
 
-@xfail(BUG_DUP_MESSAGE)
 def test_errors_duplicate_parameters_across_groups():
     """torch's error input "duplicate parameters should not occur across param groups either", every entry
     (one test: the check is spread's own add_param_group, shared by all)."""
@@ -187,8 +165,7 @@ def _direction_cases():
         for contiguous in (True, False):
             for with_lrsched in (False, True):
                 # the draw of this parametrisation (seed 0, inputs in order) is one where LBFGS-row goes wrong
-                bug = BUG_LBFGS_DIVERGES if (info.name == "LBFGS-row" and contiguous and not with_lrsched) else None
-                marks = [xfail(bug)] if bug else []
+                marks = []
                 if info.step_requires_closure and not (contiguous and not with_lrsched):
                     # LBFGS flattens its parameters (contiguity is no code path of its own) and torch's scheduler
                     # set for it changes lr once in 20 steps; each of these runs costs 1-2 s of LBFGS
@@ -233,11 +210,11 @@ def test_forloop_goes_right_direction(info, contiguous, with_lrsched):
             assert_goes_right_direction(info, step, value, maximize, desc=oi.desc)
 
 
-LBFGS_SEEDS = (2, 5)
+LBFGS_SEEDS = (2, 5, 12, 14, 17)  # draws where spread's LBFGS without a line search once diverged
 
 
 @pytest.mark.parametrize("info", [
-    pytest.param(BY_NAME["LBFGS-element"], marks=xfail(BUG_LBFGS_DIVERGES), id="LBFGS-element"),
+    pytest.param(BY_NAME["LBFGS-element"], id="LBFGS-element"),
     pytest.param(BY_NAME["LBFGS-row"], marks=pytest.mark.slow, id="LBFGS-row"),
 ])
 def test_lbfgs_goes_right_direction_over_seeds(info):
@@ -342,8 +319,7 @@ def _lr_shape_cases():
             interpreted = impl == "fused" and info.kappa and INTERPRETED
             shapes = [(), (1, 1)] if interpreted else [(), (1,), (1, 1)] if impl in (info.impls()[0], "fused") else [()]
             for shape in shapes:
-                bug = BUG_2D_LR if (shape == (1, 1) and impl == "fused" and info.kappa and info.base is not torch.optim.SGD) else None
-                out.append(pytest.param(info, impl, shape, marks=[xfail(bug)] if bug else [], id=f"{info.name}-{impl}-lr{list(shape)}"))
+                out.append(pytest.param(info, impl, shape, id=f"{info.name}-{impl}-lr{list(shape)}"))
     return out
 
 
@@ -689,11 +665,7 @@ def test_kappa0_matches_torch_bit_for_bit(info, impl):
         assert torch.equal(params_s[-1], params_t[-1])
 
 
-def _kappa0_state_bug(info):
-    return BUG_LBFGS_STATE if info.base is torch.optim.LBFGS else BUG_EMPTY_STATE
-
-
-@pytest.mark.parametrize("info", entry_cases(DENSE, bug=_kappa0_state_bug))
+@pytest.mark.parametrize("info", entry_cases(DENSE))
 def test_kappa0_state_dict_equals_torchs(info):
     """At kappa=0 ``state_dict()`` is torch's: the same state entries (none for a parameter torch keeps no
     state for, e.g. one without a gradient, or any parameter of SGD without momentum), the same keys and bits;
@@ -953,11 +925,7 @@ def _fwd_bwd(info, optim, model, input):
     return loss
 
 
-def _old_flags_bug(info, impls):
-    return None if info.step_requires_closure else BUG_OLD_FLAGS  # (LBFGS has none of those flags)
-
-
-@pytest.mark.parametrize("info, impls", grouped_cases(skip=("differentiable",), bug=_old_flags_bug))
+@pytest.mark.parametrize("info, impls", grouped_cases(skip=("differentiable",)))
 def test_can_load_older_state_dict(info, impls):
     """A state dict from before the flags existed (not_og_supported_flags deleted from its groups) loads and
     steps."""
@@ -975,13 +943,7 @@ def test_can_load_older_state_dict(info, impls):
         step_once(info, optimizer, closure)
 
 
-def _older_bug(info):
-    if info.base is torch.optim.LBFGS:
-        return None
-    return BUG_OLD_FLAGS + (" / " + BUG_NONTENSOR_STEP if info.base is not torch.optim.SGD else "")
-
-
-@pytest.mark.parametrize("info", entry_cases(DENSE, bug=_older_bug))
+@pytest.mark.parametrize("info", entry_cases(DENSE))
 def test_kappa0_older_state_dict_continues_like_torch(info):
     """At kappa=0 an older state dict (flags deleted, ``step`` a Python number, as older torch saved it) loads as
     torch loads it: both then continue bit for bit (e.g. AdamW's missing decoupled_weight_decay means True)."""
@@ -1045,16 +1007,7 @@ def test_save_load_equality_with_weights_only(info, impl, is_named_optim):
             assert_tree_equal(torch.load(f, weights_only=True), sd, oi.desc)
 
 
-def _nontensor_bug(info, impls):
-    bugs = []
-    if info.kappa and not info.step_requires_closure and impls != ("fused",):  # (the kernels' path adds no penalty)
-        bugs.append(BUG_CLOSURE_NONE)
-    if info.base in (torch.optim.Adam, torch.optim.AdamW):
-        bugs.append(BUG_NONTENSOR_STEP)
-    return " / ".join(bugs) or None
-
-
-@pytest.mark.parametrize("info, impls", grouped_cases(skip=("differentiable",), bug=_nontensor_bug))
+@pytest.mark.parametrize("info, impls", grouped_cases(skip=("differentiable",)))
 def test_load_nontensor_step(info, impls):
     """A state dict whose step counters are Python numbers loads and steps (the closure returns None where the
     base takes no closure, as in torch's test), and the parameters stay finite.
@@ -1206,11 +1159,7 @@ def test_step_pre_hook(info, impls):
         assert data == [9]
 
 
-def _all_hooks_bug(info, impls):
-    return BUG_DIFFERENTIABLE + " / " + BUG_GLOBAL_HOOKS if "differentiable" in impls and not info.kappa else BUG_GLOBAL_HOOKS
-
-
-@pytest.mark.parametrize("info, impls", grouped_cases(bug=_all_hooks_bug))
+@pytest.mark.parametrize("info, impls", grouped_cases())
 def test_step_all_hooks(info, impls):
     """Global pre, local pre, local post, global post: in that order, once per step of each optimizer; the
     global hooks receive the optimizer that was stepped (ours, never a hidden inner one)."""
@@ -1262,7 +1211,7 @@ GENERIC_WITH_DIFFERENTIABLE = (
 )
 
 
-@pytest.mark.parametrize("info", entry_cases([i for i in DENSE if "differentiable" in i.supported_impls], bug=lambda i: BUG_DIFFERENTIABLE))
+@pytest.mark.parametrize("info", entry_cases([i for i in DENSE if "differentiable" in i.supported_impls]))
 def test_differentiable_variant_of_the_generic_tests(info):
     """kappa=0 supports what torch supports: differentiable=True, in each generic test torch runs it in (one
     test per entry: the known bug fails them all alike), and torch's error for fused with differentiable."""
@@ -1277,8 +1226,7 @@ def test_differentiable_variant_of_the_generic_tests(info):
 # copies, closures, zero_grad, state contents
 
 
-@pytest.mark.parametrize("info, impl", cases(skip=("differentiable",), heavy=True,
-                                             bug=lambda info, impl: BUG_LBFGS_FLOAT_CLOSURE if info.kappa and info.step_requires_closure else None))
+@pytest.mark.parametrize("info, impl", cases(skip=("differentiable",), heavy=True))
 def test_deepcopy_copies_all_public_attrs(info, impl):
     params = [Parameter(torch.randn(2, 3)) for _ in range(2)]
     for p in params:
@@ -1308,15 +1256,7 @@ def test_second_order_optims_return_consistent_types(info):
         assert type(results[0]) is type(results[1])
 
 
-def _non_empty_state_bug(info):
-    if info.name == "LBFGS-row":  # its closure returns 1.0, and this draw revives an entry
-        return BUG_LBFGS_FLOAT_CLOSURE
-    if not info.kappa and info.step_requires_closure:
-        return BUG_LBFGS_STATE
-    return BUG_EMPTY_STATE if not info.kappa and info.base is torch.optim.SGD else None
-
-
-@pytest.mark.parametrize("info", entry_cases(bug=_non_empty_state_bug))
+@pytest.mark.parametrize("info", entry_cases())
 def test_non_empty_state(info):
     """After one step no state entry is empty (torch: "there are internal tests that check that the state is
     not empty")."""
@@ -1344,12 +1284,7 @@ def _closure_cases():
     out = []
     for info in ENTRIES:
         for kind in ("tensor", "float", "int", "none"):
-            bug = None
-            if kind == "none" and info.kappa and not info.step_requires_closure:
-                bug = BUG_CLOSURE_NONE
-            if kind in ("float", "int") and info.kappa and info.step_requires_closure:
-                bug = BUG_LBFGS_FLOAT_CLOSURE
-            out.append(pytest.param(info, kind, marks=[xfail(bug)] if bug else [], id=f"{info.name}-{kind}"))
+            out.append(pytest.param(info, kind, id=f"{info.name}-{kind}"))
     return out
 
 
