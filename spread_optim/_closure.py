@@ -11,8 +11,8 @@ three things only a multi-evaluation base needs:
   is found by backtracking (:func:`_zero_pass_backtracking`);
 * LBFGS's curvature history is told about the zero pass's move (:func:`_tell_lbfgs`).
 
-A non-finite gradient at any evaluation restores the factors and the base's parameters to where the step
-started before it raises.
+A failure at any evaluation (a non-finite gradient or loss, the closure's own exception) restores the
+factors, the base's parameters and LBFGS's state to where the step started before it is raised.
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ def step(kinds: Kinds, hidden, closure: Callable, *, factor_grads: Callable, pen
         with torch.enable_grad():
             loss = closure()
         last_loss[0] = loss
+        if loss is None and lbfgs:
+            raise TypeError("the closure returned None; LBFGS needs the loss from it (return loss, as torch's LBFGS "
+                            "requires); nothing was updated")
         if loss is not None and not _finite(loss):
             raise FloatingPointError(f"the closure returned a non-finite loss ({_as_float(loss)}); nothing was updated")
         with torch.no_grad():
@@ -105,7 +108,7 @@ def step(kinds: Kinds, hidden, closure: Callable, *, factor_grads: Callable, pen
 
     try:
         hidden.step(spread_closure)
-    except FloatingPointError:
+    except BaseException:  # a non-finite value, or the user's own error (a data loader, a KeyboardInterrupt)
         if start is not None:
             restore(start[0])
             state = hidden.first_state()

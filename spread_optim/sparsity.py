@@ -61,7 +61,8 @@ class Kind:
     def __init__(self, group: dict, index: int, state, path: str = "spec", comm=LOCAL, scratch: dict | None = None):
         self.group, self.state, self.comm = group, state, comm
         self.where = f"param group {index}"
-        self.params: list[torch.Tensor] = list(group["params"])
+        # a tensor listed twice (torch warns about it when the group is added) is stepped once
+        self.params: list[torch.Tensor] = list({id(p): p for p in group["params"]}.values())
         self.fast = path == "cpu"  # the CPU fast path of the spec (kernels/cpu.py)
         self.path = path
         self.scratch = {} if scratch is None else scratch
@@ -95,6 +96,9 @@ class Kind:
             if p.grad is None:
                 continue
             g = local(p.grad)
+            if g.shape != local(p).shape:
+                raise ValueError(f"{self.where}: a gradient of shape {tuple(g.shape)} for a parameter of shape "
+                                 f"{tuple(p.shape)}; nothing was updated")
             if g.is_sparse:
                 raise TypeError(f"{self.where}: sparse gradients are not supported in a sparse group (parameter of shape {tuple(p.shape)})")
             if g.is_complex():
@@ -252,7 +256,7 @@ class Grouped(Kind):
         cache = {} if structures is None else structures
         self.structures = {}
         for p in self.params:  # the structure of each parameter's local rows
-            key = (p, id(group["sparsity"]))
+            key = (p, id(group["sparsity"]), tuple(p.shape))
             if key not in cache:
                 whole = GroupStructure(group["sparsity"], p.shape, p.device)
                 cache[key] = whole.rows(*local_rows(p)) if is_sharded(p) else whole
