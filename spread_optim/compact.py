@@ -7,13 +7,15 @@ for the surgery (``pip install "spread_optim[compact]"``), and checks that the o
 
 A channel (one index of one coupled group of torch-pruning) is removed only when its removal provably leaves the
 outputs unchanged. Its *producers* are the convolutions / linear layers whose output channel it is; it is
-*constant* when every producer's filter for it is exactly zero (the channel then carries the producers' biases
-through BatchNorm in eval mode, activations and sums: a value that does not depend on the input). For every
+*constant* when every producer is silenced: its filter for the channel is exactly zero, or the BatchNorm right
+after it has scale exactly zero there (the channel then carries biases and BatchNorm shifts through BatchNorm in
+eval mode, activations and sums: a value that does not depend on the input). For every
 *consumer* (a convolution / linear layer reading it), the channel is removable when
 
 * the consumer's weights for it are exactly zero (it is never read: ``"column"`` sparsity), or
-* it is constant and exactly 0 where the consumer reads it (a dead filter whose bias, BatchNorm scale and shift
-  are zero, as ``param_groups(..., couple=True)`` arranges, or that ReLU sends to 0), or
+* it is constant and exactly 0 where the consumer reads it (a dead neuron whose weights and bias are zero, or a
+  channel whose BatchNorm scale and shift are zero, as ``param_groups(..., couple=True)`` arranges; or a constant
+  that ReLU sends to 0), or
 * it is constant, nonzero, and the consumer can take it into its bias exactly: a linear layer (``bias +=
   W[:, j] * value``; also through a flatten) or a convolution without padding (``bias += value * sum of W[:, j]``).
   A zero filter followed by BatchNorm outputs the BatchNorm's shift; after ReLU that constant reaches the next
@@ -138,8 +140,11 @@ def _plan(graph, tp, group, seen):
     passthrough = (tp.ops._ElementWiseOp, tp.ops._ReshapeOp, tp.ops._ConcatOp, tp.ops._SplitOp, nn.modules.batchnorm._BatchNorm)
     root_dep = group[0].dep
     roots = sorted({r for item in group for r in item.root_idxs})
-    dead = dict.fromkeys(roots, True)  # every producer's filter is zero: the channel is constant
+    dead = dict.fromkeys(roots, True)  # every producer is silenced: the channel is constant
     consumers = defaultdict(list)  # root index -> [(module, index)]
+    zero_scale = {(item.dep.target.module, r) for item in group if isinstance(item.dep.target.module, nn.modules.batchnorm._BatchNorm)
+                  and item.dep.target.module.weight is not None
+                  for i, r in zip(item.idxs, item.root_idxs) if item.dep.target.module.weight[i] == 0}
     for item in group:
         dep, module = item.dep, item.dep.target.module
         out_fn, in_fn = graph.is_out_channel_pruning_fn(dep.handler), graph.is_in_channel_pruning_fn(dep.handler)
@@ -149,8 +154,10 @@ def _plan(graph, tp, group, seen):
             if not dep.target.outputs:
                 return None  # a model output
             dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+            after = dep.target.outputs[0].module if len(dep.target.outputs) == 1 else None
             for i, r in zip(item.idxs, item.root_idxs):
-                dead[r] = dead[r] and not bool(module.weight.detach().select(dim, i).any())
+                silenced = (after, r) in zero_scale or not bool(module.weight.detach().select(dim, i).any())
+                dead[r] = dead[r] and silenced
         elif isinstance(module, (_CONV, _LINEAR)) and in_fn:
             for i, r in zip(item.idxs, item.root_idxs):
                 consumers[r].append((module, i))

@@ -23,12 +23,16 @@ meaning rather than its layout: ``"output"`` (output neurons, conv filters) and 
 channels); ``"output"`` is ``"row"`` for ``nn.Linear`` and convolutions and ``"column"`` for transposed convolutions
 and ``Conv1D``, whose weights are stored the other way round.
 
-With ``couple=True`` (default) every layer with row-wise output groups gets a param group of its own in which its
-bias and the BatchNorm right after it (the next module with parameters, in registration order, when it is a
-BatchNorm over as many channels) share one factor per channel with its filters (``share_groups=True``): a filter
-that dies takes its bias and its BatchNorm scale and shift with it, so the channel is exactly 0 downstream and
-:func:`spread_optim.compact` can remove it. (BatchNorm makes a filter's scale free, so penalising the filter alone
-would only shrink it; the group norm over filter, scale and shift is what decides whether the channel is needed.)
+With ``couple=True`` (default) every layer with row-wise output groups gets a param group of its own in which
+whole channels share one factor (``share_groups=True``), so that a channel that dies is exactly 0 downstream and
+:func:`spread_optim.compact` can remove it:
+
+* without BatchNorm after it, its filters (rows) and its bias: a dead neuron has zero weights and zero bias;
+* with a BatchNorm right after it (the next module with parameters, in registration order, a BatchNorm over as
+  many channels), the BatchNorm's scale and shift, and the layer's weights stay dense: BatchNorm makes a filter's
+  scale free, so a penalty on the filters would only shrink them (the batch statistics then move faster than the
+  running ones, and eval-mode outputs drift); a channel whose scale and shift are zero outputs exactly 0 whatever
+  its filter (network slimming's criterion, with exact zeros).
 
 ``weight_decay=None`` (default) sets no weight decay (the optimizer's own default applies to dense groups; spread
 ignores a base's weight decay in sparse groups); a float gives it to dense parameters of two or more dims and 0 to
@@ -67,7 +71,9 @@ def param_groups(model: nn.Module, kappa: float, sparsity="element", *, include=
         key = (p, pnames, ancestors)
         if (default or _matches(include, *key)) and not _matches(exclude, *key) and p.dim() >= 1:
             sparse[pid] = _resolve(_kind_for(sparsity, *key), owners[0], p)
-    coupled = _couple(model, params, sparse, exclude) if couple else {}
+    coupled, densified = _couple(model, params, sparse, exclude) if couple else ({}, set())
+    for pid in densified:
+        del sparse[pid]
     member_of = {id(q): key for key, members in coupled.items() for q in members}
     nodecay = {} if weight_decay is None else {"weight_decay": 0.0}
     groups, by_kind, dense_decay, dense_rest, done = [], {}, [], [], set()
@@ -184,27 +190,27 @@ def _resolve(kind, module: nn.Module, p):
     return kind
 
 
-def _couple(model, params, sparse, exclude) -> dict:
-    """id(layer weight) -> [weight, bias, norm weight, norm bias] for row-sparse weight layers (see the module doc)."""
+def _couple(model, params, sparse, exclude) -> tuple[dict, set]:
+    """Row-sparse weight layers' groups (see the module doc): id(layer weight) -> the members sharing one factor per
+    channel (the layer's weight and bias, or the BatchNorm's scale and shift after it), and the ids made dense."""
     holders = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    coupled = {}
+    coupled, dense = {}, set()
+    usable = lambda q, n: isinstance(q, torch.Tensor) and id(q) in params and id(q) not in sparse and q.dim() == 1 \
+        and q.shape[0] == n and len(params[id(q)][1]) == 1 and not _matches(exclude, q, *params[id(q)][1::2])
     for i, layer in enumerate(holders):
         w = getattr(layer, "weight", None)
-        if not isinstance(w, torch.Tensor) or id(w) not in sparse or not isinstance(sparse[id(w)], str) \
-                or sparse[id(w)] != "row" or not isinstance(layer, WEIGHT_LAYERS) or w.dim() < 2:
+        if not isinstance(w, torch.Tensor) or not isinstance(sparse.get(id(w)), str) or sparse[id(w)] != "row" \
+                or not isinstance(layer, WEIGHT_LAYERS) or w.dim() < 2 or len(params[id(w)][1]) > 1:
             continue
-        members = [w]
-        extra = [getattr(layer, "bias", None)]
+        bias = getattr(layer, "bias", None)
         nxt = holders[i + 1] if i + 1 < len(holders) else None
-        if isinstance(nxt, nn.modules.batchnorm._BatchNorm) and nxt.num_features == w.shape[0]:
-            extra += [nxt.weight, nxt.bias]
-        for q in extra:
-            if isinstance(q, torch.Tensor) and id(q) in params and id(q) not in sparse and q.dim() == 1 \
-                    and q.shape[0] == w.shape[0] and not _matches(exclude, q, *params[id(q)][1::2]):
-                members.append(q)
-        if len(members) > 1 and all(len(params[id(q)][1]) == 1 for q in members):  # no tied parameters
-            coupled[id(w)] = members
-    return coupled
+        if isinstance(nxt, nn.modules.batchnorm._BatchNorm) and nxt.num_features == w.shape[0] \
+                and usable(nxt.weight, w.shape[0]) and usable(nxt.bias, w.shape[0]):
+            coupled[id(w)] = [nxt.weight, nxt.bias]  # the channel's scale and shift decide; the filter's scale is free
+            dense.add(id(w))
+        elif usable(bias, w.shape[0]):
+            coupled[id(w)] = [w, bias]
+    return coupled, dense
 
 
 def _group(members, params, names, **keys) -> dict:

@@ -71,15 +71,16 @@ def test_transformer_defaults_weights_sparse_rest_dense():
     assert k["tok.weight"][0] == 1e-3 and k["pos"][0] == 0.0
 
 
-def test_cnn_row_sparsity_couples_bias_and_batchnorm():
+def test_cnn_row_sparsity_couples_batchnorm_channels():
     model = TinyCNN()
     groups = param_groups(model, 1e-3, sparsity="row", exclude=[model.fc])
     members = [[n for n, _ in g["params"]] for g in groups if g["kappa"] > 0]
-    assert members == [["conv1.weight", "bn1.weight", "bn1.bias"], ["conv2.weight", "conv2.bias", "bn2.weight", "bn2.bias"]]
+    assert members == [["bn1.weight", "bn1.bias"], ["bn2.weight", "bn2.bias"]]  # one factor per channel
     assert all(g["share_groups"] and g["sparsity"] == "row" for g in groups if g["kappa"] > 0)
     k = kinds(groups)
-    assert k["fc.weight"][0] == 0.0 and k["fc.bias"][0] == 0.0
-    # without coupling: weights only, one group, biases and BatchNorm dense
+    for name in ("conv1.weight", "conv2.weight", "conv2.bias", "fc.weight", "fc.bias"):
+        assert k[name][0] == 0.0, name  # filters before BatchNorm: scale-free, dense
+    # without coupling: the filters alone, one group, BatchNorm dense
     k = kinds(param_groups(model, 1e-3, sparsity="row", couple=False, exclude="fc.*"))
     assert {n for n, v in k.items() if v[0] > 0} == {"conv1.weight", "conv2.weight"}
     assert k["conv1.weight"] == (1e-3, "row", False)
