@@ -3,7 +3,7 @@ of the weights that keeps the exact zeros, the KKT residual as a progress measur
 smaller dense MLP with the same outputs.
 
     python examples/plain_pytorch.py            # 60 epochs
-    python examples/plain_pytorch.py --quick    # 15 epochs (CI)
+    python examples/plain_pytorch.py --quick    # 8 epochs (CI)
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from spread_optim import SpreadAdam, compact, param_groups, sparse_avg_fn, spars
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="15 epochs (CI)")
+    parser.add_argument("--quick", action="store_true", help="8 epochs (CI)")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--kappa", type=float, default=2e-3)
     parser.add_argument("--lr", type=float, default=1e-2)
     args = parser.parse_args(argv)
-    epochs = 15 if args.quick else args.epochs
+    epochs = 8 if args.quick else args.epochs
 
     X, y = load_digits(return_X_y=True)
     X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
