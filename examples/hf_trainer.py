@@ -3,7 +3,7 @@ synthetic sequence-classification task, L1 on the weight matrices through ``para
 and a resumed run from that checkpoint that must end where the uninterrupted run ended.
 
     python examples/hf_trainer.py            # 200 steps
-    python examples/hf_trainer.py --quick    # 20 steps (CI)
+    python examples/hf_trainer.py --quick    # 12 steps (CI)
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ def trainer_for(model, out: str, steps: int, kappa: float, lr: float, data) -> T
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="20 steps (CI)")
+    parser.add_argument("--quick", action="store_true", help="12 steps (CI)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--kappa", type=float, default=1e-3)
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
-    steps = 20 if args.quick else args.steps
+    steps = 12 if args.quick else args.steps
     data = Tokens(512)
     with tempfile.TemporaryDirectory() as out:
         model = new_model()

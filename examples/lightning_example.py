@@ -3,7 +3,7 @@
 the closure returning the loss or None). The three runs see the same batches and must end with the same weights.
 
     python examples/lightning_example.py            # 20 epochs
-    python examples/lightning_example.py --quick    # 2 epochs (CI)
+    python examples/lightning_example.py --quick    # 1 epoch (CI)
 """
 
 from __future__ import annotations
@@ -70,14 +70,14 @@ def train(mode: str, epochs: int, kappa: float, lr: float) -> DigitsMLP:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 epochs (CI)")
+    parser.add_argument("--quick", action="store_true", help="1 epoch (CI)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--kappa", type=float, default=2e-3)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--modes", nargs="+", default=["automatic", "manual", "manual-none"])
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners
-    epochs = 2 if args.quick else args.epochs
+    epochs = 1 if args.quick else args.epochs
     models = {mode: train(mode, epochs, args.kappa, args.lr) for mode in args.modes}
     first = next(iter(models.values()))
     for mode, model in models.items():
