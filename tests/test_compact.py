@@ -184,3 +184,29 @@ def test_missing_torch_pruning_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)
     with pytest.raises(ImportError, match=r"spread_optim\[compact\]"):
         compact(nn.Linear(2, 2), torch.randn(1, 2))
+
+
+def test_transformer_mlp_neurons_and_dict_inputs():
+    """Dead MLP neurons of a transformer (weights and bias zero; ReLU / GELU of 0 is 0) go; attention, LayerNorm and
+    the residual stream stay. HF BERT takes a dict of inputs and returns a ModelOutput."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    with torch.no_grad():
+        layer.linear1.weight[:5] = 0
+        layer.linear1.bias[:5] = 0
+    x = torch.randn(3, 7, 16)
+    small = compact(layer, x)
+    assert (small.linear1.out_features, small.linear2.in_features, small.self_attn.embed_dim) == (27, 27, 16)
+    same_outputs(layer, small, x, torch.randn(2, 9, 16))
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    bert = transformers.BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        bert.bert.encoder.layer[0].intermediate.dense.weight[:10] = 0
+        bert.bert.encoder.layer[0].intermediate.dense.bias[:10] = 0
+    small = compact(bert, {"input_ids": torch.randint(0, 32, (2, 16))})
+    assert small.bert.encoder.layer[0].intermediate.dense.out_features == 54
+    ids = torch.randint(0, 32, (3, 12))
+    with torch.no_grad():
+        assert float((bert(input_ids=ids).logits - small(input_ids=ids).logits).abs().max()) <= 1e-5
