@@ -68,8 +68,9 @@ def measure(kind: str, width: int, repeats: int) -> dict:
     step()
     compile_s = time.perf_counter() - t0
     compiled_ms = timed(step, 2, repeats)
-    # correctness: the same number of steps on both (1 + 2 + repeats each)
-    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) and torch.equal(a == 0, b == 0)
+    # correctness: the same number of steps on both (1 + 2 + repeats each); atol 1e-6 = lr/1000 (torch Adam itself
+    # differs by ~2e-7 between its compiled and eager steps after 23 steps), exact zeros the same
+    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) and torch.equal(a == 0, b == 0)
                for a, b in zip(model_e.parameters(), model_c.parameters()))
     return dict(kind=kind, eager_ms=eager_ms, compiled_ms=compiled_ms, ratio=compiled_ms / eager_ms,
                 first_compile_s=compile_s, graphs=explained.graph_count, graph_breaks=explained.graph_break_count,

@@ -1,20 +1,26 @@
-"""Time per optimizer step: torch Adam (fused / foreach) against spread-Adam (reference / fused kernels).
+"""Time per optimizer step: torch Adam (fused / foreach) against spread-Adam (its default path, the split path, the
+GPU kernels).
 
-Workloads: one tensor of 1M, 16M or 128M parameters; the 62 parameter tensors of ResNet-18 (11.7M);
-~200 tensors totalling 1B parameters (GPU, where memory allows). Sparsity: element (every entry its own
-factor pair) and row (one ``u`` per output row). Every tensor is in one sparse group (spread) or one
-group (torch). Gradients are fixed random tensors set once; the timed call is ``optimizer.step()``.
+Workloads: one tensor of 1M, 16M or 128M parameters; the 62 parameter tensors of ResNet-18 (11.7M); a small MLP
+40-64-4 (the Python overhead per step); ~200 tensors totalling 1B parameters (GPU, where memory allows). Sparsity:
+element (every entry its own factor pair) and row (one ``u`` per output row). Every tensor is in one sparse group
+(spread) or one group (torch). Gradients are fixed random tensors set once; the timed call is ``optimizer.step()``.
 
-Per row of the table: median time per step (CUDA events on a GPU, ``perf_counter`` on CPU, after
-warm-up), the bytes a step has to move at the least (torch Adam fp32: read p, g, m, v and write p, m, v =
-28 B/element; spread element: g, U, W, 4 states read, U, W, 4 states, theta written = 56 B/element;
-spread row: 48 B/element, see ``kernels/group.py``), the achieved bandwidth for those bytes, the ratio to
-torch's fused Adam and, on a GPU, the device-to-device copy bandwidth measured in the same run (the
-ceiling). The reference path is timed with the same byte count ("effective" bandwidth).
+Spread's rows: ``default`` is ``fused=None`` (on a CPU: the compiled step, ``kernels/compiled.py``, for a group of at
+least 2^20 elements, else the split path); ``split`` is ``fused=False`` (the base's own step on the factors, then the
+exact-zero pass of ``kernels/cpu.py``); ``kernels`` is ``fused=True`` on a GPU. All methods of a workload are built
+first and then timed in turns (one step each per round), so that the machine's drift hits them alike; the first
+step (which compiles, where something does) is reported apart.
 
-    python benchmarks/step_speed.py            # CPU: 1M and ResNet-18, torch foreach vs spread reference
-    python benchmarks/step_speed.py --full     # GPU: all workloads incl. 16M, 128M and 1B
-    python benchmarks/step_speed.py --quick    # smoke run (CI)
+Per row: median time per step (CUDA events on a GPU, ``perf_counter`` on CPU), the bytes a step has to move at the
+least (torch Adam fp32: read p, g, m, v and write p, m, v = 28 B/element; spread element: g, U, W, 4 states read,
+U, W, 4 states, theta written = 56 B/element; spread row: 48 B/element, see ``kernels/group.py``), the achieved
+bandwidth for those bytes, the ratio to torch's fused Adam (CPU and GPU) and, on a GPU, the device-to-device copy
+bandwidth measured in the same run (the ceiling).
+
+    python benchmarks/step_speed.py --threads 1   # CPU: 1M, ResNet-18 and the small MLP
+    python benchmarks/step_speed.py --full        # GPU: all workloads incl. 16M, 128M and 1B
+    python benchmarks/step_speed.py --quick       # smoke run (CI)
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def resnet18_shapes() -> list[tuple[int, ...]]:
 def workloads(full: bool, quick: bool, device: torch.device) -> dict[str, list[tuple[int, ...]]]:
     if quick:
         return {"1 tensor, 64K": [(256, 256)], "ResNet-18 shapes / 16": [tuple(max(1, s // 4) for s in shape) for shape in resnet18_shapes()]}
-    out = {"1 tensor, 1M": [(1024, 1024)]}
+    out = {"MLP 40-64-4 (4 tensors, 2.9K)": [(64, 40), (64,), (4, 64), (4,)], "1 tensor, 1M": [(1024, 1024)]}
     if device.type == "cuda" or full:
         out["1 tensor, 16M"] = [(4096, 4096)]
     if device.type == "cuda":
@@ -69,23 +75,22 @@ class Timer:
     def __init__(self, device: torch.device):
         self.device = device
 
+    def once_ms(self, fn) -> float:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
     def median_ms(self, fn, warmup: int, repeats: int) -> float:
         for _ in range(warmup):
             fn()
-        times = []
-        for _ in range(repeats):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return statistics.median(self.once_ms(fn) for _ in range(repeats))
 
 
 def copy_bandwidth(timer: Timer, device: torch.device) -> float | None:
@@ -111,19 +116,32 @@ def make_params(shapes, device, seed=0):
 
 def methods(device: torch.device):
     """(name, bytes key, factory(params) -> optimizer)."""
-    out = [("torch Adam foreach", "torch", lambda ps, s: torch.optim.Adam(ps, lr=1e-3, foreach=True))]
-    if device.type == "cuda":
-        out.insert(0, ("torch Adam fused", "torch", lambda ps, s: torch.optim.Adam(ps, lr=1e-3, fused=True)))
+    out = [("torch Adam fused", "torch", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
+           ("torch Adam foreach", "torch", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True))]
+    paths = [("default", None), ("split", False)] if device.type == "cpu" else [("split", False), ("kernels", True)]
     for sparsity in ("element", "row"):
-        # the reference path: on CPU the default (fused=None: torch's fused CPU Adam on the factors), on a
-        # GPU fused=False (fused=None would pick the kernels there)
-        reference = None if device.type == "cpu" else False
-        out.append((f"spread reference ({sparsity})", sparsity,
-                    lambda ps, s, sp=sparsity, f=reference: SpreadAdam(ps, lr=1e-3, kappa=1e-4, sparsity=sp, fused=f)))
-        if device.type == "cuda":
-            out.append((f"spread fused ({sparsity})", sparsity,
-                        lambda ps, s, sp=sparsity: SpreadAdam(ps, lr=1e-3, kappa=1e-4, sparsity=sp, fused=True)))
+        for label, fused in paths:
+            out.append((f"spread {label} ({sparsity})", sparsity,
+                        lambda ps, sp=sparsity, f=fused: SpreadAdam(ps, lr=1e-3, kappa=1e-4, sparsity=sp, fused=f)))
     return out
+
+
+def time_in_turns(timer: "Timer", optimizers: dict, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """Median ms per step of each optimizer, timed one step each per round; and each one's first step in s."""
+    first = {}
+    for name, opt in optimizers.items():
+        t0 = time.perf_counter()
+        opt.step()
+        if timer.device.type == "cuda":
+            torch.cuda.synchronize()
+        first[name] = time.perf_counter() - t0
+    times: dict = {name: [] for name in optimizers}
+    for round_ in range(warmup + repeats):
+        for name, opt in optimizers.items():
+            ms = timer.once_ms(opt.step)
+            if round_ >= warmup:
+                times[name].append(ms)
+    return {name: statistics.median(t) for name, t in times.items()}, first
 
 
 def main(argv=None) -> dict:
@@ -142,26 +160,25 @@ def main(argv=None) -> dict:
     timer = Timer(device)
     bandwidth = copy_bandwidth(timer, device)
     rows = []
-    jobs = [(w, shapes, m) for w, shapes in workloads(args.full, args.quick, device).items() for m in methods(device)]
-    for workload, shapes, (name, key, factory) in tqdm(jobs, desc="step speed"):
+    for workload, shapes in tqdm(workloads(args.full, args.quick, device).items(), desc="step speed"):
         numel = sum(torch.Size(s).numel() for s in shapes)
-        row = {"workload": workload, "method": name, "tensors": len(shapes), "numel": numel, "bytes_per_step": BYTES[key] * numel}
         try:
-            params = make_params(shapes, device)
-            opt = factory(params, shapes)
-            row["ms"] = timer.median_ms(opt.step, 2 if args.quick else 5, repeats)
-            row["GB/s"] = row["bytes_per_step"] / (row["ms"] * 1e-3) / 1e9
+            built = [(name, key, factory(make_params(shapes, device))) for name, key, factory in methods(device)]
+            medians, first = time_in_turns(timer, {name: opt for name, _, opt in built}, 2 if args.quick else 5, repeats)
+            for name, key, _ in built:
+                rows.append({"workload": workload, "method": name, "tensors": len(shapes), "numel": numel,
+                             "bytes_per_step": BYTES[key] * numel, "ms": medians[name], "first_step_s": first[name],
+                             "GB/s": BYTES[key] * numel / (medians[name] * 1e-3) / 1e9})
         except torch.OutOfMemoryError:
-            row["ms"] = None
-            row["note"] = "out of memory"
+            rows.append({"workload": workload, "method": "all", "tensors": len(shapes), "numel": numel,
+                         "bytes_per_step": 0, "ms": None, "note": "out of memory"})
         finally:
-            params = opt = None
+            built = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        rows.append(row)
     for row in rows:
-        base = next((r for r in rows if r["workload"] == row["workload"] and r["method"] == ("torch Adam fused" if device.type == "cuda" else "torch Adam foreach")), None)
+        base = next((r for r in rows if r["workload"] == row["workload"] and r["method"] == "torch Adam fused"), None)
         row["ratio_to_torch"] = row["ms"] / base["ms"] if base and base.get("ms") and row.get("ms") else None
         if bandwidth and row.get("GB/s"):
             row["fraction_of_copy_bandwidth"] = row["GB/s"] / bandwidth
@@ -171,14 +188,14 @@ def main(argv=None) -> dict:
     if bandwidth:
         header += f"; device-to-device copy {bandwidth:.0f} GB/s"
     print(header)
-    ref = "torch fused" if device.type == "cuda" else "torch foreach"
-    print(f"| workload | method | ms/step | bytes/step | GB/s | x {ref} |" + (" of copy BW |" if bandwidth else ""))
-    print("| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if bandwidth else ""))
+    print("| workload | method | ms/step | first step s | bytes/step | GB/s | x torch fused |" + (" of copy BW |" if bandwidth else ""))
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if bandwidth else ""))
     for r in rows:
         ms = f"{r['ms']:.3f}" if r.get("ms") else r.get("note", "-")
         gbs = f"{r['GB/s']:.1f}" if r.get("GB/s") else "-"
         ratio = f"{r['ratio_to_torch']:.2f}" if r.get("ratio_to_torch") else "-"
-        line = f"| {r['workload']} | {r['method']} | {ms} | {r['bytes_per_step'] / 1e6:.1f} MB | {gbs} | {ratio} |"
+        first = f"{r['first_step_s']:.2f}" if r.get("first_step_s") is not None else "-"
+        line = f"| {r['workload']} | {r['method']} | {ms} | {first} | {r['bytes_per_step'] / 1e6:.2f} MB | {gbs} | {ratio} |"
         if bandwidth:
             line += f" {r.get('fraction_of_copy_bandwidth', 0):.0%} |"
         print(line)

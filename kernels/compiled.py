@@ -14,7 +14,10 @@ steps them, and writes nothing else. Together the two give the spec's step.
 ``hyper`` carries the numbers as one float64 tensor (a changed learning rate or bias correction is a new value, not
 a recompilation): ``kappa, lr, zero_threshold, step_size, bc2_sqrt`` for each factor (SGD: ``lr, 1``),
 ``beta1, beta2, eps, momentum, dampening, grad_scale`` (:data:`HYPER`). The flags (the rule and its options) are
-Python values: each combination is compiled once, for every shape (``dynamic=True``).
+Python values: each combination is compiled once, for every shape (``dynamic=True``). Shapes never reach the
+compiled code as Python numbers: tensors come in the canonical views of :func:`canonical` (element: flat; rows:
+``(groups, -1)``; columns: ``(d0, groups, -1)``; ids: flat) and the groups' structure is read off them
+(:class:`Shapeless`), so a model's many shapes share one graph per flag combination and kind.
 """
 
 from __future__ import annotations
@@ -25,11 +28,46 @@ from typing import Sequence
 import torch
 
 from spread_optim.kernels import reference as ref
-from spread_optim.structure import GroupStructure
 
 #: the entries of ``hyper`` (two factors: element ``U, W``; grouped ``u, W``)
 HYPER = ("kappa", "lr", "zero_threshold", "step_size_0", "bc2_sqrt_0", "step_size_1", "bc2_sqrt_1",
          "beta1", "beta2", "eps", "momentum", "dampening", "grad_scale")
+
+
+class Shapeless:
+    """A group structure read off the tensors it is applied to (no Python sizes): ``reduce`` and ``expand`` of
+    :class:`spread_optim.structure.GroupStructure` for parameters in the canonical views of :func:`canonical`.
+    ``u``: the group factor (its length is the number of groups); ``ids``: the flat compact group ids (kind "ids")."""
+
+    def __init__(self, kind: str, u: torch.Tensor, ids: torch.Tensor | None):
+        self.kind, self.u, self.ids = kind, u, ids
+
+    @property
+    def num_groups(self):
+        return self.u.shape[0]
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "row":
+            return x.sum(1)
+        if self.kind == "column":
+            return x.sum((0, 2))
+        return torch.zeros_like(self.u, dtype=x.dtype).index_add_(0, self.ids, x)
+
+    def expand(self, v: torch.Tensor) -> torch.Tensor:
+        if self.kind == "row":
+            return v[:, None]
+        if self.kind == "column":
+            return v[None, :, None]
+        return v[self.ids]
+
+
+def canonical(kind: str, t: torch.Tensor) -> torch.Tensor:
+    """The view of a parameter-shaped tensor the compiled step takes (module docstring); ``t`` must be contiguous."""
+    if kind == "row":
+        return t.view(t.shape[0], -1)
+    if kind == "column":
+        return t.view(t.shape[0], t.shape[1], -1)
+    return t.view(-1)
 
 
 def _loss_grad(g, dtype, hyper, maximize: bool, scaled: bool):
@@ -78,13 +116,15 @@ def element_step(g, p, U, W, state_U: Sequence, state_W: Sequence, hyper, *, rul
     return changed.sum()
 
 
-def grouped_step(g, p, u, W, state_u: Sequence, state_W: Sequence, hyper, structure: GroupStructure, *, rule: str,
-                 amsgrad: bool = False, nesterov: bool = False, momentum: bool = False, first: bool = False,
+def grouped_step(g, p, u, W, state_u: Sequence, state_W: Sequence, hyper, ids: torch.Tensor | None, *, groups: str,
+                 rule: str, amsgrad: bool = False, nesterov: bool = False, momentum: bool = False, first: bool = False,
                  maximize: bool = False, scaled: bool = False, scheme: str = "balanced", adopt: bool = False) -> torch.Tensor:
-    """:func:`element_step` for a parameter with its own group factor ``u`` (one per row, column or id);
-    ``adopt`` acts per group. Returns how many groups hold a weight written outside the optimizer."""
+    """:func:`element_step` for a parameter with its own group factor ``u`` (one per row, column or id), its
+    parameter-shaped tensors in the canonical view of ``groups`` (``"row"``, ``"column"`` or ``"ids"``, with the
+    flat compact ``ids``); ``adopt`` acts per group. Returns how many groups hold a weight written outside the
+    optimizer."""
     kappa, lr, threshold = hyper[0], hyper[1], hyper[2]
-    s = structure
+    s = Shapeless(groups, u, ids)
     g = _loss_grad(g, W.dtype, hyper, maximize, scaled)
     changed = ref.group_changed(u, [W], [p], [s]) > 0
     if adopt:

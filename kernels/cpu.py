@@ -15,10 +15,14 @@ path for CPU tensors in eager mode; under ``torch.compile`` it runs the spec, wh
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 #: elements per chunk (a few 256 KB temporaries stay in cache)
 CHUNK = 1 << 16
+#: tensors of at most this many elements are packed into one flat tensor per step (:class:`Pack`)
+PACK_MAX = 1 << 13
 
 
 def chunks(t: torch.Tensor) -> list[torch.Tensor]:
@@ -26,6 +30,24 @@ def chunks(t: torch.Tensor) -> list[torch.Tensor]:
     if not t.is_contiguous() or t.numel() <= CHUNK:
         return [t]
     return list(t.view(-1).split(CHUNK))
+
+
+class Pack:
+    """Small tensors handled as one flat tensor: a step's elementwise ops then cost one call each instead of one per
+    tensor (a small model's step is mostly per-call overhead). ``flat`` concatenates tensors shaped like the pack's
+    members; ``scatter_`` copies a flat result back into them. Elementwise ops give the same bits either way."""
+
+    def __init__(self, like: Sequence[torch.Tensor]):
+        self.sizes = [t.numel() for t in like]
+
+    def flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def views(self, flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [part.view(t.shape) for part, t in zip(flat.split(self.sizes), like)]
+
+    def scatter_(self, flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+        torch._foreach_copy_(list(tensors), self.views(flat, tensors))
 
 
 def nonfinite_probe(g: torch.Tensor) -> torch.Tensor:

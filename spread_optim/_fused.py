@@ -11,6 +11,8 @@ state, never the optimizer; :mod:`spread_optim.kernels.dispatch` decides which p
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Callable
 
 import torch
 
@@ -230,14 +232,52 @@ def _hyper(rule: _Rule, group: dict, states: list[dict], grad_scale) -> torch.Te
 
 def _compiled_run(kind: str, args: tuple, flags: dict) -> None:
     """The compiled step; then, only where weights were written outside the optimizer, the same step eagerly
-    with adoption (see :mod:`spread_optim.kernels.compiled`)."""
-    if int(compiled.compiled(kind, **flags)(*args)):
-        step = compiled.element_step if kind == "element" else compiled.grouped_step
+    with adoption (see :mod:`spread_optim.kernels.compiled`). Should torch.compile refuse to compile another graph
+    (its recompilation limit, when a group holds more layouts than expected), the same function runs eagerly."""
+    global _warned_recompile
+    step = compiled.element_step if kind == "element" else compiled.grouped_step
+    try:
+        changed = int(compiled.compiled(kind, **flags)(*args))
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        if not _warned_recompile:
+            _warned_recompile = True
+            warnings.warn("spread_optim: torch.compile reached its recompilation limit for the compiled CPU step; "
+                          "the remaining layouts run the same step eagerly", RuntimeWarning, stacklevel=6)
+        changed = int(step(*args, **flags))
+    if changed:
         step(*args, **flags, adopt=True)
 
 
+def _canonical(kind: str, g, p, factor, W, state_factor, state_W) -> tuple[tuple, Callable[[], None]]:
+    """The compiled step's tensors in their canonical views (:func:`compiled.canonical`; the group factor and its
+    state stay as they are), and a function to call after the step: a tensor without such a view (not contiguous)
+    is stepped as a contiguous copy, which it then copies back."""
+    written = [t for t in (p, factor, W, *state_factor, *state_W) if t is not None]
+    copies = {id(t): t.contiguous() for t in (g, *written) if not t.is_contiguous()}
+
+    def view(t, shaped: bool = True):
+        if t is None:
+            return None
+        t_ = copies.get(id(t), t)
+        return compiled.canonical(kind, t_) if shaped else t_
+
+    element = kind == "element"
+    args = (view(g), view(p), view(factor, element), view(W), tuple(view(t, element) for t in state_factor),
+            tuple(view(t) for t in state_W))
+
+    def write_back() -> None:
+        for t in written:
+            if id(t) in copies:
+                t.copy_(copies[id(t)])
+
+    return args, write_back
+
+
+_warned_recompile = False
+
+
 def compiled_element(base_cls: type, group: dict, params, state, grad_scale, found_inf) -> None:
-    """The compiled CPU step of an element-sparse param group, one call per tensor."""
+    """The compiled CPU step of an element-sparse param group, one call per tensor (flat views)."""
     if found_inf is not None and float(found_inf) != 0:
         return  # a step GradScaler skips: nothing moves, step counters included
     rule = _Rule(base_cls, group, torch.device("cpu"))
@@ -250,12 +290,14 @@ def compiled_element(base_cls: type, group: dict, params, state, grad_scale, fou
         slots, firsts = rule.states(leaf_states, [st["U"], st["W"]])
         width = 3 if rule.adam else 1
         hyper = _hyper(rule, group, leaf_states, grad_scale)
-        args = (p.grad, p, st["U"], st["W"], tuple(slots[0][:width]), tuple(slots[1][:width]), hyper)
-        _compiled_run("element", args, {**flags, "first": bool(firsts[0])})
+        args, write_back = _canonical("element", p.grad, p, st["U"], st["W"], slots[0][:width], slots[1][:width])
+        _compiled_run("element", (*args, hyper), {**flags, "first": bool(firsts[0])})
+        write_back()
 
 
 def compiled_grouped(base_cls: type, group: dict, sets, structures: dict, state, grad_scale, found_inf) -> None:
-    """The compiled CPU step of a group-sparse param group whose parameters each have their own ``u``."""
+    """The compiled CPU step of a group-sparse param group whose parameters each have their own ``u``, one call per
+    tensor (canonical views: rows ``(groups, -1)``, columns ``(d0, groups, -1)``, ids flat)."""
     if found_inf is not None and float(found_inf) != 0:
         return
     rule = _Rule(base_cls, group, torch.device("cpu"))
@@ -268,8 +310,10 @@ def compiled_grouped(base_cls: type, group: dict, sets, structures: dict, state,
         slots, firsts = rule.states(leaf_states, [st["u"], st["W"]])
         width = 3 if rule.adam else 1
         hyper = _hyper(rule, group, leaf_states, grad_scale)
-        args = (p.grad, p, st["u"], st["W"], tuple(slots[0][:width]), tuple(slots[1][:width]), hyper, structures[p])
-        _compiled_run("grouped", args, {**flags, "first": bool(firsts[0])})
+        structure = structures[p]
+        args, write_back = _canonical(structure.kind, p.grad, p, st["u"], st["W"], slots[0][:width], slots[1][:width])
+        _compiled_run("grouped", (*args, hyper, structure.ids), {**flags, "groups": structure.kind, "first": bool(firsts[0])})
+        write_back()
 
 
 _ELEMENT = {"triton": triton_element, "compiled": compiled_element}

@@ -2,7 +2,7 @@ r"""The sparsity kinds of a sparse param group, as objects with the same verbs.
 
 :class:`Element` (``theta = U*W``, L1) and :class:`Grouped` (``theta_g = u_g*W_g``, group lasso over rows,
 columns, explicit ids, possibly shared by several parameters) each wrap one param group and the optimizer's
-state. The step (:mod:`spread_optim.step`) calls the same verbs on every kind, in this order, and never asks
+state. The step (:class:`spread_optim.SpreadOptimizer`) calls the same verbs on every kind, in this order, and never asks
 which kind it holds:
 
 =====================  =====================================================================================
@@ -151,21 +151,48 @@ class Element(Kind):
 
     def begin(self) -> list:
         """Adopt the weights written outside the optimizer, then remember the dead entries."""
+        if self.fast:
+            self._units = self._pack_units()
+            dead = {}
+            for unit in self._units:
+                dead.update(self._begin_unit(unit))
+            self._dead = [dead[id(p)] for p in self.params]
+            return []
         self._dead = []
         for p in self.params:
             U, W = self._factors(p)
-            theta = local(p.detach())
-            if self.fast:
-                cpu.element_adopt_(U, W, theta, self.group["init"])
-            else:
-                new_U, new_W = ref.element_adopt(U, W, theta, self.group["init"])
-                U.copy_(new_U)
-                W.copy_(new_W)
-            if self.fast:
-                self._dead.append(cpu.element_dead(U, W, out=self._scratch(p, U)))
-            else:
-                self._dead.append(ref.element_dead(U, W))
+            new_U, new_W = ref.element_adopt(U, W, local(p.detach()), self.group["init"])
+            U.copy_(new_U)
+            W.copy_(new_W)
+            self._dead.append(ref.element_dead(U, W))
         return []
+
+    def _pack_units(self) -> list[tuple[list[torch.Tensor], cpu.Pack | None]]:
+        """The CPU fast path's units: small contiguous parameters of one dtype packed together (:class:`cpu.Pack`),
+        every other parameter alone (``pack`` None)."""
+        packs, units = {}, []
+        for p in self.params:
+            U, W = self._factors(p)
+            theta = local(p.detach())
+            if U.numel() <= cpu.PACK_MAX and all(t.is_contiguous() for t in (U, W, theta)):
+                packs.setdefault((theta.dtype, U.dtype), []).append(p)
+            else:
+                units.append([p])
+        units += packs.values()
+        return [(unit, cpu.Pack([self._factors(p)[0] for p in unit]) if len(unit) > 1 else None) for unit in units]
+
+    def _begin_unit(self, unit) -> dict[int, torch.Tensor]:
+        params, pack = unit
+        Us, Ws = zip(*(self._factors(p) for p in params))
+        thetas = [local(p.detach()) for p in params]
+        if pack is None:
+            cpu.element_adopt_(Us[0], Ws[0], thetas[0], self.group["init"])
+            return {id(params[0]): cpu.element_dead(Us[0], Ws[0], out=self._scratch(params[0], Us[0]))}
+        U, W = pack.flat(Us), pack.flat(Ws)
+        if cpu.element_adopt_(U, W, pack.flat(thetas), self.group["init"]):
+            pack.scatter_(U, Us)
+            pack.scatter_(W, Ws)
+        return dict(zip(map(id, params), pack.views(cpu.element_dead(U, W), Us)))
 
     def _scratch(self, p, U):
         """A buffer like ``U`` kept between steps for the dead mask (None for small tensors)."""
@@ -202,18 +229,42 @@ class Element(Kind):
 
     def zero_pass(self, lr: float, theta_old: Theta = _theta_now, reduced=()) -> None:
         thr = self.group["zero_threshold"]
-        for p, dead in zip(self.params, self._dead):
+        dead_of = {id(p): dead for p, dead in zip(self.params, self._dead)}
+        singles = self.params
+        if self.fast:
+            singles = []
+            for params, pack in self._units:
+                if pack is not None and all(self.loss_grad(p) is not None for p in params):
+                    self._zero_pass_packed(params, pack, [dead_of[id(p)] for p in params], lr, theta_old)
+                else:
+                    singles += params
+        for p in singles:
             g = self.loss_grad(p)
             if g is None:
                 continue
             U, W = self._factors(p)
             if self.fast:
-                cpu.element_zero_pass_(U, W, g, theta_old(p), dead, self.kappa, lr, thr)
+                cpu.element_zero_pass_(U, W, g, theta_old(p), dead_of[id(p)], self.kappa, lr, thr)
             else:
-                new_U, new_W = ref.element_zero_pass(U, W, g, theta_old(p), dead, self.kappa, lr, thr)
+                new_U, new_W = ref.element_zero_pass(U, W, g, theta_old(p), dead_of[id(p)], self.kappa, lr, thr)
                 U.copy_(new_U)
                 W.copy_(new_W)
             write_product(local(p), U, W)
+
+    def _zero_pass_packed(self, params, pack: cpu.Pack, dead, lr: float, theta_old: Theta) -> None:
+        Us, Ws = zip(*(self._factors(p) for p in params))
+        U, W = pack.flat(Us), pack.flat(Ws)
+        g = pack.flat([self.loss_grad(p) for p in params])
+        cpu.element_zero_pass_(U, W, g, pack.flat([theta_old(p) for p in params]), pack.flat(dead), self.kappa, lr,
+                               self.group["zero_threshold"])
+        pack.scatter_(U, Us)
+        pack.scatter_(W, Ws)
+        thetas = [local(p) for p in params]
+        if all(t.dtype == U.dtype for t in thetas):
+            pack.scatter_(U * W, thetas)
+        else:
+            for theta, u, w in zip(thetas, Us, Ws):
+                write_product(theta, u, w)
 
     def write_theta(self) -> None:
         for p in self.params:
