@@ -51,10 +51,14 @@ class Pack:
 
 
 def nonfinite_probe(g: torch.Tensor) -> torch.Tensor:
-    """A scalar that is 0 when every entry of ``g`` is finite and NaN otherwise: ``sum(g*0)`` (on CPU several
-    times cheaper than ``isfinite(g).all()``)."""
-    parts = [c.mul(0).sum() for c in chunks(g)]
-    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+    """A scalar that is 0 when every entry of ``g`` is finite and NaN otherwise, in one pass over ``g`` and without
+    a bool temporary (on CPU ``isfinite(g).all()`` costs about 10x): ``min*0 + max*0`` (NaN propagates through
+    ``aminmax``, and ``inf*0`` is NaN; finite extremes, however large, give 0); ``sum(g*0)`` for a small tensor
+    (fewer calls)."""
+    if g.numel() <= CHUNK:
+        return g.mul(0).sum()
+    low, high = torch.aminmax(g)
+    return low.mul(0).add_(high.mul(0))
 
 
 def element_dead(U: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

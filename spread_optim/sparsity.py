@@ -105,7 +105,7 @@ class Kind:
                 raise TypeError(f"{self.where}: sparse gradients are not supported in a sparse group (parameter of shape {tuple(p.shape)})")
             if g.is_complex():
                 raise TypeError(f"{self.where}: complex gradients are not supported in a sparse group")
-            out.append((p, cpu.nonfinite_probe(g) if self.fast else (~torch.isfinite(g)).sum()))
+            out.append((p, cpu.nonfinite_probe(g) if g.device.type == "cpu" else (~torch.isfinite(g)).sum()))
         return out
 
     # the sums a kind needs from other ranks: none unless its groups span shards (Grouped overrides these)

@@ -97,11 +97,16 @@ def test_factor_grads_equal_spec_with_and_without_buffers():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_probe(bad):
-    g = torch.randn(cpu.CHUNK + 3)
+@pytest.mark.parametrize("n", [5, cpu.CHUNK + 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_nonfinite_probe(bad, n, dtype):
+    g = torch.randn(n, dtype=dtype)
+    g[0], g[1] = torch.finfo(dtype).max, torch.finfo(dtype).min  # finite, however large: no false alarm
     assert float(cpu.nonfinite_probe(g)) == 0
-    g[-1] = bad
-    assert float(cpu.nonfinite_probe(g)) != 0  # NaN
+    for where in (0, n // 2, -1):
+        h = g.clone()
+        h[where] = bad
+        assert float(cpu.nonfinite_probe(h)) != 0  # NaN
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
