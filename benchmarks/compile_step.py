@@ -2,7 +2,7 @@
 
 Workload: the weights of an MLP 1000-1000-10 (1.01M parameters; the weight matrices in one sparse group, the biases
 dense), fixed random gradients. Per row: the eager step's median time, the compiled step's median time after
-warm-up, the first call's compile time, the number of graphs and graph breaks (``torch._dynamo.explain``), and
+warm-up (the two timed in turns), the first call's compile time, the number of graphs and graph breaks (``torch._dynamo.explain``), and
 whether the compiled run's weights equal the eager run's after the same steps (the step is correct under compile).
 Plain ``torch.optim.Adam`` (foreach) is the anchor, measured in the same process.
 
@@ -41,33 +41,29 @@ def make(kind: str, width: int, seed: int = 0):
     return model, opt
 
 
-def timed(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def measure(kind: str, width: int, repeats: int) -> dict:
     import torch._dynamo
 
     torch._dynamo.reset()
-    model_e, opt_e = make(kind, width)
-    opt_e.step()  # as the compiled run's first (compiling) call
-    eager_ms = timed(opt_e.step, 2, repeats)
     model_c, opt_c = make(kind, width)
     explained = torch._dynamo.explain(opt_c.step)()
     torch._dynamo.reset()
+    model_e, opt_e = make(kind, width)
     model_c, opt_c = make(kind, width)
     step = torch.compile(opt_c.step)
     t0 = time.perf_counter()
     step()
     compile_s = time.perf_counter() - t0
-    compiled_ms = timed(step, 2, repeats)
+    opt_e.step()  # as the compiled run's first (compiling) call
+    # timed in turns (one eager step, one compiled step per round), so that the machine's drift hits both alike
+    times = {"eager": [], "compiled": []}
+    for round_ in range(2 + repeats):
+        for name, fn in (("eager", opt_e.step), ("compiled", step)):
+            t0 = time.perf_counter()
+            fn()
+            if round_ >= 2:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    eager_ms, compiled_ms = statistics.median(times["eager"]), statistics.median(times["compiled"])
     # correctness: the same number of steps on both (1 + 2 + repeats each); atol 1e-6 = lr/1000 (torch Adam itself
     # differs by ~2e-7 between its compiled and eager steps after 23 steps), exact zeros the same
     same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) and torch.equal(a == 0, b == 0)
@@ -81,10 +77,11 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="element only, width 200, 3 repeats (CI)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--kinds", nargs="*", help="a subset of: torch Adam, element, row, column")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    kinds = ["element"] if args.quick else ["torch Adam", "element", "row", "column"]
+    kinds = ["element"] if args.quick else (args.kinds or ["torch Adam", "element", "row", "column"])
     width = 200 if args.quick else 1000
     rows = [measure(kind, width, 3 if args.quick else args.repeats) for kind in kinds]
     print(f"CPU: {platform.processor() or platform.machine()}; torch {torch.__version__}; 1 thread; MLP {width}-{width}-10")
