@@ -101,6 +101,8 @@ def choose(
     ``tensors``: those and their factors; ``options``: the param group; ``one_dtype``: its kind's kernels need
     one parameter dtype. Raises for ``fused=True`` when the kernels cannot run."""
     global _warned
+    if options.get("depth", 2) != 2:  # depth-k factors: the PyTorch path only (see _deep_choice)
+        return _deep_choice(params, tensors, options, base_cls=base_cls, one_dtype=one_dtype, sharded=sharded, where=where)
     rule = FUSED_RULES.get(base_cls)
     fused = options.get("fused")
     if rule is not None and (fused is True or (fused is None and _on_cuda(tensors))):
@@ -118,3 +120,26 @@ def choose(
     base_fused = (rule is not None and fused is None and options.get("foreach") is None and not sharded
                   and not options.get("differentiable") and on_cpu and all(p.dtype in _CPU_FUSED_DTYPES for p in params))
     return Choice(path, base_fused, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# depth-k factors (spread_optim/deep.py): the fused paths take depth 2 only
+
+_warned_depth = False
+
+
+def _deep_choice(params, tensors, options: dict, *, base_cls: type, one_dtype: bool, sharded: bool, where: str) -> Choice:
+    """A group with ``depth > 2`` runs the spec (:mod:`spread_optim.deep`); where a fused path (the Triton kernels or
+    the CPU fast path) would have run at depth 2, a one-time ``RuntimeWarning`` says so. ``fused=True`` raises, as
+    for any group the kernels cannot step. The torch base on the factors keeps its own fused CPU kernel."""
+    global _warned_depth
+    reason = f"'depth'={options['depth']}: the fused kernels and the CPU fast path take depth 2 only"
+    if options.get("fused") is True and base_cls in FUSED_RULES:
+        raise RuntimeError(f"{where}: fused=True, but {reason}; use fused=None or False for the reference path")
+    at_depth_2 = choose(params, tensors, {**options, "depth": 2}, base_cls=base_cls, one_dtype=one_dtype,
+                        sharded=sharded, where=where)
+    if at_depth_2.path != "spec" and not _warned_depth:
+        _warned_depth = True
+        warnings.warn(f"spread_optim: {reason}; the PyTorch reference path runs instead (this note is shown once)",
+                      RuntimeWarning, stacklevel=6)
+    return Choice("spec", at_depth_2.base_fused, reason)

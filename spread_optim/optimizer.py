@@ -284,7 +284,8 @@ class SpreadOptimizer(Optimizer):
         change of ``sparsity`` or ``share_groups``, or of a parameter's shape or dtype (``p.data = ...``,
         ``model.double()``). The base's state for the old factors goes with them (it describes other tensors)."""
         sparsity = group["sparsity"]
-        built_for = (describe(sparsity), id(sparsity) if isinstance(sparsity, torch.Tensor) else None, group["share_groups"])
+        built_for = (describe(sparsity), id(sparsity) if isinstance(sparsity, torch.Tensor) else None, group["share_groups"],
+                     group.get("depth", 2))  # (a change of depth rebuilds the factors too)
         params = group["params"]
         element = built_for[0] == "element"
 
