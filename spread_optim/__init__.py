@@ -37,7 +37,7 @@ from spread_optim.optimizer import SpreadOptimizer  # noqa: E402
 from spread_optim.dropins import SpreadAdam, SpreadAdamW, SpreadSGD  # noqa: E402
 from spread_optim.report import SparsityReport, sparsity_report  # noqa: E402
 
-__all__ = ["SpreadOptimizer", "SpreadSGD", "SpreadAdam", "SpreadAdamW", "sparsity_report", "SparsityReport", "SpreadFeatureSelector"]
+__all__ = ["SpreadOptimizer", "SpreadSGD", "SpreadAdam", "SpreadAdamW", "sparsity_report", "SparsityReport", "SpreadFeatureSelector", "SpreadLq"]
 __version__ = "0.1.0"
 
 
@@ -48,4 +48,8 @@ def __getattr__(name):
         from spread_optim.feature_selection import SpreadFeatureSelector
 
         return SpreadFeatureSelector
+    if name == "SpreadLq":  # the L2/3, L1/2 linear model (depth-k spread), with scikit-learn's conventions
+        from spread_optim.nonconvex import SpreadLq
+
+        return SpreadLq
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
