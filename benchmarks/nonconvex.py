@@ -267,25 +267,32 @@ def plot(records, path: Path, meta) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = len(records)
-    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols + 0.5, 6), squeeze=False)
+    per_row = min(3, len(records))
+    blocks = -(-len(records) // per_row)
+    fig, axes = plt.subplots(2 * blocks, per_row, figsize=(4 * per_row, 3.2 * blocks * 2 / 1.3), squeeze=False)
     styles = {m: dict(color=c, marker=mk, ls=ls) for (m, c, mk, ls) in [
         ("spread depth 2 (L1)", "C0", "o", "-"), ("spread depth 3 (L2/3)", "C1", "o", "-"), ("spread depth 4 (L1/2)", "C2", "o", "-"),
         ("skglm L1", "C0", "x", "--"), ("skglm L2_3", "C1", "x", "--"), ("skglm L0_5", "C2", "x", "--"), ("skglm MCP", "C3", "s", ":")]}
-    for j, p in enumerate(records):
+    for i in range(blocks * per_row):
+        top, bottom = axes[2 * (i // per_row), i % per_row], axes[2 * (i // per_row) + 1, i % per_row]
+        if i >= len(records):
+            top.axis("off")
+            bottom.axis("off")
+            continue
+        p = records[i]
         for m, rows in p["methods"].items():
             rows = sorted(rows, key=lambda r: r["nnz"])
             nnz = [max(r["nnz"], 0.8) for r in rows]
-            axes[0, j].plot(nnz, [r["f1"] for r in rows], label=m, ms=4, lw=1, **styles[m])
-            axes[1, j].plot(nnz, [r["error"] for r in rows], label=m, ms=4, lw=1, **styles[m])
-        axes[0, j].set_title(p["problem"], fontsize=7)
-        for ax in axes[:, j]:
+            top.plot(nnz, [r["f1"] for r in rows], label=m, ms=4, lw=1, **styles[m])
+            bottom.plot(nnz, [r["error"] for r in rows], label=m, ms=4, lw=1, **styles[m])
+        top.set_title(p["problem"], fontsize=8)
+        for ax in (top, bottom):
             ax.set_xscale("log")
             ax.axvline(p["s"], color="gray", lw=0.5)
-        axes[1, j].set_xlabel("nonzeros")
-        axes[1, j].set_ylim(0, 1.5)
-    axes[0, 0].set_ylabel("support F1")
-    axes[1, 0].set_ylabel("||w - w*|| / ||w*||")
+        top.set_ylabel("support F1", fontsize=8)
+        bottom.set_ylabel("||w - w*|| / ||w*||", fontsize=8)
+        bottom.set_xlabel("nonzeros", fontsize=8)
+        bottom.set_ylim(0, 1.5)
     axes[0, 0].legend(fontsize=6)
     fig.suptitle(f"non-convex sparse regression: spread depth 2/3/4 vs skglm ({meta['machine']})", fontsize=9)
     fig.tight_layout()

@@ -509,6 +509,8 @@ def deep_init_element(theta: torch.Tensor, depth: int, scheme: str) -> tuple[tor
 def deep_element_adopt(U: torch.Tensor, W: torch.Tensor, theta: torch.Tensor, depth: int, scheme: str):
     """:func:`element_adopt` at depth k: entries whose weight is no longer ``element_product(U, W)`` are rebuilt."""
     changed = element_product(U, W).to(theta.dtype) != theta
+    if not bool(changed.any()):  # (the usual case: no split of the whole tensor)
+        return U, W
     new_U, new_W = deep_init_element(theta, depth, scheme)
     return torch.where(changed, new_U, U), torch.where(changed, new_W, W)
 
@@ -587,12 +589,14 @@ def deep_element_zero_pass(U: torch.Tensor, W: torch.Tensor, g: torch.Tensor, th
     settled = (theta.abs() <= theta_old.abs()) | (ag <= threshold)
     snap = ~dead & (((theta.abs() <= zero_threshold) & settled) | (theta * theta_old < 0))
     zero = (dead & ~revive) | snap
+    U, W = torch.where(zero, 0.0, U), torch.where(zero, 0.0, W)
+    if not bool(revive.any()):
+        return U, W
     new = torch.zeros_like(W)
-    if bool(revive.any()):
-        mag = lq_prox_magnitude(lr * ag[revive].double(), lr * depth * kappa, lq_exponent(depth))
-        new[revive] = (0.0 - torch.sign(g[revive]).double() * mag).to(W.dtype)  # (0.0 - x: never -0.0)
+    mag = lq_prox_magnitude(lr * ag[revive].double(), lr * depth * kappa, lq_exponent(depth))
+    new[revive] = (0.0 - torch.sign(g[revive]).double() * mag).to(W.dtype)  # (0.0 - x: never -0.0)
     new_U, new_W = deep_split(new, depth)
-    return torch.where(revive, new_U, torch.where(zero, 0.0, U)), torch.where(revive, new_W, torch.where(zero, 0.0, W))
+    return torch.where(revive, new_U, U), torch.where(revive, new_W, W)
 
 
 def deep_group_dead(u: torch.Tensor, w_sq: torch.Tensor) -> torch.Tensor:
