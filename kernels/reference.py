@@ -209,27 +209,32 @@ def penalty(factors: Sequence[torch.Tensor], kappa: float) -> torch.Tensor:
 # 2. the base rules of the fused paths, on one tensor (torch.optim's single-tensor SGD and Adam)
 
 
-def sgd_rule(x, d, buf, lr: float, momentum: float, dampening: float, nesterov: bool, first: bool):
+def sgd_rule(x, d, buf, lr, momentum=None, dampening=0.0, nesterov: bool = False, first: bool = False):
     """``torch.optim.SGD`` on one tensor ``x`` with gradient ``d`` (weight decay and maximize are already in
-    ``d``): returns ``(x, buf)``. ``first``: the momentum buffer is created (it becomes ``d``)."""
-    if momentum == 0:
+    ``d``): returns ``(x, buf)``. ``momentum=None``: plain SGD, no buffer; ``first``: the momentum buffer is
+    created (it becomes ``d``)."""
+    if momentum is None:
         return x - lr * d, buf
     buf = d.clone() if first else buf * momentum + (1 - dampening) * d
     step = d + momentum * buf if nesterov else buf
     return x - lr * step, buf
 
 
-def adam_rule(x, d, m, v, vmax, step: int, lr: float, beta1: float, beta2: float, eps: float, amsgrad: bool):
-    """``torch.optim.Adam`` on one tensor ``x`` with gradient ``d`` at step count ``step`` (>= 1, after the
-    increment): returns ``(x, m, v, vmax)``. AdamW's decoupled decay is not here: a sparse group has none
+def adam_step_sizes(step: int, lr: float, beta1: float, beta2: float) -> tuple[float, float]:
+    """Adam's bias corrections at step count ``step`` (>= 1): ``(lr / (1 - beta1**step), sqrt(1 - beta2**step))``."""
+    return lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
+
+
+def adam_rule(x, d, m, v, vmax, step_size, bc2_sqrt, beta1: float, beta2: float, eps: float, amsgrad: bool):
+    """``torch.optim.Adam`` on one tensor ``x`` with gradient ``d``: returns ``(x, m, v, vmax)``; ``step_size``
+    and ``bc2_sqrt`` from :func:`adam_step_sizes`. AdamW's decoupled decay is not here: a sparse group has none
     (the spread penalty replaces it)."""
     m = m + (1 - beta1) * (d - m)  # torch's lerp
     v = v * beta2 + (1 - beta2) * d * d
-    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     if amsgrad:
         vmax = torch.maximum(vmax, v)
-    denom = (vmax if amsgrad else v).sqrt() / bc2**0.5 + eps
-    return x - (lr / bc1) * (m / denom), m, v, vmax
+    denom = (vmax if amsgrad else v).sqrt() / bc2_sqrt + eps
+    return x - step_size * (m / denom), m, v, vmax
 
 
 # ----------------------------------------------------------------------------------------------------

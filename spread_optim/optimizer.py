@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from spread_optim import _checkpoint, _closure
 from spread_optim._base import HiddenBase, class_defaults, per_parameter, single_group
-from spread_optim._triton import nonfinite_flag
+from spread_optim._fused import nonfinite_flag
 from spread_optim.distributed import LOCAL, check_not_zero_shared, communicator, is_dtensor
 from spread_optim.kernels import dispatch
 from spread_optim.kernels import reference as ref
@@ -258,7 +258,7 @@ class SpreadOptimizer(Optimizer):
         self._created += fresh
         tensors = [*kind.params, *(leaf for _, _, leaf in kind.factor_leaves())]
         choice = dispatch.choose(kind.params, tensors, group, base_cls=self._base_cls, one_dtype=kind.one_dtype,
-                                 sharded=sharded, where=f"param group {index}")
+                                 shared=kind.shared, sharded=sharded, where=f"param group {index}")
         kind.path, kind.fast = choice.path, choice.path == "cpu"
         return choice, kind
 
@@ -350,12 +350,12 @@ class SpreadOptimizer(Optimizer):
     def _step_once(self, kinds: list[Kind]) -> None:
         """Factor gradients, base step, exact-zero pass and theta, for the gradients in ``p.grad``."""
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        split = [k for k in kinds if k.path != "triton"]
-        fused = [k for k in kinds if k.path == "triton"]
+        split = [k for k in kinds if k.path not in dispatch.FUSED_PATHS]
+        fused = [k for k in kinds if k.path in dispatch.FUSED_PATHS]
         spans = any(k.spans_shards for k in split)
         begin = [k.begin() for k in split]
         flags, names = self._nonfinite(kinds) if found_inf is None else ([], [])
-        device_flag = nonfinite_flag([p.grad for k in fused if k.group.get("capturable") for p in k.params if p.grad is not None]) if found_inf is None else None
+        device_flag = nonfinite_flag([p.grad for k in fused if _on_device_check(k) for p in k.params if p.grad is not None]) if found_inf is None else None
         if self._comm.distributed and spans and per_parameter(self._base_cls) and grad_scale is None and found_inf is None and not fused:
             return self._step_one_round(split, begin, flags, names)
         self._factor_grads(split, begin, (flags, names))
@@ -375,7 +375,7 @@ class SpreadOptimizer(Optimizer):
         _closure.restore(gradless)
         self._zero_pass(split)
         for k in fused:
-            flag = found_inf if found_inf is not None else device_flag if k.group.get("capturable") else None
+            flag = found_inf if found_inf is not None else device_flag if _on_device_check(k) else None
             k.fused_step(self._base_cls, grad_scale, flag)
 
     def _factor_grads(self, split: list[Kind], begin=None, flags=None) -> None:
@@ -460,7 +460,7 @@ class SpreadOptimizer(Optimizer):
         capturable fused groups check on the device instead (no host synchronisation)."""
         flags, names = [], []
         for k in kinds:
-            if k.path == "triton" and k.group.get("capturable"):
+            if _on_device_check(k):
                 continue
             for p, probe in k.nonfinite():
                 flags.append(probe)
@@ -553,6 +553,11 @@ class SpreadOptimizer(Optimizer):
         for p, entry in keep.items():
             self.state[p] = entry
         self._init_derived()
+
+
+def _on_device_check(kind: Kind) -> bool:
+    """Capturable groups on the kernels check their gradients on the device (no host synchronisation)."""
+    return kind.path == "triton" and bool(kind.group.get("capturable"))
 
 
 def _sparse_now(group) -> bool:

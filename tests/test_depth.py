@@ -25,7 +25,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spread_optim import SpreadOptimizer, SpreadSGD, sparsity_report
+from spread_optim import SpreadAdam, SpreadOptimizer, SpreadSGD, sparsity_report
 from spread_optim import deep
 from spread_optim.kernels import dispatch
 from spread_optim.kernels import reference as ref
@@ -490,6 +490,43 @@ def test_depth_3_falls_back_with_one_note(monkeypatch):
     p.sum().backward()
     with pytest.raises(RuntimeError, match="param group 0: fused=True, but 'depth'=3"):
         opt.step()
+
+
+@pytest.mark.parametrize("sparsity", ["element", "row"])
+def test_depth_3_never_takes_the_compiled_step(monkeypatch, sparsity):
+    """A CPU group of 2^20 elements: at depth 2 ``fused=None`` picks the compiled step; at depth 3 the reference path
+    runs instead (one note that names it), bit for bit as with ``fused=False``; ``fused=True`` raises on CPU."""
+    monkeypatch.setattr(dispatch, "_warned_depth", False)
+    shape = (1024, 1024)
+    assert dispatch.choose([torch.ones(shape)], [], {"fused": None}, base_cls=torch.optim.Adam, one_dtype=False,
+                           shared=False, sharded=False, where="g").path == "compiled"
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    start[start.abs() < 0.5] = 0.0
+    start[:64] = 0.0  # whole rows too, held at zero by a zero gradient
+    grads = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    for g in grads:
+        g[:64] = 0.0
+    results = {}
+    for fused in (None, False):
+        p = start.clone().requires_grad_(True)
+        opt = SpreadAdam([p], lr=0.01, kappa=0.05, depth=3, sparsity=sparsity, fused=fused)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+        assert opt._paths == ["spec"]
+        notes = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(notes) == (1 if fused is None else 0) and all("compiled CPU step" in n for n in notes)
+        results[fused] = p.detach().clone()
+    assert torch.equal(results[None], results[False])
+    assert (results[None] == 0).any() and not torch.equal(results[None], start)
+    p = start.clone().requires_grad_(True)
+    opt = SpreadAdam([p], lr=0.01, kappa=0.05, depth=3, sparsity=sparsity, fused=True)
+    p.grad = grads[0].clone()
+    with pytest.raises(RuntimeError, match="param group 0: fused=True, but 'depth'=3: the fused paths"):
+        opt.step()
+    assert torch.equal(p.detach(), start)  # refused before anything moved
 
 
 @pytest.mark.parametrize("sparsity", ["element", "row"])

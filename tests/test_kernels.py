@@ -289,10 +289,9 @@ def test_dispatch_rules(monkeypatch):
     opt = SpreadOptimizer([p], "adam", kappa=0.1)  # fused=None on CPU tensors: the reference
     opt.step()
     assert opt._paths == ["cpu"]
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    opt = SpreadOptimizer([p], "adam", kappa=0.1, fused=True)
-    with pytest.raises(RuntimeError, match="param group 0: fused=True.*cpu.*TRITON_INTERPRET"):
-        opt.step()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # fused=True on CPU tensors: the compiled CPU step (tests/test_compiled.py)
+    assert dispatch.choose([p], [p], {"fused": True}, base_cls=torch.optim.Adam, one_dtype=False, shared=False,
+                           sharded=False, where="param group 0").path == "compiled"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.randn(3, dtype=torch.float64, requires_grad=True)
     q.grad = torch.randn(3, dtype=torch.float64)
