@@ -1,7 +1,9 @@
-"""Memory per element of a sparse parameter, by depth and base (CPU, float32, the default path).
+"""Memory per element of a sparse parameter, by depth and base (CPU, float32, the split path).
 
 For each (depth, base, sparsity) a fresh process builds one float32 parameter of 2^22 elements with its gradient,
-takes three optimizer steps and reports, per element of the parameter:
+takes three optimizer steps on the split path (depth 2: the CPU fast path, with the compiled step, which
+``fused=None`` picks for a group this large, switched off; the fused paths keep no factor gradients: 8 bytes less)
+and reports, per element of the parameter:
 
 * ``state``: what the optimizer keeps between steps, counted from its tensors: the factors, their ``.grad`` buffers
   (set each step, read by the base) and the base's state for them (the parameter and its own gradient are not
@@ -31,6 +33,8 @@ import resource, sys, warnings, json
 sys.path.insert(0, {root!r})
 import torch
 from spread_optim import SpreadOptimizer
+from spread_optim.kernels import dispatch
+dispatch.COMPILE_MIN_NUMEL = 1 << 62  # depth 2 on the split path too (the compiled step would take this size)
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
 depth, base, sparsity, n = {depth}, {base!r}, {sparsity!r}, {n}
@@ -54,7 +58,7 @@ for value in opt.state[p].values():
         state += t.numel() * t.element_size()
         if t.grad is not None:
             state += t.grad.numel() * t.grad.element_size()
-print(json.dumps(dict(state=state / n, peak=peak / n)))
+print(json.dumps(dict(state=state / n, peak=peak / n, path=opt._paths[0])))
 """
 
 
@@ -68,15 +72,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="*", default=[2, 3, 4])
     args = parser.parse_args(argv)
-    print(f"bytes per element of a float32 parameter ({N} elements), CPU, default path (depth 2: the spec's CPU fast path; depth > 2: the spec); state / peak of a step\n")
+    print(f"bytes per element of a float32 parameter ({N} elements), CPU, the split path (depth 2: the spec's CPU fast "
+          "path, the compiled step switched off; depth > 2: the spec); state / peak of a step\n")
     bases = ["sgd", "sgd-momentum", "adam"]
-    print("| sparsity | depth | " + " | ".join(bases) + " |")
-    print("|---|---|" + "---|" * len(bases))
+    print("| sparsity | depth | " + " | ".join(bases) + " | path |")
+    print("|---|---|" + "---|" * len(bases) + "---|")
     for sparsity in ("element", "row"):
         for depth in args.depths:
             cells = [measure(depth, b, sparsity) for b in bases]
-            print(f"| {sparsity} | {depth} | " + " | ".join(f"{c['state']:.0f} / {c['peak']:.0f}" for c in cells) + " |",
-                  flush=True)
+            print(f"| {sparsity} | {depth} | " + " | ".join(f"{c['state']:.0f} / {c['peak']:.0f}" for c in cells)
+                  + f" | {cells[0]['path']} |", flush=True)
     print(f"\n(peak: resident memory over the steps minus the process before them: the state, the step's temporaries "
           f"and allocator slack; the parameter and its gradient, 8 bytes, are there before; max RSS "
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB)")

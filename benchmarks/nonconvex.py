@@ -22,7 +22,7 @@ The strengths: a grid of threshold levels ``t = r * max|X^T y|/n`` (r from 0.7 d
 penalty's alpha by the coordinate-wise thresholding rule at unit step (``t = ((2-q)/(2-2q)) (2 alpha (1-q))^(1/(2-q))``,
 ``t = alpha`` for L1 and MCP), so every method sweeps from a few to a few hundred nonzeros.
 
-    python benchmarks/nonconvex.py            # the problems above (tens of minutes on a 2-core CPU)
+    python benchmarks/nonconvex.py            # the problems above (about 12 minutes on one CPU core)
     python benchmarks/nonconvex.py --quick    # n=120, d=300, s=5, one SNR, 4 strengths, no gene sets (< 1 min)
 
 Writes ``nonconvex.json`` and ``nonconvex.png`` (F1 and error against the number of nonzeros) into ``--out``

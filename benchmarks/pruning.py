@@ -39,6 +39,7 @@ passes of a batch of ``--timing-batch`` test images, one thread, the two nets ti
 
     python benchmarks/pruning.py            # default size (a few minutes on 2 CPU cores)
     python benchmarks/pruning.py --quick    # smoke run (well under a minute)
+    python benchmarks/pruning.py --depth3   # also spread depth 3 (L2/3): accuracy against compression next to depth 2
 
 Writes ``benchmarks/results/pruning.json`` and ``pruning.png`` (test accuracy against compression ratio; layer
 widths before and after filter removal) and prints markdown tables.
@@ -303,11 +304,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and the figure")
     parser.add_argument("--depth3", action="store_true", help="add spread depth 3 (L2/3, non-convex) nets: train_depth3")
-    parser.add_argument("--depth3-kappas", type=float, nargs="+", default=None, help="their kappas (default: --kappas)")
+    parser.add_argument("--depth3-kappas", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4],
+                        help="their kappas (3*kappa*|w|^(2/3) is far stronger than 2*kappa*|w| on small weights)")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.finetune_epochs, args.timing_repeats = 6, 1, 30
         args.weight_decays, args.kappas, args.ratios = [1e-4], [3e-4], [10, 50]
+        args.depth3_kappas = [1e-4]
         args.row_epochs = 20  # groups need a few hundred steps to reach exact zero
 
     torch.set_num_threads(args.threads)
@@ -476,11 +479,11 @@ def main(argv=None) -> dict:
 
 
 def train_depth3(args, X_train, y_train, batches) -> dict:
-    """``SpreadAdam(kappa, depth=3)`` on the five weights, one net per kappa (``--depth3-kappas``, default
-    ``--kappas``), from the same initial weights and mini-batches as the other methods; pruned and finetuned by the
-    same code as method ``"spread_depth3"``."""
+    """``SpreadAdam(kappa, depth=3)`` on the five weights, one net per kappa (``--depth3-kappas``), from the same
+    initial weights and mini-batches as the other methods; pruned and finetuned by the same code as method
+    ``"spread_depth3"``."""
     trained = {}
-    for kappa in args.depth3_kappas or args.kappas:
+    for kappa in args.depth3_kappas:
         model = new_model(args.seed)
         weights = [getattr(model, n).weight for n in LAYERS]
         rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
