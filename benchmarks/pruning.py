@@ -39,6 +39,7 @@ passes of a batch of ``--timing-batch`` test images, one thread, the two nets ti
 
     python benchmarks/pruning.py            # default size (a few minutes on 2 CPU cores)
     python benchmarks/pruning.py --quick    # smoke run (well under a minute)
+    python benchmarks/pruning.py --depth3   # also spread depth 3 (L2/3): accuracy against compression next to depth 2
 
 Writes ``benchmarks/results/pruning.json`` and ``pruning.png`` (test accuracy against compression ratio; layer
 widths before and after filter removal) and prints markdown tables.
@@ -246,7 +247,7 @@ def save_figure(points: list[dict], structured: dict, path: Path, title: str) ->
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw=dict(width_ratios=[1.4, 1]))
     ax = axes[0]
-    styles = {"spread": ("C0", "o"), "magnitude": ("C1", "s"), "naive_l1": ("C2", "^")}
+    styles = {"spread": ("C0", "o"), "magnitude": ("C1", "s"), "naive_l1": ("C2", "^"), "spread_depth3": ("C3", "D")}
     for method, (color, marker) in styles.items():
         ps = sorted((p for p in points if p["method"] == method), key=lambda p: p["compression"])
         if ps:
@@ -302,10 +303,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and the figure")
+    parser.add_argument("--depth3", action="store_true", help="add spread depth 3 (L2/3, non-convex) nets: train_depth3")
+    parser.add_argument("--depth3-kappas", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4],
+                        help="their kappas (3*kappa*|w|^(2/3) is far stronger than 2*kappa*|w| on small weights)")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.finetune_epochs, args.timing_repeats = 6, 1, 30
         args.weight_decays, args.kappas, args.ratios = [1e-4], [3e-4], [10, 50]
+        args.depth3_kappas = [1e-4]
         args.row_epochs = 20  # groups need a few hundred steps to reach exact zero
 
     torch.set_num_threads(args.threads)
@@ -332,6 +337,8 @@ def main(argv=None) -> dict:
         secs = train(model, torch.optim.Adam(model.parameters(), lr=args.lr), X_train, y_train, batches,
                      f"naive L1 lam={2 * kappa:g}", l1=2 * kappa)
         trained[("naive_l1", kappa)] = (model, secs)
+    if args.depth3:
+        trained.update(train_depth3(args, X_train, y_train, batches))
     runs = []
     for (method, strength), (model, secs) in trained.items():
         total, nonzero = weight_counts(model)
@@ -349,7 +356,7 @@ def main(argv=None) -> dict:
                                        f"{method} {strength:g} {ratio:g}x finetune")
             candidates.append(dict(method=method, kappa=None if method == "magnitude" else strength,
                                    weight_decay=strength if method == "magnitude" else 0.0, **point))
-        for method in ("spread", "magnitude", "naive_l1"):
+        for method in ("spread", "magnitude", "naive_l1") + (("spread_depth3",) if args.depth3 else ()):
             # each method's candidate with the lowest training loss after finetuning: no test data in the choice
             best = min((c for c in candidates if c["method"] == method and c["target_ratio"] == ratio),
                        key=lambda c: c["train_loss"])
@@ -444,6 +451,8 @@ def main(argv=None) -> dict:
         print(f"| {method} | {label} {strength:g} | " + " | ".join(
             f"{100 * cs[r]['test_accuracy']:.1f}%" + ("*" if cs[r]["selected"] else "") for r in args.ratios) + " |")
     print("(* selected: lowest training loss after finetuning)")
+    if args.depth3:
+        print_depth3(points, args.ratios)
     s = structured
     print(f"\nFilter/neuron sparsity (SpreadAdam, row groups, kappa={s['kappa']:g}):\n")
     print("| net | conv1 | conv2 | fc1 | fc2 | parameters | MACs per image | test acc | inference ms (batch "
@@ -463,6 +472,35 @@ def main(argv=None) -> dict:
           f"{s['macs_ratio']:.1f}x fewer, "
           f"inference {s['speedup']:.1f}x faster")
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# spread depth 3 (--depth3): the non-convex L2/3 penalty 3*kappa*sum|w|^(2/3) (spread_optim/deep.py)
+
+
+def train_depth3(args, X_train, y_train, batches) -> dict:
+    """``SpreadAdam(kappa, depth=3)`` on the five weights, one net per kappa (``--depth3-kappas``), from the same
+    initial weights and mini-batches as the other methods; pruned and finetuned by the same code as method
+    ``"spread_depth3"``."""
+    trained = {}
+    for kappa in args.depth3_kappas:
+        model = new_model(args.seed)
+        weights = [getattr(model, n).weight for n in LAYERS]
+        rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+        optimizer = SpreadAdam([{"params": weights, "kappa": kappa, "depth": 3}, {"params": rest}], lr=args.lr)
+        secs = train(model, optimizer, X_train, y_train, batches, f"spread depth 3 kappa={kappa:g}")
+        trained[("spread_depth3", kappa)] = (model, secs)
+    return trained
+
+
+def print_depth3(points: list[dict], ratios) -> None:
+    print("\nDepth 3 (L2/3) next to depth 2 (L1) and magnitude pruning, test accuracy after finetuning (compression):\n")
+    print("| target | spread depth 3 (L2/3) | spread depth 2 (L1) | magnitude |")
+    print("| --- | --- | --- | --- |")
+    for ratio in ratios:
+        p = {q["method"]: q for q in points if q["target_ratio"] == ratio}
+        cell = lambda q: f"{100 * q['test_accuracy']:.1f}% ({q['compression']:.1f}x)"  # noqa: E731
+        print(f"| {ratio:g}x | {cell(p['spread_depth3'])} | {cell(p['spread'])} | {cell(p['magnitude'])} |")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ The base's own keyword ``fused`` chooses for SGD, Adam and AdamW:
   CPU (the Triton kernels in their interpreter when ``TRITON_INTERPRET=1``, which is how the tests run them).
 
 Groups whose parameters share one factor (``share_groups``) take the compiled step's place on the split path.
+Groups with ``depth > 2`` (:mod:`spread_optim.deep`) always run the spec: ``fused=True`` raises for them, and where
+``fused=None`` would have chosen a fused path or the CPU fast path a one-time warning says the spec runs instead.
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ def choose(
     one parameter dtype; ``shared``: its parameters share factors. Raises for ``fused=True`` when no fused path
     can run."""
     global _warned
+    if options.get("depth", 2) != 2:  # depth-k factors: the PyTorch path only (see _deep_choice)
+        return _deep_choice(params, tensors, options, base_cls=base_cls, one_dtype=one_dtype, shared=shared,
+                            sharded=sharded, where=where)
     rule = FUSED_RULES.get(base_cls)
     fused = options.get("fused")
     on_cpu = bool(params) and all(p.device.type == "cpu" for p in params)
@@ -152,3 +157,29 @@ def choose(
     base_fused = (rule is not None and fused is None and options.get("foreach") is None and not sharded
                   and not options.get("differentiable") and on_cpu and all(p.dtype in _CPU_FUSED_DTYPES for p in params))
     return Choice(path, base_fused, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# depth-k factors (spread_optim/deep.py): the fused paths take depth 2 only
+
+_warned_depth = False
+
+
+def _deep_choice(params, tensors, options: dict, *, base_cls: type, one_dtype: bool, shared: bool, sharded: bool,
+                 where: str) -> Choice:
+    """A group with ``depth > 2`` runs the spec (:mod:`spread_optim.deep`), never a fused path (the Triton kernels,
+    the compiled CPU step) nor the CPU fast path: where one of those would have run at depth 2 (``fused=None``), a
+    one-time ``RuntimeWarning`` says so; ``fused=True`` raises, on every device, as for any group no fused path can
+    step. The torch base on the factors keeps its own fused CPU kernel."""
+    global _warned_depth
+    reason = (f"'depth'={options['depth']}: the fused paths (Triton kernels, compiled CPU step) and the CPU fast path "
+              "take depth 2 only")
+    if options.get("fused") is True and base_cls in FUSED_RULES:
+        raise RuntimeError(f"{where}: fused=True, but {reason}; use fused=None or False for the reference path")
+    at_depth_2 = choose(params, tensors, {**options, "depth": 2}, base_cls=base_cls, one_dtype=one_dtype,
+                        shared=shared, sharded=sharded, where=where)
+    if at_depth_2.path != "spec" and not _warned_depth:
+        _warned_depth = True
+        warnings.warn(f"spread_optim: {reason}; the PyTorch reference path runs instead (this note is shown once)",
+                      RuntimeWarning, stacklevel=6)
+    return Choice("spec", at_depth_2.base_fused, reason)

@@ -42,7 +42,8 @@ from spread_optim.averaging import apply_support, sparse_avg_fn  # noqa: E402
 from spread_optim.compact import compact  # noqa: E402  (imports torch-pruning when called)
 
 __all__ = ["SpreadOptimizer", "SpreadSGD", "SpreadAdam", "SpreadAdamW", "sparsity_report", "SparsityReport", "SpreadFeatureSelector",
-           "param_groups", "kkt_residual", "penalty", "unwrap", "register_timm", "apply_support", "sparse_avg_fn", "compact"]
+           "SpreadLq", "param_groups", "kkt_residual", "penalty", "unwrap", "register_timm", "apply_support", "sparse_avg_fn",
+           "compact"]
 __version__ = "0.1.0"
 
 
@@ -53,4 +54,8 @@ def __getattr__(name):
         from spread_optim.feature_selection import SpreadFeatureSelector
 
         return SpreadFeatureSelector
+    if name == "SpreadLq":  # the L2/3, L1/2 linear model (depth-k spread), with scikit-learn's conventions
+        from spread_optim.nonconvex import SpreadLq
+
+        return SpreadLq
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -99,13 +99,16 @@ def _check_entry(entry: dict, p: torch.Tensor, group: dict, sparse: bool, where:
     shapes = {n: tuple(p.shape) for n in names}
     if "u" in entry:
         shapes["u"] = (_num_groups(group, p),)
+    depth = group.get("depth", 2)  # depth k > 2: the k-1 factors U (u) stacked in front (spread_optim/deep.py)
+    if depth != 2:
+        shapes.update({n: (depth - 1, *shapes[n]) for n in ("U", "u") if n in shapes})
     for name, shape in shapes.items():
         value = entry[name]
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise TypeError(f"{where}: factor {name!r} must be a floating-point tensor, got {_kind(value)}")
         if tuple(value.shape) != shape:
             raise ValueError(f"{where}: factor {name!r} has shape {tuple(value.shape)}, expected {shape} "
-                             f"(a checkpoint of another model or another sparsity?)")
+                             f"(a checkpoint of another model, sparsity or depth?)")
         _finite(value, f"{where}: factor {name!r}")
     base = entry["base"]
     if not isinstance(base, dict):

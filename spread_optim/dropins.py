@@ -1,7 +1,8 @@
 """``SpreadSGD``, ``SpreadAdam``, ``SpreadAdamW``: drop-ins with the exact signatures of ``torch.optim``.
 
 Each is ``SpreadOptimizer(params, base=<torch class>, ...)`` with the base's own arguments plus the
-keyword-only spread keys (``kappa``, ``sparsity``, ``share_groups``, ``init``, ``zero_threshold``); see
+keyword-only spread keys (``kappa``, ``sparsity``, ``share_groups``, ``init``, ``zero_threshold``,
+``depth``); see
 :class:`spread_optim.SpreadOptimizer` for their meaning. ``kappa=0`` (the default) is the base optimizer.
 """
 
@@ -18,13 +19,14 @@ class SpreadSGD(SpreadOptimizer):
     def __init__(
         self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
         maximize=False, foreach=None, differentiable=False, fused=None,
-        kappa=0.0, sparsity="element", share_groups=False, init="balanced", zero_threshold=1e-6,
+        kappa=0.0, sparsity="element", share_groups=False, init="balanced", zero_threshold=1e-6, depth=2,
     ):
         super().__init__(
             params, torch.optim.SGD, lr=lr, momentum=momentum, dampening=dampening,
             weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, foreach=foreach,
             differentiable=differentiable, fused=fused, kappa=kappa, sparsity=sparsity,
             share_groups=share_groups, init=init, zero_threshold=zero_threshold,
+            depth=depth,
         )
 
 
@@ -39,13 +41,14 @@ class SpreadAdam(SpreadOptimizer):
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
         foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
         decoupled_weight_decay=False,
-        kappa=0.0, sparsity="element", share_groups=False, init="balanced", zero_threshold=1e-6,
+        kappa=0.0, sparsity="element", share_groups=False, init="balanced", zero_threshold=1e-6, depth=2,
     ):
         super().__init__(
             params, torch.optim.Adam, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             amsgrad=amsgrad, foreach=foreach, maximize=maximize, capturable=capturable,
             differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay,
             kappa=kappa, sparsity=sparsity, share_groups=share_groups, init=init, zero_threshold=zero_threshold,
+            depth=depth,
         )
 
 
@@ -56,11 +59,12 @@ class SpreadAdamW(SpreadOptimizer):
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
         maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-        kappa=0.0, sparsity="element", share_groups=False, init="balanced", zero_threshold=1e-6,
+        kappa=0.0, sparsity="element", share_groups=False, init="balanced", zero_threshold=1e-6, depth=2,
     ):
         super().__init__(
             params, torch.optim.AdamW, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused,
             kappa=kappa, sparsity=sparsity, share_groups=share_groups, init=init, zero_threshold=zero_threshold,
+            depth=depth,
         )

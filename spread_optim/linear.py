@@ -476,3 +476,11 @@ class SpreadGroupLasso(_SpreadLinear):
         W, _, steps, kkt = _solve(lambda P: X @ P, Y, W0, params["alpha"] / 2, sparsity, tol_abs, params["max_iter"], n)
         self._finish(W, kkt, tol_abs, steps)
         return self
+
+
+def __getattr__(name):  # SpreadLq (L2/3, L1/2 linear models by depth-k spread) lives in spread_optim/nonconvex.py
+    if name == "SpreadLq":
+        from spread_optim.nonconvex import SpreadLq
+
+        return SpreadLq
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -89,6 +89,9 @@ class SpreadOptimizer(Optimizer):
               :mod:`spread_optim.kernels.reference` (snap when ``|theta|`` is at most this and not growing, or
               on a sign flip; hold; revive when ``|g| > 2*kappa``). With ``zero_threshold=0`` only sign flips
               snap.
+            * ``depth`` (int >= 2, default 2): the number of factors ``k``; the penalty is
+              ``k*kappa*R(theta)^(2/k)`` elementwise (``2``: L1, ``3``: L2/3, ``4``: L1/2; groups: of their norms),
+              non-convex for ``k > 2``, with zeros revived by the L_q thresholding rule (:mod:`spread_optim.deep`).
 
     Behaviour:
         * The penalty enters the factors' gradient (coupled L2) whatever the base; the base's own
@@ -284,7 +287,8 @@ class SpreadOptimizer(Optimizer):
         change of ``sparsity`` or ``share_groups``, or of a parameter's shape or dtype (``p.data = ...``,
         ``model.double()``). The base's state for the old factors goes with them (it describes other tensors)."""
         sparsity = group["sparsity"]
-        built_for = (describe(sparsity), id(sparsity) if isinstance(sparsity, torch.Tensor) else None, group["share_groups"])
+        built_for = (describe(sparsity), id(sparsity) if isinstance(sparsity, torch.Tensor) else None, group["share_groups"],
+                     group.get("depth", 2))  # (a change of depth rebuilds the factors too)
         params = group["params"]
         element = built_for[0] == "element"
 
@@ -500,6 +504,13 @@ class SpreadOptimizer(Optimizer):
         minimum of ``loss + 2*kappa*R(theta)``; parameters without a gradient are skipped. NaN when a gradient
         holds a NaN (so that ``kkt_residual() < tol`` never stops on one); ``RuntimeError`` when no parameter of
         a sparse group has a gradient (before any ``backward()``). Under FSDP2 every rank gets the global answer.
+
+        Groups with ``depth=k > 2`` (penalty ``k*kappa*sum|theta|^q``, ``q = 2/k``): on nonzeros the first-order
+        condition ``|g + k*kappa*q*|theta|^(q-1)*sign(theta)|`` (groups: ``||g_g + 2*kappa*||theta_g||^(q-2)*theta_g||``);
+        on zeros the thresholding condition ``max(|g| - tau/step, 0)`` (groups: ``||g_g||``), ``tau`` the threshold
+        of the prox of ``step*k*kappa*|.|^q`` at zero (``reference.revival_threshold``): zero is a fixed point of
+        one proximal-gradient step of this size, at the step the last zero pass used (the group's lr; LBFGS's
+        backtracked revival step).
         """
         kinds = self._sparse_kinds()
         if kinds and not any(p.grad is not None for k in kinds for p in k.params):

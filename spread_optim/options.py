@@ -76,12 +76,28 @@ def _check_init(value, where: str) -> str:
     return value
 
 
+def _check_depth(value, where: str) -> int:
+    """An int >= 2 (numpy integers and one-element integer tensors accepted; bools and floats refused)."""
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iu":
+        value = value.item()
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() and not value.is_complex() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: 'depth' must be an int >= 2 (2: L1, 3: L2/3, 4: L1/2), got {value!r}")
+    if value < 2:
+        raise ValueError(f"{where}: 'depth' must be an int >= 2 (2: L1, 3: L2/3, 4: L1/2), got {value!r}")
+    return int(value)
+
+
 OPTIONS: dict[str, Option] = {
     "kappa": Option(0.0, "strength: the group's penalty is 2*kappa*R(theta); 0 is a dense group", _check_kappa),
     "sparsity": Option("element", "'element', 'row', 'column' or an integer tensor of group ids", _check_sparsity),
     "share_groups": Option(False, "with 'row'/'column': every parameter of the group shares one factor per slice", _check_share),
     "init": Option("balanced", "how factors start from the weights: 'balanced' or 'unbalanced'", _check_init),
     "zero_threshold": Option(1e-6, "|theta| at or below this (and not growing) becomes an exact zero", _check_threshold),
+    # depth-k factors (spread_optim/deep.py): the penalty k*kappa*R(theta)^(2/k), non-convex for k > 2
+    "depth": Option(2, "number of factors k: 2 is L1 (group lasso), 3 is L2/3, 4 is L1/2 (group: of the norms)", _check_depth),
 }
 DEFAULTS: dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 
+from spread_optim.deep import penalty_name
 from spread_optim.distributed import AllReduce, is_dtensor, is_sharded, local, local_rows
 from spread_optim.structure import GroupStructure, describe
 
@@ -23,6 +24,7 @@ class ParamSparsity:
     zeros: int
     zero_groups: int
     num_groups: int
+    penalty: str = "-"  # "L1", "L2/3", "L1/2", "group L1", "group L2/3", ...; "-" for a dense parameter
 
     @property
     def zero_fraction(self) -> float:
@@ -41,20 +43,21 @@ class SparsityReport(list):
         return [dict(asdict(r), zero_fraction=r.zero_fraction) for r in self]
 
     def __str__(self) -> str:
-        header = ("parameter", "shape", "kappa", "sparsity", "zeros", "zero groups")
+        header = ("parameter", "shape", "kappa", "sparsity", "penalty", "zeros", "zero groups")
         rows = [
             (
                 r.name,
                 "x".join(map(str, r.shape)) or "scalar",
                 "-" if r.kappa is None else f"{r.kappa:g}",
                 r.sparsity,
+                r.penalty,
                 f"{100 * r.zero_fraction:.1f}%",
                 f"{r.zero_groups}/{r.num_groups}",
             )
             for r in self
         ]
         total = sum(r.numel for r in self)
-        rows.append(("total", str(total), "", "", f"{100 * self.total_zero_fraction:.1f}%", ""))
+        rows.append(("total", str(total), "", "", "", f"{100 * self.total_zero_fraction:.1f}%", ""))
         widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(header), line(["-" * w for w in widths])]
@@ -78,7 +81,8 @@ def _row(name: str, p: torch.Tensor, kappa, sparsity) -> ParamSparsity:
 
 
 def sparsity_report(model_or_optimizer, optimizer=None) -> SparsityReport:
-    """Per parameter: name, shape, kappa, sparsity kind, fraction of exact zeros, groups entirely zero.
+    """Per parameter: name, shape, kappa, sparsity kind, penalty (``"L1"``, ``"L2/3"`` at ``depth=3``, ``"group L1/2"``
+    at ``depth=4`` with groups, ...), fraction of exact zeros, groups entirely zero.
 
     ``sparsity_report(model)`` lists every parameter of a module (names from ``named_parameters``,
     kappa ``-``, entries counted as groups); ``sparsity_report(optimizer)`` lists the parameters of every
@@ -102,20 +106,25 @@ def sparsity_report(model_or_optimizer, optimizer=None) -> SparsityReport:
         model = model_or_optimizer
     else:
         raise TypeError(f"sparsity_report expects an nn.Module or a torch.optim.Optimizer, got {type(model_or_optimizer).__name__}")
-    settings, names = {}, {}
+    settings, names, penalties = {}, {}, {}
     if optimizer is not None:
         for i, group in enumerate(optimizer.param_groups):
             group_names = group.get("param_names") or [f"group{i}.{j}" for j in range(len(group["params"]))]
             for p, name in zip(group["params"], group_names):
                 settings[p] = (group.get("kappa", 0.0), group.get("sparsity", "element"))
                 names[p] = name
+                penalties[p] = penalty_name(group)
     if model is not None:
         entries = [(name, p, *settings.get(p, (None, "element"))) for name, p in model.named_parameters()]
     else:
         entries = [(names[p], p, kappa, sparsity) for p, (kappa, sparsity) in settings.items()]
     if any(is_dtensor(e[1]) for e in entries):  # FSDP2: counts summed over the shards, one all-reduce
-        return SparsityReport(_sharded_rows(entries))
-    return SparsityReport(_row(*e) for e in entries)
+        report = SparsityReport(_sharded_rows(entries))
+    else:
+        report = SparsityReport(_row(*e) for e in entries)
+    for row, entry in zip(report, entries):  # (one row per entry, in order)
+        row.penalty = penalties.get(entry[1], "-")
+    return report
 
 
 def _sharded_rows(entries) -> list[ParamSparsity]:

@@ -521,6 +521,10 @@ def _reusable(buffer: torch.Tensor | None, like_: torch.Tensor) -> torch.Tensor 
 
 def make_kind(group: dict, index: int, state, path: str, comm=LOCAL, scratch=None, structures=None) -> Kind:
     """The kind object of sparse param group ``index``."""
+    if group.get("depth", 2) != 2:  # depth-k factors, L_{2/k}: spread_optim/deep.py
+        from spread_optim.deep import make_deep_kind
+
+        return make_deep_kind(group, index, state, path, comm, scratch, structures)
     sparsity = group["sparsity"]
     if isinstance(sparsity, str) and sparsity == "element":
         return Element(group, index, state, path, comm, scratch)

@@ -37,7 +37,7 @@ INTERPRETED = SPREAD_KERNELS_ON_CPU
 KAPPA = 0.05
 CLIQUEY = ("foreach", "fused", "differentiable")
 #: spread's own param-group keys (README, "Param-group keys"): the param groups are torch's plus these
-SPREAD_KEYS = ("kappa", "sparsity", "share_groups", "init", "zero_threshold")
+SPREAD_KEYS = ("kappa", "sparsity", "share_groups", "init", "zero_threshold", "depth")
 
 
 # ----------------------------------------------------------------------------------------------------

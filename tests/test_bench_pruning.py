@@ -88,3 +88,21 @@ def test_pruning_quick(tmp_path):
     for name in ("conv1", "conv2", "fc1", "fc2"):  # sparsity_report's zero rows are the filters with zero weights
         assert report[f"{name}.weight"]["zero_groups"] >= s["layers"][name]["dead_in"], (name, report)
     assert s["inference_ms_original"] > 0 and s["inference_ms_small"] > 0, s
+
+
+@pytest.mark.slow
+def test_pruning_quick_depth3(tmp_path):
+    """``--depth3`` adds spread depth 3 (L2/3) nets: exact zeros, a selected point per ratio, the comparison table."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--depth3", "--results", str(tmp_path)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| target | spread depth 3 (L2/3) | spread depth 2 (L1) | magnitude |" in proc.stdout
+    result = json.loads((tmp_path / "pruning.json").read_text())
+    total = result["architecture"]["prunable_weights"]
+    deep = [r for r in result["trained"] if r["method"] == "spread_depth3"]
+    assert len(deep) == len(result["meta"]["args"]["depth3_kappas"]) == 1
+    assert all(r["nonzero_weights"] < total and r["test_accuracy"] > 0.5 for r in deep)  # exact zeros, still learns
+    points = [p for p in result["points"] if p["method"] == "spread_depth3"]
+    assert sorted(p["target_ratio"] for p in points) == sorted(result["meta"]["args"]["ratios"])
