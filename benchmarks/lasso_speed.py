@@ -14,8 +14,10 @@ Problems (``frac`` in {0.1, 0.01} for each):
   magnitudes in [1, 2]), noise sd 1; one output at every ``d``, and 100 outputs at ``d = 1e4`` (100 independent
   lassos with one ``lam``).
 
-Reference ``obj*``: scikit-learn's ``Lasso`` at ``tol=1e-12`` (its relative duality gap is reported as a
-certificate), replaced per output by any solver's lower objective. Suboptimality is ``(obj - obj*)/obj*`` per
+Reference ``obj*``: scikit-learn's ``Lasso`` at ``tol=1e-12``; its relative duality gap (reported; at most
+~1e-10) certifies it, so no solver can be lower by more than that. Where the lasso's solution is not unique
+(``d > n`` with collinear genes) another solver can reach the same objective with a different support: that
+counts as a mismatch (the exact-support criterion is the reference's). Suboptimality is ``(obj - obj*)/obj*`` per
 output; a solver has *reached* the target when its worst output is within 1e-6 **and** its nonzeros are the
 reference's (every output); "mismatches" counts the coefficients whose zero/nonzero status differs.
 
@@ -162,7 +164,7 @@ def sweep(fit, tolerances, X, Y, lam, judge, start_tol=None, budget=math.inf):
         W = fit(X, Y, lam, tol)
         seconds = time.perf_counter() - t0
         spent += seconds
-        last = dict(judge(W), seconds=seconds, setting=f"tol={tol:g}", tol=tol, W=W)
+        last = dict(judge(W), seconds=seconds, setting=f"tol={tol:g}", tol=tol)
         if last["reached"] or spent > budget:
             break
     return dict(last, swept_seconds=spent)
@@ -199,7 +201,7 @@ def fista(X, Y, lam, judge, budget, check=10):
             W, t = W_new, t_new
         elapsed += time.perf_counter() - t0
         iterations += check
-        result = dict(judge(W.numpy()), seconds=elapsed, setting=f"{iterations} iterations", W=W.numpy())
+        result = dict(judge(W.numpy()), seconds=elapsed, setting=f"{iterations} iterations")
         if result["reached"] or elapsed > budget:
             return dict(result, swept_seconds=elapsed)
 
@@ -216,12 +218,12 @@ def run_problem(name, X, Y, frac, args, start_tols=None):
     W_ref = sklearn_fit(X, Y, lam, 1e-12)
     reference_seconds = time.perf_counter() - t0
     gaps = duality_gaps(X, Y, W_ref, lam)
-    box = dict(obj=objectives(X, Y, W_ref, lam), support=W_ref != 0)
+    obj_ref, support_ref = objectives(X, Y, W_ref, lam), W_ref != 0
 
     def judge(W):
         W = np.asarray(W, dtype=np.float64).reshape(d, k)
-        sub = (objectives(X, Y, W, lam) - box["obj"]) / box["obj"]
-        mismatches = int(((W != 0) != box["support"]).sum())
+        sub = (objectives(X, Y, W, lam) - obj_ref) / obj_ref
+        mismatches = int(((W != 0) != support_ref).sum())
         return dict(reached=bool(sub.max() <= TARGET and mismatches == 0), subopt=float(sub.max()),
                     nnz=int((W != 0).sum()), support_mismatches=mismatches)
 
@@ -233,16 +235,8 @@ def run_problem(name, X, Y, frac, args, start_tols=None):
             fit, tols = SWEEPS[solver]
             start = (start_tols or {}).get(solver)
             results[solver] = sweep(fit, tols, X, Y, lam, judge, start_tol=start, budget=args.sweep_budget)
-    # a lower objective than the reference's becomes the reference (each output), and every result is judged again
-    for r in results.values():
-        obj = objectives(X, Y, r["W"], lam)
-        better = obj < box["obj"]
-        box["obj"] = np.where(better, obj, box["obj"])
-        box["support"][:, better] = r["W"][:, better] != 0
-    for r in results.values():
-        r.update(judge(r.pop("W")))
     return dict(problem=name, n=n, d=d, outputs=k, frac=frac, lam=lam, reference_seconds=reference_seconds,
-                reference_nnz=int(box["support"].sum()), reference_max_relative_gap=float((gaps / box["obj"]).max()),
+                reference_nnz=int(support_ref.sum()), reference_max_relative_gap=float((gaps / obj_ref).max()),
                 solvers=results)
 
 

@@ -16,24 +16,50 @@ In the optimizer's convention the penalty is ``2*kappa*R(W)``: these estimators 
 with ``kappa = alpha / 2``. The intercept ``b`` is not penalised: with ``fit_intercept=True`` the
 columns of ``X`` and ``Y`` are centred first, as scikit-learn does.
 
-Solver. The coefficients of all outputs are one tensor (one matrix product per evaluation) handed to
-``SpreadOptimizer`` with base ``torch.optim.LBFGS`` (strong-Wolfe line search, 10 iterations per step;
-spread snaps and revives exact zeros between steps). The fit stops when ``optimizer.kkt_residual()``,
-the largest violation of the optimality conditions, is at most ``tol * alpha_max``, with ``alpha_max``
-the smallest ``alpha`` whose solution is 0 (``max |X^T Y| / n`` for the lasso), so ``tol`` is scale
-free; it is not scikit-learn's duality-gap ``tol``. A fit also stops when several steps in a row no
-longer lower the smooth objective (in float64 that happens near a relative KKT residual of 1e-8 to
-1e-9: the line search sees no change in the objective's value); it then warns if ``tol`` was not met.
+Solver of ``SpreadLasso`` (``working_set=True``, the default): Newton steps on spread's factorised objective,
+restricted to per-output working sets, with the KKT conditions on the full gradient choosing the sets.
 
-Working sets (``SpreadLasso(working_set=True)``, the default). The optimizer runs on a few features per
-output at a time: for output ``j`` the current nonzeros plus the zeros whose optimality condition
-``|g_ij| <= alpha`` is violated the most (``g`` the gradient of the data term); the sets start at 10
-features, at least double each round and hold at least twice the nonzeros of the widest output. After
-each inner solve (to a KKT residual of ``max(tol * alpha_max, 0.1 * the largest violation outside)``) one
-product ``X^T R`` checks every feature of every output, and the rounds go on until nothing violates its
-condition (the outer loop of celer and skglm; the inner problems are solved by spread). The outputs' working sets are
-stacked into one ``(k, m, n)`` tensor, so an evaluation costs ``O(k m n)`` instead of ``O(k d n)``.
-``working_set=False`` runs the optimizer on the whole ``(d, k)`` coefficient matrix.
+* The smooth problem. On output ``j``'s working set ``S`` (``m`` features) the coefficients are factorised,
+  ``theta = U * W`` elementwise, and the objective is spread's::
+
+      F(U, W) = ||y - X_S theta||^2 / (2n) + kappa * (|U|^2 + |W|^2),    kappa = alpha / 2.
+
+  ``F`` is smooth; every local minimum of ``F`` is a minimum of the lasso (``min over U*W = theta`` of the
+  penalty is ``2*kappa*|theta|_1 = alpha*|theta|_1``, reached at balanced factors ``|U| = |W| = sqrt|theta|``).
+* The step. After each step the factors are balanced (``U = sign(theta) sqrt|theta|``, ``W = sqrt|theta|``: the
+  exact minimum of ``F`` over the factorisations of ``theta``, which never raises ``F``). At balanced factors
+  the gradient of ``F`` is zero across the balanced set, and along it (``dU = s dW``, ``s = sign(theta)``) the
+  Hessian of ``F``, written in ``theta``'s units (``d theta = 2 sqrt|theta| dW``), is::
+
+      H = X_L^T X_L / n  +  diag((alpha + s * g) / (2 |theta|)),       g = -X_L^T r / n,
+
+  on the live (nonzero) coordinates ``L``; its gradient is ``g + alpha * s``. The step is Newton's,
+  ``t = -H^{-1} (g + alpha s)``, with the diagonal term clamped at 0 (a negative one is a coefficient the data
+  push away from zero: negative curvature of ``F``), Levenberg-Marquardt damping (``lambda * diag(X^T X / n)``,
+  raised when the line search had to cut a step, lowered when full steps pass), and an Armijo backtracking line
+  search on ``F`` at balanced factors (the lasso objective) along ``theta + eta t``, a coefficient that would
+  change sign stopping at 0 (the factors' path goes through the saddle ``U = W = 0``). Near the solution
+  ``alpha + s g -> 0``: the steps become Newton's on the quadratic with the signs fixed, so convergence is
+  quadratic once the support is found. Gram entries ``X_a^T X_b / n`` are computed once, when ``a`` first
+  becomes live, and kept for the fit.
+* Exact zeros: between steps, spread's zero pass (``kernels/reference.py``, ``element_zero_pass``) snaps the
+  coefficients the step stopped at 0 and holds a dead one (``U = W = 0``, a saddle of ``F``) unless
+  ``|g| > alpha``, which revives it by a proximal-gradient step of size ``1/trace(X_S^T X_S / n)``.
+* Working sets. For each output the set starts with the 10 features that violate ``|g_i| <= alpha`` the most;
+  each round adds the worst violators outside (at least 10, at least the widest output's nonzeros, and enough
+  for the sets to hold twice those),
+  solves the sets to a KKT residual of ``max(tol * alpha_max, 0.1 * the largest violation outside)``, and checks
+  every feature of every output with one product ``X^T R``; the rounds end when the largest violation of the
+  lasso's optimality conditions over all ``d`` features (``kkt_residual_``) is at most ``tol * alpha_max``, with
+  ``alpha_max = max |X^T Y| / n`` (so ``tol`` is scale free; it is not scikit-learn's duality-gap ``tol``).
+  The outputs are solved as a batch (batched Cholesky factorisations, padded to the widest live set), split
+  into several batches only when their sets' columns would exceed 2^26 numbers.
+
+With ``working_set=False`` (and for :class:`SpreadGroupLasso`), the coefficients of all outputs are one tensor
+handed to ``SpreadOptimizer`` with base ``torch.optim.LBFGS`` (strong-Wolfe line search, 10 iterations per
+step; spread snaps and revives exact zeros between steps), stopped when ``optimizer.kkt_residual()`` is at most
+``tol * alpha_max`` or when several steps in a row no longer lower the smooth objective (in float64 near a
+relative KKT residual of 1e-8 to 1e-9); a fit that stops short of ``tol`` warns.
 
 ``alpha=0`` is ordinary least squares (with a warning, as scikit-learn's ``Lasso``): the fit runs LBFGS alone
 (``kappa=0``: a dense group), stopped when the largest entry of the gradient is at most ``tol * alpha_max``.
@@ -172,7 +198,7 @@ def _sparse_tensor(rows, cols, values: torch.Tensor, shape) -> torch.Tensor:
 class _SparseX:
     """A SciPy sparse ``X`` (n, d) for the solver, never densified: ``X @ P`` and ``X.T @ R`` are torch sparse
     products, with ``X`` centred implicitly (``X - 1 mean^T``) when ``mean`` is given, as scikit-learn centres
-    sparse input; :meth:`stacked` is the working sets' forward."""
+    sparse input."""
 
     def __init__(self, X, mean: torch.Tensor | None, dtype: torch.dtype, device):
         coo = X.tocoo()
@@ -671,7 +697,8 @@ class _SpreadLinear(_Regressor, _Base):
 
 
 class SpreadLasso(_SpreadLinear):
-    """Lasso ``||Y - XW - b||_F^2/(2n) + alpha*||W||_1`` by spread with LBFGS; ``kappa = alpha/2``.
+    """Lasso ``||Y - XW - b||_F^2/(2n) + alpha*||W||_1`` by spread (Newton on the factorised objective over working
+    sets, module docstring); ``kappa = alpha/2``.
 
     ``k`` outputs are ``k`` independent lassos (as ``sklearn.linear_model.Lasso`` with a 2-D ``y``),
     fitted together as one ``(d, k)`` parameter (see the module docstring).
@@ -681,15 +708,16 @@ class SpreadLasso(_SpreadLinear):
             least squares (with a warning; module docstring).
         fit_intercept: centre ``X`` and ``Y`` and fit an unpenalised intercept.
         tol: stop when the KKT residual is at most ``tol * alpha_max`` (``alpha_max = max|X^T Y|/n``); >= 0.
-        max_iter: cap on optimizer steps (each runs up to 10 LBFGS iterations), over all working sets (and on
-            their rounds); an int >= 1.
-        working_set: solve on growing per-output working sets (module docstring); ``False`` runs the
-            optimizer on the whole coefficient matrix.
+        max_iter: cap on Newton steps over all working-set rounds (and on the rounds); without working sets, on
+            optimizer steps (each runs up to 10 LBFGS iterations); an int >= 1.
+        working_set: Newton steps on growing per-output working sets (module docstring); ``False`` runs
+            ``SpreadOptimizer`` with LBFGS on the whole coefficient matrix.
         dtype, device: of the tensors the fit runs on (a floating-point torch or NumPy dtype; a torch device).
 
     Attributes: ``coef_`` (``(d,)`` or ``(k, d)``), ``intercept_`` (float or ``(k,)``), ``n_iter_``
-    (optimizer steps), ``kkt_residual_`` (the final largest KKT violation, absolute), ``n_rounds_``
-    (working-set rounds; 1 without working sets), ``n_features_in_`` (``feature_names_in_`` for a DataFrame).
+    (Newton steps; optimizer steps without working sets), ``kkt_residual_`` (the final largest KKT violation,
+    absolute), ``n_rounds_`` (working-set rounds; 1 without working sets), ``n_features_in_``
+    (``feature_names_in_`` for a DataFrame).
     """
 
     _param_names = ("alpha", "fit_intercept", "tol", "max_iter", "working_set", "dtype", "device")
