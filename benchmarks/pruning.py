@@ -30,12 +30,12 @@ Test accuracies before and after finetuning are reported.
 **Filter sparsity.** ``SpreadAdam`` with ``sparsity="row"`` (one group per conv filter / hidden neuron, the bias in
 the same group via ``share_groups=True``) on conv1, conv2, fc1 and fc2, and ``sparsity="column"`` on fc3 (one group
 per fc2 neuron's outgoing weights: with ReLU, penalising only a neuron's incoming side is not well posed, since
-rescaling moves the norm to its unpenalised outgoing side). A filter whose weights and bias are exactly zero outputs
-``relu(0) = 0``, so it can be removed together with the matching input channels (columns) of the next layer; a
-channel whose outgoing weights are all zero is removed too. The script builds the smaller dense network (new
-``nn.Conv2d``/``nn.Linear`` layers holding the surviving weights), checks that it gives the same outputs as the big
-net with its zeros, and reports parameter counts, test accuracy and CPU inference time (median over
-``--timing-repeats`` forward passes of a batch of ``--timing-batch`` test images, one thread) against the big net.
+rescaling moves the norm to its unpenalised outgoing side). ``spread_optim.compact`` then removes every filter /
+neuron whose weights and bias are exactly zero (it outputs ``relu(0) = 0``) together with the matching input
+channels of the next layer, and every channel whose outgoing weights are all zero (torch-pruning's dependency graph
+does the surgery; ``compact`` checks that the outputs are unchanged). The script reports parameter counts, MACs per
+image (torch-pruning's counter), test accuracy and CPU inference time (median over ``--timing-repeats`` forward
+passes of a batch of ``--timing-batch`` test images, one thread, the two nets timed in turns) against the big net.
 
     python benchmarks/pruning.py            # default size (a few minutes on 2 CPU cores)
     python benchmarks/pruning.py --quick    # smoke run (well under a minute)
@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from spread_optim import SpreadAdam, sparsity_report
+from spread_optim import SpreadAdam, compact, sparsity_report
 
 RESULTS = Path(__file__).parent / "results"
 LAYERS = ("conv1", "conv2", "fc1", "fc2", "fc3")
@@ -190,53 +190,45 @@ def row_spread_optimizer(model: DigitsCNN, kappa: float, lr: float) -> SpreadAda
     return SpreadAdam(groups, lr=lr)
 
 
-def shrink(model: DigitsCNN) -> tuple[DigitsCNN, dict]:
-    """The smaller dense network: drop every hidden channel/neuron whose incoming weights and bias are all exactly
-    zero (its output is relu(0) = 0) or whose outgoing weights are all exactly zero (nothing reads it)."""
+def compact_cnn(model: DigitsCNN, X: torch.Tensor) -> tuple[DigitsCNN, dict]:
+    """``spread_optim.compact`` on the CNN, and per hidden layer the filters/neurons whose incoming weights and bias
+    are all exactly zero (``dead_in``), those whose outgoing weights are all exactly zero (``dead_out``) and the
+    width kept."""
     m = model
-    c2_feat = m.conv2.out_channels
     zero_in = {n: ((getattr(m, n).weight.detach() == 0).reshape(getattr(m, n).weight.shape[0], -1).all(1)
                    & (getattr(m, n).bias.detach() == 0)) for n in ("conv1", "conv2", "fc1", "fc2")}
     # outgoing weights of each hidden unit: the next layer's input slice (conv2's feature c is fc1 columns 4c..4c+3)
     zero_out = {
         "conv1": (m.conv2.weight.detach() == 0).all(0).reshape(m.conv1.out_channels, -1).all(1),
-        "conv2": (m.fc1.weight.detach() == 0).all(0).reshape(c2_feat, 4).all(1),
+        "conv2": (m.fc1.weight.detach() == 0).all(0).reshape(m.conv2.out_channels, 4).all(1),
         "fc1": (m.fc2.weight.detach() == 0).all(0),
         "fc2": (m.fc3.weight.detach() == 0).all(0),
     }
-    keep = {n: torch.nonzero(~(zero_in[n] | zero_out[n])).reshape(-1) for n in zero_in}
-    small = DigitsCNN(*(max(1, len(keep[n])) for n in ("conv1", "conv2", "fc1", "fc2")))
-    feat = (keep["conv2"][:, None] * 4 + torch.arange(4)).reshape(-1)  # fc1 columns of the kept conv2 channels
-    with torch.no_grad():
-        small.conv1.weight.copy_(m.conv1.weight[keep["conv1"]])
-        small.conv1.bias.copy_(m.conv1.bias[keep["conv1"]])
-        small.conv2.weight.copy_(m.conv2.weight[keep["conv2"]][:, keep["conv1"]])
-        small.conv2.bias.copy_(m.conv2.bias[keep["conv2"]])
-        small.fc1.weight.copy_(m.fc1.weight[keep["fc1"]][:, feat])
-        small.fc1.bias.copy_(m.fc1.bias[keep["fc1"]])
-        small.fc2.weight.copy_(m.fc2.weight[keep["fc2"]][:, keep["fc1"]])
-        small.fc2.bias.copy_(m.fc2.bias[keep["fc2"]])
-        small.fc3.weight.copy_(m.fc3.weight[:, keep["fc2"]])
-        small.fc3.bias.copy_(m.fc3.bias)
-    info = {n: dict(dead_in=int(zero_in[n].sum()), dead_out=int(zero_out[n].sum()), kept=len(keep[n]))
-            for n in zero_in}
-    if any(len(k) == 0 for k in keep.values()):
-        raise RuntimeError(f"a whole layer died: {info}")  # the copy above would have been wrong
+    small = compact(model, X)
+    kept = small.widths()
+    info = {n: dict(dead_in=int(zero_in[n].sum()), dead_out=int(zero_out[n].sum()), kept=kept[n]) for n in zero_in}
     return small, info
 
 
-def inference_ms(model: nn.Module, X: torch.Tensor, repeats: int) -> float:
-    """Median wall time of one forward pass (ms) on the current thread setting, after a warm-up."""
-    model.eval()
-    times = []
+def inference_ms(models: list[nn.Module], X: torch.Tensor, repeats: int) -> list[float]:
+    """Median wall time of one forward pass (ms) of each model on the current thread setting, after a warm-up; the
+    models are timed in turns, so that a busy machine slows them alike."""
+    times = [[] for _ in models]
     with torch.inference_mode():
-        for _ in range(max(3, repeats // 10)):
-            model(X)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(X)
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for i in range(max(3, repeats // 10) + repeats):
+            for model, t in zip(models, times):
+                model.eval()
+                start = time.perf_counter()
+                model(X)
+                t.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t[max(3, repeats // 10):]) for t in times]
+
+
+def macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass of one image (torch-pruning's counter)."""
+    import torch_pruning as tp
+
+    return int(tp.utils.count_ops_and_params(model, x[:1])[0])
 
 
 def n_params(model: nn.Module) -> int:
@@ -373,7 +365,8 @@ def main(argv=None) -> dict:
         len(X_train), args.batch_size, args.row_epochs, args.seed)
     row_secs = train(big, optimizer, X_train, y_train, row_batches, f"spread row kappa={args.row_kappa:g}")
     report = sparsity_report(big, optimizer)
-    small, layer_info = shrink(big)
+    big.eval()
+    small, layer_info = compact_cnn(big, X_test[:64])
     with torch.no_grad():
         out_big, out_small = big(X_test), small(X_test)
     max_diff = float((out_big - out_small).abs().max())
@@ -394,11 +387,12 @@ def main(argv=None) -> dict:
         outputs_equal=bool(torch.allclose(out_big, out_small, rtol=1e-5, atol=1e-5)),
         predictions_equal=bool((out_big.argmax(1) == out_small.argmax(1)).all()),
         timing_batch=args.timing_batch, timing_repeats=args.timing_repeats,
-        inference_ms_original=inference_ms(big, Xt, args.timing_repeats),
-        inference_ms_small=inference_ms(small, Xt, args.timing_repeats),
+        macs_original=macs(big, Xt), macs_small=macs(small, Xt),
     )
+    structured["inference_ms_original"], structured["inference_ms_small"] = inference_ms([big, small], Xt, args.timing_repeats)
     structured["speedup"] = structured["inference_ms_original"] / structured["inference_ms_small"]
     structured["param_ratio"] = structured["params_original"] / structured["params_small"]
+    structured["macs_ratio"] = structured["macs_original"] / structured["macs_small"]
 
     import sklearn
 
@@ -452,19 +446,21 @@ def main(argv=None) -> dict:
     print("(* selected: lowest training loss after finetuning)")
     s = structured
     print(f"\nFilter/neuron sparsity (SpreadAdam, row groups, kappa={s['kappa']:g}):\n")
-    print("| net | conv1 | conv2 | fc1 | fc2 | parameters | test acc | inference ms (batch "
+    print("| net | conv1 | conv2 | fc1 | fc2 | parameters | MACs per image | test acc | inference ms (batch "
           f"{s['timing_batch']}, median of {s['timing_repeats']}) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     w0, w1 = s["widths_original"], s["widths_small"]
     print(f"| original shape, dense (weight decay) | {w0['conv1']} | {w0['conv2']} | {w0['fc1']} | {w0['fc2']} | "
-          f"{s['params_original']} | {100 * s['test_accuracy_original']:.1f}% | - |")
+          f"{s['params_original']} | {s['macs_original']:,} | {100 * s['test_accuracy_original']:.1f}% | - |")
     print(f"| original shape, spread row (zeros kept) | {w0['conv1']} | {w0['conv2']} | {w0['fc1']} | {w0['fc2']} | "
-          f"{s['params_original']} ({s['nonzero_params_original']} nonzero) | {100 * s['test_accuracy_big']:.1f}% | "
+          f"{s['params_original']} ({s['nonzero_params_original']} nonzero) | {s['macs_original']:,} | "
+          f"{100 * s['test_accuracy_big']:.1f}% | "
           f"{s['inference_ms_original']:.2f} |")
-    print(f"| small dense net | {w1['conv1']} | {w1['conv2']} | {w1['fc1']} | {w1['fc2']} | {s['params_small']} | "
-          f"{100 * s['test_accuracy_small']:.1f}% | {s['inference_ms_small']:.2f} |")
+    print(f"| compact() | {w1['conv1']} | {w1['conv2']} | {w1['fc1']} | {w1['fc2']} | {s['params_small']} | "
+          f"{s['macs_small']:,} | {100 * s['test_accuracy_small']:.1f}% | {s['inference_ms_small']:.2f} |")
     print(f"\nsmall net vs big net with zeros: max |output difference| {s['max_abs_output_difference']:.2e}, "
-          f"same predictions: {s['predictions_equal']}; parameters {s['param_ratio']:.1f}x fewer, "
+          f"same predictions: {s['predictions_equal']}; parameters {s['param_ratio']:.1f}x fewer, MACs "
+          f"{s['macs_ratio']:.1f}x fewer, "
           f"inference {s['speedup']:.1f}x faster")
     return result
 

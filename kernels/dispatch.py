@@ -4,6 +4,7 @@
 
 * ``"triton"``: the fused kernels (:mod:`.element`, :mod:`.group`), one pass over memory for the factor
   gradients, the base rule (SGD, Adam, AdamW), the exact-zero pass and theta;
+* ``"compiled"``: the same fused step on CPU tensors, the spec compiled by ``torch.compile`` (:mod:`.compiled`);
 * ``"cpu"``: the spec's CPU fast path (:mod:`.cpu`) around the torch base, for CPU tensors in eager mode;
 * ``"spec"``: the spec itself (:mod:`.reference`) around the torch base: on other devices, on sharded
   (DTensor) parameters, and under ``torch.compile``, which fuses the spec's plain operations itself.
@@ -13,11 +14,14 @@ asked for torch's one-pass fused CPU kernel (``fused=None`` and ``foreach=None``
 
 The base's own keyword ``fused`` chooses for SGD, Adam and AdamW:
 
-* ``None`` (default): the kernels for CUDA tensors, the split path otherwise (and when Triton is not installed:
-  then a one-time warning says so);
+* ``None`` (default): the kernels for CUDA tensors (when Triton is not installed, a one-time warning says so and the
+  split path runs); on CPU the compiled step for a group of at least :data:`COMPILE_MIN_NUMEL` elements (its first
+  step compiles it: seconds, once per process and option set; inductor caches it on disk), the split path otherwise;
 * ``False``: the split path;
-* ``True``: the kernels, or an error that says why they cannot run (on CPU tensors they run only under the
-  Triton interpreter, ``TRITON_INTERPRET=1``, which is how the tests run them).
+* ``True``: the fused path, or an error that says why it cannot run: the kernels on CUDA, the compiled step on
+  CPU (the Triton kernels in their interpreter when ``TRITON_INTERPRET=1``, which is how the tests run them).
+
+Groups whose parameters share one factor (``share_groups``) take the compiled step's place on the split path.
 """
 
 from __future__ import annotations
@@ -32,14 +36,20 @@ import torch
 #: the base rules with a fused path (exact classes: a subclass may change the rule)
 FUSED_RULES = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
 _CPU_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: the smallest param group (elements) that fused=None compiles on CPU: below it the compile time outweighs the gain
+COMPILE_MIN_NUMEL = 1 << 20
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _kernels: dict = {}
 _warned = False
 
 
+#: the paths that step a group in one fused pass (the torch base does not move their factors)
+FUSED_PATHS = ("triton", "compiled")
+
+
 @dataclass(frozen=True)
 class Choice:
-    path: str  # "triton", "cpu" or "spec"
+    path: str  # "triton", "compiled", "cpu" or "spec"
     base_fused: bool = False  # the split path's torch base runs its fused CPU kernel
     why_not_triton: str | None = None
 
@@ -93,16 +103,38 @@ def why_not_triton(params: Sequence[torch.Tensor], tensors: Sequence[torch.Tenso
     return None
 
 
+def why_not_compiled(params: Sequence[torch.Tensor], shared: bool, sharded: bool) -> str | None:
+    """Why the compiled CPU step cannot step a group with these parameters."""
+    if sharded:
+        return "the parameters are sharded DTensors (FSDP2): the spec runs on their local shards"
+    if not all(p.device.type == "cpu" for p in params):
+        return "its tensors are not all on the CPU"
+    if shared:
+        return "its parameters share one factor per group (share_groups): the split path steps them"
+    if any(p.dtype not in _CPU_FUSED_DTYPES for p in params):
+        return "the compiled step takes float32, float64, bfloat16 or float16 parameters"
+    from spread_optim.kernels import compiled
+
+    return compiled.unavailable()
+
+
 def choose(
     params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], options: dict, *, base_cls: type,
-    one_dtype: bool, sharded: bool, where: str,
+    one_dtype: bool, shared: bool, sharded: bool, where: str,
 ) -> Choice:
     """The implementation of one sparse param group (module docstring). ``params``: its parameters;
     ``tensors``: those and their factors; ``options``: the param group; ``one_dtype``: its kind's kernels need
-    one parameter dtype. Raises for ``fused=True`` when the kernels cannot run."""
+    one parameter dtype; ``shared``: its parameters share factors. Raises for ``fused=True`` when no fused path
+    can run."""
     global _warned
     rule = FUSED_RULES.get(base_cls)
     fused = options.get("fused")
+    on_cpu = bool(params) and all(p.device.type == "cpu" for p in params)
+    if rule is not None and fused is True and on_cpu and not interpreting():
+        reason = why_not_compiled(params, shared, sharded)
+        if reason is not None:
+            raise RuntimeError(f"{where}: fused=True, but {reason}; use fused=None or False for the PyTorch path")
+        return Choice("compiled")
     if rule is not None and (fused is True or (fused is None and _on_cuda(tensors))):
         reason = why_not_triton(params, tensors, one_dtype, sharded)
         if reason is None:
@@ -113,7 +145,9 @@ def choose(
             _warned = True
             warnings.warn(f"spread_optim: the fused kernels are off, {reason}; the reference path runs instead",
                           RuntimeWarning, stacklevel=5)
-    on_cpu = bool(params) and all(p.device.type == "cpu" for p in params)
+    if (rule is not None and fused is None and on_cpu and not compiling()
+            and sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL and why_not_compiled(params, shared, sharded) is None):
+        return Choice("compiled")
     path = "cpu" if on_cpu and not sharded and not compiling() else "spec"
     base_fused = (rule is not None and fused is None and options.get("foreach") is None and not sharded
                   and not options.get("differentiable") and on_cpu and all(p.dtype in _CPU_FUSED_DTYPES for p in params))

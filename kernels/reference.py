@@ -66,16 +66,32 @@ def factor_dtype(dtype: torch.dtype) -> torch.dtype:
 # factors from theta
 
 
+def exponent(t: torch.Tensor) -> torch.Tensor:
+    """The exponent ``e`` of ``|t| = m * 2**e`` with ``m`` in ``[1/2, 1)``, as ``torch.frexp`` gives it, read from
+    the bits of float32 / float64 ``t`` (``frexp`` does not vectorise under ``torch.compile``; this does).
+    Subnormals are scaled by ``2**64`` first. Meaningful for finite nonzero ``t``."""
+    ints, shift, field_mask, bias = (torch.int64, 52, 0x7FF, 1022) if t.dtype == torch.float64 else (torch.int32, 23, 0xFF, 126)
+    tiny = t.abs() < 2.0**-100
+    bits = torch.where(tiny, t * 2.0**64, t).view(ints)
+    return ((bits >> shift) & field_mask) - bias - torch.where(tiny, 64, 0)
+
+
+def power_of_two(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2**k`` (integer ``k``, a normal number of ``dtype``), built from its bits."""
+    ints, shift, bias = (torch.int64, 52, 1023) if dtype == torch.float64 else (torch.int32, 23, 127)
+    return ((k.to(ints) + bias) << shift).view(dtype)
+
+
 def balanced_split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t = a * b`` exactly, ``b = 2**round(log2 sqrt|t|) > 0``, so ``|a|/b`` lies in ``[1/2, 2]``.
+    """``t = a * b`` exactly with ``b = 2**floor(e/2)`` for ``|t| = m * 2**e`` (``m`` in ``[1/2, 1)``), so that
+    ``|a| / b = m * 2**(e mod 2)`` lies in ``[1/2, 2)``: both factors near ``sqrt|t|``.
 
     A power of two divides exactly in floating point, so ``a * b`` reproduces ``t`` bit for bit (a plain
     ``sqrt|t| * sqrt|t|`` misses in about half the entries). Zeros give ``a = b = 0``.
     """
     nonzero = t != 0
-    safe = torch.where(nonzero, t.abs(), torch.ones_like(t))
-    b = torch.where(nonzero, torch.exp2(torch.round(torch.log2(safe) / 2)), torch.zeros_like(t))
-    a = torch.where(nonzero, t / torch.where(nonzero, b, torch.ones_like(b)), torch.zeros_like(t))
+    b = torch.where(nonzero, power_of_two(torch.div(exponent(t), 2, rounding_mode="floor"), t.dtype), 0.0)
+    a = torch.where(nonzero, t / torch.where(nonzero, b, 1.0), 0.0)
     return a, b
 
 
@@ -193,27 +209,32 @@ def penalty(factors: Sequence[torch.Tensor], kappa: float) -> torch.Tensor:
 # 2. the base rules of the fused paths, on one tensor (torch.optim's single-tensor SGD and Adam)
 
 
-def sgd_rule(x, d, buf, lr: float, momentum: float, dampening: float, nesterov: bool, first: bool):
+def sgd_rule(x, d, buf, lr, momentum=None, dampening=0.0, nesterov: bool = False, first: bool = False):
     """``torch.optim.SGD`` on one tensor ``x`` with gradient ``d`` (weight decay and maximize are already in
-    ``d``): returns ``(x, buf)``. ``first``: the momentum buffer is created (it becomes ``d``)."""
-    if momentum == 0:
+    ``d``): returns ``(x, buf)``. ``momentum=None``: plain SGD, no buffer; ``first``: the momentum buffer is
+    created (it becomes ``d``)."""
+    if momentum is None:
         return x - lr * d, buf
     buf = d.clone() if first else buf * momentum + (1 - dampening) * d
     step = d + momentum * buf if nesterov else buf
     return x - lr * step, buf
 
 
-def adam_rule(x, d, m, v, vmax, step: int, lr: float, beta1: float, beta2: float, eps: float, amsgrad: bool):
-    """``torch.optim.Adam`` on one tensor ``x`` with gradient ``d`` at step count ``step`` (>= 1, after the
-    increment): returns ``(x, m, v, vmax)``. AdamW's decoupled decay is not here: a sparse group has none
+def adam_step_sizes(step: int, lr: float, beta1: float, beta2: float) -> tuple[float, float]:
+    """Adam's bias corrections at step count ``step`` (>= 1): ``(lr / (1 - beta1**step), sqrt(1 - beta2**step))``."""
+    return lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
+
+
+def adam_rule(x, d, m, v, vmax, step_size, bc2_sqrt, beta1: float, beta2: float, eps: float, amsgrad: bool):
+    """``torch.optim.Adam`` on one tensor ``x`` with gradient ``d``: returns ``(x, m, v, vmax)``; ``step_size``
+    and ``bc2_sqrt`` from :func:`adam_step_sizes`. AdamW's decoupled decay is not here: a sparse group has none
     (the spread penalty replaces it)."""
     m = m + (1 - beta1) * (d - m)  # torch's lerp
     v = v * beta2 + (1 - beta2) * d * d
-    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     if amsgrad:
         vmax = torch.maximum(vmax, v)
-    denom = (vmax if amsgrad else v).sqrt() / bc2**0.5 + eps
-    return x - (lr / bc1) * (m / denom), m, v, vmax
+    denom = (vmax if amsgrad else v).sqrt() / bc2_sqrt + eps
+    return x - step_size * (m / denom), m, v, vmax
 
 
 # ----------------------------------------------------------------------------------------------------

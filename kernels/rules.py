@@ -67,14 +67,16 @@ def to_param(x, P_DTYPE: tl.constexpr):
 
 @triton.jit
 def split(t, BALANCED: tl.constexpr):
-    """:func:`spread_optim.kernels.reference.init_element` of one block: ``(a, b)`` with ``a*b == t`` exactly;
-    balanced: ``b = 2**rint(log2|t| / 2)`` (ties to even, as ``torch.round``), 0 for zeros; else ``(1, t)``."""
+    """:func:`spread_optim.kernels.reference.init_element` of one float32 block: ``(a, b)`` with ``a*b == t``
+    exactly; balanced: ``b = 2**floor(e/2)`` for ``|t| = m * 2**e``, ``m`` in ``[1/2, 1)`` (the exponent read
+    from the bits, subnormals scaled by ``2**64`` first), 0 for zeros; else ``(1, t)``."""
     if BALANCED:
         nonzero = t != 0.0
-        half = tl.log2(tl.where(nonzero, tl.abs(t), 1.0)) * 0.5
-        r = tl.floor(half + 0.5)
-        r = tl.where(((r - half) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)  # ties to even
-        b = tl.where(nonzero, tl.exp2(r), 0.0)
+        tiny = tl.abs(t) < 7.888609052210118e-31  # 2**-100
+        bits = tl.where(tiny, t * 18446744073709551616.0, t).to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 126 - tl.where(tiny, 64, 0)
+        half = tl.where(e >= 0, e // 2, -((1 - e) // 2))  # floor(e / 2)
+        b = tl.where(nonzero, ((half + 127) << 23).to(tl.float32, bitcast=True), 0.0)
         a = tl.where(nonzero, t / tl.where(nonzero, b, 1.0), 0.0)
     else:
         a = tl.zeros_like(t) + 1.0

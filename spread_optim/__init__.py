@@ -36,8 +36,13 @@ _attach_checkout_kernels()
 from spread_optim.optimizer import SpreadOptimizer  # noqa: E402
 from spread_optim.dropins import SpreadAdam, SpreadAdamW, SpreadSGD  # noqa: E402
 from spread_optim.report import SparsityReport, sparsity_report  # noqa: E402
+from spread_optim.groups import param_groups  # noqa: E402
+from spread_optim.frameworks import kkt_residual, penalty, register_timm, unwrap  # noqa: E402
+from spread_optim.averaging import apply_support, sparse_avg_fn  # noqa: E402
+from spread_optim.compact import compact  # noqa: E402  (imports torch-pruning when called)
 
-__all__ = ["SpreadOptimizer", "SpreadSGD", "SpreadAdam", "SpreadAdamW", "sparsity_report", "SparsityReport", "SpreadFeatureSelector"]
+__all__ = ["SpreadOptimizer", "SpreadSGD", "SpreadAdam", "SpreadAdamW", "sparsity_report", "SparsityReport", "SpreadFeatureSelector",
+           "param_groups", "kkt_residual", "penalty", "unwrap", "register_timm", "apply_support", "sparse_avg_fn", "compact"]
 __version__ = "0.1.0"
 
 

@@ -19,6 +19,17 @@ import torch
 from torch.optim import Optimizer
 
 
+def class_defaults(base_cls: type[Optimizer]) -> dict:
+    """The keyword defaults of the base class's constructor (``maximize=False``, ``foreach=None``, ...)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(base_cls.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a constructor without a signature
+        return {}
+    return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+
+
 def single_group(base_cls: type[Optimizer]) -> bool:
     """Bases that refuse several param groups (LBFGS): every group is handed to one base group."""
     return issubclass(base_cls, torch.optim.LBFGS)

@@ -7,9 +7,9 @@ next step), spread factors for a dense group. Nothing in the optimizer changes w
 
 Accepted as torch accepts them:
 
-* older state dicts: a param group without a base key takes the base's default (as torch's own ``__setstate__``
-  does: ``maximize``, ``foreach``, ``differentiable``, ``fused``, ``capturable``, ...), a Python-number ``step``
-  becomes a tensor;
+* older state dicts: a param group without a base key takes the base class's default (as torch's own
+  ``__setstate__`` does: ``maximize=False``, ``foreach=None``, ``differentiable=False``, ...), a Python-number
+  ``step`` becomes a tensor;
 * a ``torch.optim`` checkpoint of the base (switching from ``torch.optim.Adam`` to ``SpreadAdam`` mid-training):
   its param groups take this optimizer's spread keys, dense groups keep the base's state as it is, and a sparse
   parameter's moments, which describe theta and not the factors, are dropped: its factors start from the current
@@ -23,17 +23,27 @@ from typing import Any
 
 import torch
 
+from spread_optim._base import class_defaults
 from spread_optim.options import OPTIONS, check_group, is_sparse
 from spread_optim.structure import GroupStructure, describe
+
+#: the state keys of the bases whose state is known: (all keys, the keys every non-empty entry has); an entry
+#: without the latter (a checkpoint of another optimizer) is refused at load
+_BASE_KEYS = {
+    torch.optim.SGD: ({"momentum_buffer"}, set()),
+    torch.optim.Adam: ({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}, {"step", "exp_avg", "exp_avg_sq"}),
+    torch.optim.AdamW: ({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}, {"step", "exp_avg", "exp_avg_sq"}),
+}
 
 #: base-state entries that have the shape of the tensor they belong to
 _SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum", "grad_avg",
            "ax", "prev", "step_size", "mu_product")
 
 
-def prepare(state_dict: dict[str, Any], param_groups: list[dict], defaults: dict) -> dict[str, Any]:
-    """A checked and completed copy of ``state_dict`` for an optimizer with these ``param_groups`` (raises
-    ValueError/TypeError naming the group and parameter)."""
+def prepare(state_dict: dict[str, Any], param_groups: list[dict], defaults: dict, base_cls: type) -> dict[str, Any]:
+    """A checked and completed copy of ``state_dict`` for an optimizer with these ``param_groups`` and
+    ``defaults`` over ``base_cls`` (raises ValueError/TypeError naming the group and parameter)."""
+    base_defaults = class_defaults(base_cls)
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups' "
                          f"(got {type(state_dict).__name__}{' with keys ' + str(sorted(map(str, state_dict))) if isinstance(state_dict, dict) else ''})")
@@ -48,8 +58,9 @@ def prepare(state_dict: dict[str, Any], param_groups: list[dict], defaults: dict
                              f"{len(group['params'])}")
         merged = dict(saved)
         for key, value in defaults.items():
-            if key not in merged:  # an older or a torch.optim checkpoint: spread keys from this optimizer
-                merged[key] = group[key] if key in OPTIONS else value
+            if key not in merged:  # an older or a torch.optim checkpoint: spread keys from this optimizer, the
+                # base's keys from the base class's own defaults (as its __setstate__ fills them)
+                merged[key] = group[key] if key in OPTIONS else base_defaults.get(key, value)
         check_group(merged, where)
         groups.append(merged)
     state = {}
@@ -62,7 +73,7 @@ def prepare(state_dict: dict[str, Any], param_groups: list[dict], defaults: dict
             where = f"param group {index}, parameter {position} (shape {tuple(p.shape)})"
             if not isinstance(entry, dict):
                 raise TypeError(f"{where}: its state must be a dict, got {type(entry).__name__}")
-            entry = _check_entry(entry, p, merged, sparse, where)
+            entry = _check_entry(entry, p, merged, sparse, where, _BASE_KEYS.get(base_cls))
             if entry is not None:
                 state[pid] = entry
         if sparse and not (isinstance(merged["sparsity"], str) and merged["sparsity"] == "element"):
@@ -70,13 +81,13 @@ def prepare(state_dict: dict[str, Any], param_groups: list[dict], defaults: dict
     return {**state_dict, "state": state, "param_groups": groups}
 
 
-def _check_entry(entry: dict, p: torch.Tensor, group: dict, sparse: bool, where: str) -> dict | None:
+def _check_entry(entry: dict, p: torch.Tensor, group: dict, sparse: bool, where: str, keys) -> dict | None:
     has_factors = bool({"U", "u", "W", "base"} & set(entry))
     if not sparse:
         if has_factors:
             raise ValueError(f"{where}: the checkpoint holds spread factors, but the group is dense ('kappa' = 0)")
-        _check_state(entry, p.shape, where)
-        return _with_tensor_steps(entry)
+        _check_state(entry, p.shape, where, keys)
+        return _with_tensor_steps(entry, where)
     if not has_factors:
         return None  # a torch.optim entry of a sparse parameter: its moments describe theta, not the factors
     element = isinstance(group["sparsity"], str) and group["sparsity"] == "element"
@@ -105,11 +116,17 @@ def _check_entry(entry: dict, p: torch.Tensor, group: dict, sparse: bool, where:
     for name, sub in base.items():
         if not isinstance(sub, dict):
             raise TypeError(f"{where}: the base state of factor {name!r} must be a dict, got {_kind(sub)}")
-        _check_state(sub, shapes[name], f"{where}, base state of factor {name!r}")
-    return {**entry, "base": {name: _with_tensor_steps(sub) for name, sub in base.items()}}
+        _check_state(sub, shapes[name], f"{where}, base state of factor {name!r}", keys)
+    return {**entry, "base": {name: _with_tensor_steps(sub, f"{where}, base state of factor {name!r}") for name, sub in base.items()}}
 
 
-def _check_state(entry: dict, shape, where: str) -> None:
+def _check_state(entry: dict, shape, where: str, keys=None) -> None:
+    if keys is not None and entry:
+        known, required = keys
+        missing = sorted(required - set(entry))
+        if missing:
+            raise ValueError(f"{where}: the base state has keys {sorted(entry)}, without {missing} that this base keeps: "
+                             "a checkpoint of another optimizer?")
     for key, value in entry.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             if key in _SHAPED and tuple(value.shape) != tuple(shape):
@@ -123,13 +140,17 @@ def _finite(t: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where} holds NaN or inf; loading it would write them into the model at the next step")
 
 
-def _with_tensor_steps(entry: dict) -> dict:
+def _with_tensor_steps(entry: dict, where: str) -> dict:
     """A Python-number ``step`` (an older checkpoint) as torch's optimizers keep it now: a float32 tensor."""
     step = entry.get("step")
     if step is None or isinstance(step, torch.Tensor):
+        if isinstance(step, torch.Tensor) and step.is_floating_point() and not bool(torch.isfinite(step).all()):
+            raise ValueError(f"{where}: a non-finite 'step' ({step!r})")
         return entry
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
-        raise TypeError(f"'step' must be a number or a tensor, got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+        raise TypeError(f"{where}: 'step' must be a number or a tensor, got {step!r}")
+    if not math.isfinite(step):
+        raise ValueError(f"{where}: a non-finite 'step' ({step!r})")
     from torch.optim.optimizer import _get_scalar_dtype
 
     return {**entry, "step": torch.tensor(float(step), dtype=_get_scalar_dtype())}

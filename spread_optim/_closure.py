@@ -11,8 +11,8 @@ three things only a multi-evaluation base needs:
   is found by backtracking (:func:`_zero_pass_backtracking`);
 * LBFGS's curvature history is told about the zero pass's move (:func:`_tell_lbfgs`).
 
-A non-finite gradient at any evaluation restores the factors and the base's parameters to where the step
-started before it raises.
+A failure at any evaluation (a non-finite gradient or loss, the closure's own exception) restores the
+factors, the base's parameters and LBFGS's state to where the step started before it is raised.
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ def step(kinds: Kinds, hidden, closure: Callable, *, factor_grads: Callable, pen
         with torch.enable_grad():
             loss = closure()
         last_loss[0] = loss
+        if loss is None and lbfgs:
+            raise TypeError("the closure returned None; LBFGS needs the loss from it (return loss, as torch's LBFGS "
+                            "requires); nothing was updated")
         if loss is not None and not _finite(loss):
             raise FloatingPointError(f"the closure returned a non-finite loss ({_as_float(loss)}); nothing was updated")
         with torch.no_grad():
@@ -105,7 +108,7 @@ def step(kinds: Kinds, hidden, closure: Callable, *, factor_grads: Callable, pen
 
     try:
         hidden.step(spread_closure)
-    except FloatingPointError:
+    except BaseException:  # a non-finite value, or the user's own error (a data loader, a KeyboardInterrupt)
         if start is not None:
             restore(start[0])
             state = hidden.first_state()
@@ -197,12 +200,21 @@ def _tell_lbfgs(kinds: Kinds, hidden, base_point) -> None:
     coordinates are removed from every stored pair (pairs left with ``y.s <= 1e-10`` are dropped, as LBFGS drops
     them), else the history keeps moving them and the zero pass keeps moving them back.
 
-    LBFGS keeps its whole state in the entry of its first tensor; its counters are untouched."""
+    Without a line search (``line_search_fn=None``) LBFGS instead starts over after a zero pass that moved
+    anything. LBFGS keeps its whole state in the entry of its first tensor; its counters are otherwise untouched."""
     params = hidden.param_groups[0]["params"]
     jump = torch.cat([(q.detach() - b).reshape(-1) for q, b in zip(params, base_point)])
     state = hidden.first_state()
     d, t, g = state.get("d"), state.get("t"), state.get("prev_flat_grad")
     if not torch.is_tensor(d) or g is None or not bool(jump.any()):  # no history yet, or nothing moved
+        return
+    if hidden.param_groups[0].get("line_search_fn") is None:
+        # Without a line search nothing rejects a poor direction, and one from a history the zero pass has made
+        # stale diverged (torch's own test problem, 15 draws of 100): LBFGS starts over, as at its first step.
+        revival_step = state.get("spread_revival_step")
+        state.clear()
+        if revival_step is not None:
+            state["spread_revival_step"] = revival_step
         return
     moved = float(g.dot(d)) <= -hidden.param_groups[0]["tolerance_change"]
     state["d"] = d.mul(float(t)).add_(jump) if moved else jump

@@ -27,12 +27,12 @@ import torch
 from torch.optim import Optimizer
 
 from spread_optim import _checkpoint, _closure
-from spread_optim._base import HiddenBase, per_parameter, single_group
-from spread_optim._triton import nonfinite_flag
+from spread_optim._base import HiddenBase, class_defaults, per_parameter, single_group
+from spread_optim._fused import nonfinite_flag
 from spread_optim.distributed import LOCAL, check_not_zero_shared, communicator, is_dtensor
 from spread_optim.kernels import dispatch
 from spread_optim.kernels import reference as ref
-from spread_optim.options import DEFAULTS, OPTIONS, check_group, is_sparse, warn_near_misses
+from spread_optim.options import DEFAULTS, OPTIONS, check_base_numbers, check_group, check_share_groups, is_sparse, warn_near_misses
 from spread_optim.sparsity import Kind, make_kind
 from spread_optim.structure import describe, validate_sparsity
 
@@ -108,23 +108,26 @@ class SpreadOptimizer(Optimizer):
     def __init__(self, params, base, **defaults):
         base_cls = resolve_base(base)
         spread_kwargs = {k: defaults.pop(k) for k in list(defaults) if k in OPTIONS}
+        check_base_numbers(defaults, class_defaults(base_cls), f"{base_cls.__name__}'s keyword arguments")
         # instantiating the base on a dummy tensor validates its keyword arguments and gives its defaults
         probe = base_cls([torch.zeros(1, requires_grad=True)], **defaults)
         self._base_cls = base_cls
         self._base_kwargs = dict(defaults)
         self._base_keys = tuple(probe.defaults)
+        self._base_defaults = dict(probe.defaults)
         self._init_derived()
         super().__init__(params, {**probe.defaults, **DEFAULTS, **spread_kwargs})
 
     def _init_derived(self) -> None:
         """What is rebuilt from the param groups on demand (never pickled)."""
         self._hidden = HiddenBase(self._base_cls, self._base_kwargs, self._base_keys)
-        self._structures: dict = {}  # (param, id(sparsity)) -> GroupStructure of its local rows
+        self._structures: dict = {}  # (param, id(sparsity), shape) -> GroupStructure of its local rows
         self._scratch: dict = {}  # per-parameter buffers of the CPU fast path (not state)
         self._kinds: list[Kind] = []  # the sparse groups' kinds of the last plan
         self._paths: list[str] = []  # per param group: "base" (dense), "cpu", "spec" or "triton"
         self._comm = LOCAL
         self._dense_stepped: set[int] = set()  # ids of parameters stepped in a dense group (SGD keeps no state)
+        self._created: list = []
         self._built_for: dict = {}  # param -> the sparsity its factors were built for (see _refactor_if_changed)
 
     # ------------------------------------------------------------------------------------------------
@@ -132,7 +135,8 @@ class SpreadOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(_base_cls=self._base_cls, _base_kwargs=self._base_kwargs, _base_keys=self._base_keys)
+        state.update(_base_cls=self._base_cls, _base_kwargs=self._base_kwargs, _base_keys=self._base_keys,
+                     _base_defaults=self._base_defaults)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -149,6 +153,8 @@ class SpreadOptimizer(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         index = len(self.param_groups)
+        if "params" not in param_group:
+            raise ValueError(f"param group {index} has no 'params' (got the keys {sorted(map(str, param_group))})")
         params = param_group["params"]
         if not isinstance(params, (torch.Tensor, set)):
             param_group["params"] = params = list(params)  # a generator is read once
@@ -157,8 +163,8 @@ class SpreadOptimizer(Optimizer):
         for p in tensors:
             if isinstance(p, torch.Tensor) and id(p) in seen:
                 raise ValueError(
-                    f"param group {index}: a parameter of shape {tuple(p.shape)} is already in param group "
-                    f"{seen[id(p)]}; each tensor may belong to one group only"
+                    f"some parameters appear in more than one parameter group: param group {index} repeats a "
+                    f"parameter of shape {tuple(p.shape)} from param group {seen[id(p)]} (each tensor may belong to one group only)"
                 )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -170,9 +176,14 @@ class SpreadOptimizer(Optimizer):
         warn_near_misses(param_group, set(self.defaults) | {"params", "param_names"}, f"param group {index}")
 
     def _check_group(self, group: dict[str, Any], index: int, full: bool) -> None:
-        """Check a group's keys (``full``: also against its parameters, as when it is added)."""
+        """Check a group's keys, before anything moves (``full``: also what only changes with its parameters,
+        checked when it is added; the rest is checked again at every step, since a key may change between steps)."""
         where = f"param group {index}"
+        missing = [k for k in OPTIONS if k not in group]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}: add param groups with add_param_group, which fills the defaults")
         check_group(group, where)
+        check_base_numbers(group, self._base_defaults, where)
         if single_group(self._base_cls) and self.param_groups and group is not self.param_groups[0]:
             first = self.param_groups[0]
             for k in self._base_keys:
@@ -181,27 +192,27 @@ class SpreadOptimizer(Optimizer):
                         f"{where}: {self._base_cls.__name__} takes one set of options, but '{k}' differs from "
                         f"param group 0 ({group.get(k)!r} vs {first.get(k)!r}); only spread's keys may differ per group"
                     )
-        if not (full and is_sparse(group)):  # a dense group ignores 'sparsity' (a top-level default may not fit its biases)
+        if not is_sparse(group):  # a dense group ignores 'sparsity' (a top-level default may not fit its biases)
             return
+        params = group["params"]
         if group.get("differentiable"):
             raise ValueError(f"{where}: differentiable=True is not supported in a sparse group ('kappa' > 0); dense groups pass it to the base")
-        if single_group(self._base_cls) and any(is_dtensor(p) for p in group["params"]):
-            communicator([(p, where) for p in group["params"]], multi_evaluation=True)  # raises: LBFGS on DTensors
-        sparsity = group["sparsity"]
-        for p in group["params"]:
-            validate_sparsity(sparsity, p, where)
+        check_share_groups(group, where)
+        if not full:
+            return
+        if single_group(self._base_cls) and any(is_dtensor(p) for p in params):
+            communicator([(p, where) for p in params], multi_evaluation=True)  # raises: LBFGS on DTensors
+        for p in params:
+            validate_sparsity(group["sparsity"], p, where)
             if p.is_complex() or not p.is_floating_point():
                 raise TypeError(f"{where}: a sparse group ('kappa' > 0) needs real floating-point parameters, got dtype {p.dtype}")
             if p.is_sparse:
                 raise TypeError(f"{where}: sparse parameter tensors are not supported in a sparse group")
+            if p.device.type == "meta":
+                raise ValueError(f"{where}: a sparse group needs parameters with data; got one on the meta device "
+                                 "(materialise the model, e.g. with to_empty() and an init, before building the optimizer)")
         if group["share_groups"]:
             check_not_zero_shared(where)
-            if not isinstance(sparsity, str) or sparsity not in ("row", "column"):
-                raise ValueError(f"{where}: 'share_groups'=True needs 'sparsity' 'row' or 'column', got {describe(sparsity)!r}")
-            dim = 0 if sparsity == "row" else 1
-            sizes = {p.shape[dim] for p in group["params"]}
-            if len(sizes) > 1:
-                raise ValueError(f"{where}: 'share_groups'=True needs every parameter to have the same size along dim {dim}, got {sorted(sizes)}")
 
     # ------------------------------------------------------------------------------------------------
     # the plan of a step: checks, factors, the implementation of each group, the base
@@ -221,7 +232,7 @@ class SpreadOptimizer(Optimizer):
                 base_fused.append(False)
                 continue
             for p in group["params"]:
-                if (p, id(group["sparsity"])) not in self._structures:
+                if (p, id(group["sparsity"]), tuple(p.shape)) not in self._structures:
                     validate_sparsity(group["sparsity"], p, f"param group {index}")
             self._check_stays_sparse(group, index)
             self._refactor_if_changed(group)
@@ -239,15 +250,19 @@ class SpreadOptimizer(Optimizer):
         comm = self._comm
         sharded = comm.distributed and any(is_dtensor(p) for p in group["params"])
         kind = make_kind(group, index, self.state, "spec", comm, self._scratch, self._structures)
+        fresh = [p for p in kind.params if not self.state.get(p)]
         kind.ensure_factors()
+        self._created += fresh
         tensors = [*kind.params, *(leaf for _, _, leaf in kind.factor_leaves())]
         choice = dispatch.choose(kind.params, tensors, group, base_cls=self._base_cls, one_dtype=kind.one_dtype,
-                                 sharded=sharded, where=f"param group {index}")
+                                 shared=kind.shared, sharded=sharded, where=f"param group {index}")
         kind.path, kind.fast = choice.path, choice.path == "cpu"
         return choice, kind
 
     def _check_stays_dense(self, group, index) -> None:
-        self._dense_stepped.update(id(p) for p in group["params"])
+        fresh = [id(p) for p in group["params"] if id(p) not in self._dense_stepped]
+        self._dense_stepped.update(fresh)
+        self._created += fresh
         for p in group["params"]:
             if "W" in self.state.get(p, {}):
                 raise ValueError(
@@ -265,15 +280,23 @@ class SpreadOptimizer(Optimizer):
                 )
 
     def _refactor_if_changed(self, group) -> None:
-        """A group whose ``sparsity`` or ``share_groups`` changed since its factors were built starts new factors
-        from its current weights (the old factors, and the base's state for them, describe another structure)."""
+        """Factors that no longer describe the group's parameters are rebuilt from the current weights: after a
+        change of ``sparsity`` or ``share_groups``, or of a parameter's shape or dtype (``p.data = ...``,
+        ``model.double()``). The base's state for the old factors goes with them (it describes other tensors)."""
         sparsity = group["sparsity"]
         built_for = (describe(sparsity), id(sparsity) if isinstance(sparsity, torch.Tensor) else None, group["share_groups"])
         params = group["params"]
-        stale = [p for p in params if self._built_for.get(p, built_for) != built_for]
         element = built_for[0] == "element"
-        stale += [p for p in params if "W" in self.state.get(p, {}) and ("U" in self.state[p]) != element]
-        if stale:
+
+        def stale(p) -> bool:
+            st = self.state.get(p, {})
+            if "W" not in st:
+                return False
+            W = st["W"]
+            return (self._built_for.get(p, built_for) != built_for or ("U" in st) != element
+                    or W.shape != p.shape or W.dtype != ref.factor_dtype(p.dtype))
+
+        if any(stale(p) for p in params):
             for p in params:
                 if "W" in self.state.get(p, {}):
                     self.state[p].clear()
@@ -291,7 +314,20 @@ class SpreadOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        """Perform one optimisation step (see the class docstring for closure semantics)."""
+        """Perform one optimisation step (see the class docstring for closure semantics). A step that raises leaves
+        nothing behind: factors it created from the weights are dropped again."""
+        self._created: list = []  # what this step's plan created: (param, had state) and dense-stepped ids
+        try:
+            return self._step(closure)
+        except BaseException:
+            for p in self._created:
+                if isinstance(p, int):
+                    self._dense_stepped.discard(p)
+                else:
+                    self.state.pop(p, None)
+            raise
+
+    def _step(self, closure):
         kinds = self._plan()
         if closure is not None and per_parameter(self._base_cls):
             with torch.enable_grad():
@@ -310,12 +346,12 @@ class SpreadOptimizer(Optimizer):
     def _step_once(self, kinds: list[Kind]) -> None:
         """Factor gradients, base step, exact-zero pass and theta, for the gradients in ``p.grad``."""
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        split = [k for k in kinds if k.path != "triton"]
-        fused = [k for k in kinds if k.path == "triton"]
+        split = [k for k in kinds if k.path not in dispatch.FUSED_PATHS]
+        fused = [k for k in kinds if k.path in dispatch.FUSED_PATHS]
         spans = any(k.spans_shards for k in split)
         begin = [k.begin() for k in split]
         flags, names = self._nonfinite(kinds) if found_inf is None else ([], [])
-        device_flag = nonfinite_flag([p.grad for k in fused if k.group.get("capturable") for p in k.params if p.grad is not None]) if found_inf is None else None
+        device_flag = nonfinite_flag([p.grad for k in fused if _on_device_check(k) for p in k.params if p.grad is not None]) if found_inf is None else None
         if self._comm.distributed and spans and per_parameter(self._base_cls) and grad_scale is None and found_inf is None and not fused:
             return self._step_one_round(split, begin, flags, names)
         self._factor_grads(split, begin, (flags, names))
@@ -335,7 +371,7 @@ class SpreadOptimizer(Optimizer):
         _closure.restore(gradless)
         self._zero_pass(split)
         for k in fused:
-            flag = found_inf if found_inf is not None else device_flag if k.group.get("capturable") else None
+            flag = found_inf if found_inf is not None else device_flag if _on_device_check(k) else None
             k.fused_step(self._base_cls, grad_scale, flag)
 
     def _factor_grads(self, split: list[Kind], begin=None, flags=None) -> None:
@@ -420,7 +456,7 @@ class SpreadOptimizer(Optimizer):
         capturable fused groups check on the device instead (no host synchronisation)."""
         flags, names = [], []
         for k in kinds:
-            if k.path == "triton" and k.group.get("capturable"):
+            if _on_device_check(k):
                 continue
             for p, probe in k.nonfinite():
                 flags.append(probe)
@@ -442,6 +478,8 @@ class SpreadOptimizer(Optimizer):
 
     def _sparse_kinds(self) -> list[Kind]:
         """The kinds of every sparse group (without planning a step: factors may not exist yet)."""
+        for index, group in enumerate(self.param_groups):
+            self._check_group(group, index, full=False)
         named = [(p, f"param group {i}") for i, g in enumerate(self.param_groups) if _sparse_now(g) for p in g["params"]]
         self._comm = communicator(named, multi_evaluation=single_group(self._base_cls))
         return [make_kind(group, index, self.state, "spec", self._comm, self._scratch, self._structures)
@@ -485,7 +523,7 @@ class SpreadOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        state_dict = _checkpoint.prepare(state_dict, self.param_groups, self.defaults)
+        state_dict = _checkpoint.prepare(state_dict, self.param_groups, self.defaults, self._base_cls)
         params = [p for g in self.param_groups for p in g["params"]]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         # Optimizer.load_state_dict casts floating state to the parameter's dtype; keep a float32 copy of sparse
@@ -504,6 +542,11 @@ class SpreadOptimizer(Optimizer):
         for p, entry in keep.items():
             self.state[p] = entry
         self._init_derived()
+
+
+def _on_device_check(kind: Kind) -> bool:
+    """Capturable groups on the kernels check their gradients on the device (no host synchronisation)."""
+    return kind.path == "triton" and bool(kind.group.get("capturable"))
 
 
 def _sparse_now(group) -> bool:

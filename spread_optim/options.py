@@ -31,7 +31,9 @@ class Option:
 
 
 def _real(value, key: str, where: str) -> float:
-    """A finite or infinite real number (bool refused); one-element tensors and numpy scalars accepted."""
+    """A finite or infinite real number (bool refused); one-element tensors and arrays, numpy scalars accepted."""
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        value = value.item()
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"{where}: '{key}' must be a real number, got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
@@ -88,6 +90,33 @@ def check_group(group: dict, where: str) -> None:
     """Check spread's keys of one param group, in place (normalised values are written back)."""
     for key, option in OPTIONS.items():
         group[key] = option.check(group[key], where)
+
+
+def check_share_groups(group: dict, where: str) -> None:
+    """``share_groups`` with row or column slices of one size (checked at every step: keys may change)."""
+    if not group["share_groups"]:
+        return
+    sparsity = group["sparsity"]
+    if not isinstance(sparsity, str) or sparsity not in ("row", "column"):
+        raise ValueError(f"{where}: 'share_groups'=True needs 'sparsity' 'row' or 'column', got {describe(sparsity)!r}")
+    dim = 0 if sparsity == "row" else 1
+    sizes = {p.shape[dim] for p in group["params"] if p.dim() > dim}
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: 'share_groups'=True needs every parameter to have the same size along dim {dim}, got {sorted(sizes)}")
+
+
+def check_base_numbers(group: dict, base_defaults: dict, where: str) -> None:
+    """The base's numeric hyperparameters (lr, momentum, betas, ...) are numbers or tensors: torch itself fails on
+    a string or None deep inside its step, after other groups have moved."""
+    for key, default in base_defaults.items():
+        if key not in group or isinstance(default, bool) or not isinstance(default, (int, float, tuple)):
+            continue
+        values = group[key] if isinstance(group[key], tuple) and isinstance(default, tuple) else (group[key],)
+        for value in values:
+            if isinstance(value, torch.Tensor):  # (torch checks tensors itself: one element, real)
+                continue
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{where}: '{key}' must be a number (or a one-element tensor), got {value!r}")
 
 
 def is_sparse(group: dict) -> bool:

@@ -83,9 +83,17 @@ def sparsity_report(model_or_optimizer, optimizer=None) -> SparsityReport:
     ``sparsity_report(model)`` lists every parameter of a module (names from ``named_parameters``,
     kappa ``-``, entries counted as groups); ``sparsity_report(optimizer)`` lists the parameters of every
     param group with its ``kappa`` and ``sparsity`` (names from ``named_parameters`` passed to the
-    optimizer, else ``group<i>.<j>``); ``sparsity_report(model, optimizer)`` combines both.
+    optimizer, else ``group<i>.<j>``); ``sparsity_report(model, optimizer)`` combines both. The optimizer may be
+    a framework's wrapper (accelerate's ``AcceleratedOptimizer``, as HF ``Trainer.optimizer``, or Lightning's
+    ``LightningOptimizer``): the optimizer inside is read.
     ``print()`` the result for a table; rows are :class:`ParamSparsity`.
     """
+    from spread_optim.frameworks import innermost  # accelerate's / Lightning's wrappers hold the optimizer
+
+    model_or_optimizer = model_or_optimizer if isinstance(model_or_optimizer, torch.nn.Module) else innermost(model_or_optimizer)
+    optimizer = None if optimizer is None else innermost(optimizer)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"sparsity_report's optimizer must be a torch.optim.Optimizer (or a framework's wrapper around one), got {type(optimizer).__name__}")
     if isinstance(model_or_optimizer, torch.optim.Optimizer):
         if optimizer is not None:
             raise TypeError("pass sparsity_report(model, optimizer) or sparsity_report(optimizer)")

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from spread_optim import _triton
+from spread_optim import _fused
 from spread_optim.distributed import LOCAL, is_dtensor, is_sharded, like, local, local_rows, vector_like
 from spread_optim.kernels import cpu
 from spread_optim.kernels import reference as ref
@@ -57,11 +57,14 @@ class Kind:
     factor_keys: tuple[str, ...] = ()
     #: the fused kernels need one parameter dtype across the param group
     one_dtype = False
+    #: parameters share factors (share_groups)
+    shared = False
 
     def __init__(self, group: dict, index: int, state, path: str = "spec", comm=LOCAL, scratch: dict | None = None):
         self.group, self.state, self.comm = group, state, comm
         self.where = f"param group {index}"
-        self.params: list[torch.Tensor] = list(group["params"])
+        # a tensor listed twice (torch warns about it when the group is added) is stepped once
+        self.params: list[torch.Tensor] = list({id(p): p for p in group["params"]}.values())
         self.fast = path == "cpu"  # the CPU fast path of the spec (kernels/cpu.py)
         self.path = path
         self.scratch = {} if scratch is None else scratch
@@ -95,6 +98,9 @@ class Kind:
             if p.grad is None:
                 continue
             g = local(p.grad)
+            if g.shape != local(p).shape:
+                raise ValueError(f"{self.where}: a gradient of shape {tuple(g.shape)} for a parameter of shape "
+                                 f"{tuple(p.shape)}; nothing was updated")
             if g.is_sparse:
                 raise TypeError(f"{self.where}: sparse gradients are not supported in a sparse group (parameter of shape {tuple(p.shape)})")
             if g.is_complex():
@@ -222,8 +228,9 @@ class Element(Kind):
         return False
 
     def fused_step(self, base_cls: type, grad_scale=None, found_inf=None) -> None:
-        """The whole step in the Triton kernels (factor gradients, base rule, zero pass, theta)."""
-        _triton.step_element(base_cls, self.group, self.params, self.state, grad_scale, found_inf)
+        """The whole step in one fused path (Triton, or compiled for CPU): factor gradients, base rule, zero pass,
+        theta."""
+        _fused.step_element(self.path, base_cls, self.group, self.params, self.state, grad_scale, found_inf)
 
     def kkt(self) -> float:
         worst = 0.0
@@ -246,13 +253,14 @@ class Grouped(Kind):
     def __init__(self, group: dict, index: int, state, path: str = "spec", comm=LOCAL, scratch=None, structures=None):
         super().__init__(group, index, state, path, comm, scratch)
         self.sets = [self.params] if group["share_groups"] else [[p] for p in self.params]
+        self.shared = bool(group["share_groups"]) and len(self.params) > 1
         if group["share_groups"] and len({(is_dtensor(p), is_sharded(p)) for p in self.params}) > 1:
             raise ValueError(f"{self.where}: 'share_groups'=True needs its parameters sharded alike "
                              "(all of them DTensors from fully_shard, or none)")
         cache = {} if structures is None else structures
         self.structures = {}
         for p in self.params:  # the structure of each parameter's local rows
-            key = (p, id(group["sparsity"]))
+            key = (p, id(group["sparsity"]), tuple(p.shape))
             if key not in cache:
                 whole = GroupStructure(group["sparsity"], p.shape, p.device)
                 cache[key] = whole.rows(*local_rows(p)) if is_sharded(p) else whole
@@ -429,8 +437,9 @@ class Grouped(Kind):
         return False
 
     def fused_step(self, base_cls: type, grad_scale=None, found_inf=None) -> None:
-        """The whole step in the Triton kernels (factor gradients, base rule, zero pass, theta)."""
-        _triton.step_grouped(base_cls, self.group, self.sets, self.structures, self.state, grad_scale, found_inf)
+        """The whole step in one fused path (Triton, or compiled for CPU): factor gradients, base rule, zero pass,
+        theta."""
+        _fused.step_grouped(self.path, base_cls, self.group, self.sets, self.structures, self.state, grad_scale, found_inf)
 
     def kkt(self) -> float:
         worst = 0.0

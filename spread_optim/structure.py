@@ -43,6 +43,8 @@ def validate_sparsity(sparsity, param: torch.Tensor, where: str) -> None:
     """Raise ValueError/TypeError when ``sparsity`` does not fit ``param``; ``where`` names the group."""
     validate_spec(sparsity, where)
     if isinstance(sparsity, torch.Tensor):
+        if sparsity.device.type == "meta" and param.device.type != "meta":
+            raise ValueError(f"{where}: 'sparsity' group ids are on the meta device (no values), the parameter on {param.device}")
         if tuple(sparsity.shape) != tuple(param.shape):
             raise ValueError(
                 f"{where}: 'sparsity' group ids have shape {tuple(sparsity.shape)}, "

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
+pytest.importorskip("torch_pruning")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pruning.py"
 
@@ -32,7 +33,7 @@ def test_pruning_quick(tmp_path):
         capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| small dense net |" in proc.stdout and "spread >= magnitude" in proc.stdout
+    assert "| compact() |" in proc.stdout and "spread >= magnitude" in proc.stdout
     for name in ("pruning.json", "pruning.png"):
         assert (tmp_path / name).stat().st_size > 0, name
 
@@ -78,6 +79,7 @@ def test_pruning_quick(tmp_path):
     assert s["params_original"] == cnn_params(s["widths_original"]), s
     assert s["params_small"] == cnn_params(s["widths_small"]), s
     assert s["params_small"] < s["params_original"], s  # some filters or neurons were removed
+    assert 0 < s["macs_small"] < s["macs_original"], s
     for name, info in s["layers"].items():
         assert info["kept"] == s["widths_small"][name], (name, s)
         lost = s["widths_original"][name] - info["kept"]

@@ -355,7 +355,7 @@ def _free_port():
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     ckpt = str(out / "ckpt")
-    torch.multiprocessing.start_processes(_job, args=(2, _free_port(), str(out), ckpt), nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(_job, args=(2, _free_port(), str(out), ckpt), nprocs=2, start_method="spawn")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], ckpt
 
 

@@ -113,7 +113,8 @@ def assert_same_state(ref_params, ref_opt, ker_params, ker_opt, rtol=1e-6):
     for p_ref, p_ker in zip(ref_params, ker_params):
         a, b = p_ref.detach().float(), p_ker.detach().float()
         theta_rtol = rtol if p_ref.dtype == torch.float32 else 1e-2
-        torch.testing.assert_close(b, a, rtol=theta_rtol, atol=theta_rtol * 1e-2)
+        # (atol relative to the parameter's largest entry: a group's u, summed in another order, scales it whole)
+        torch.testing.assert_close(b, a, rtol=theta_rtol, atol=theta_rtol * max(float(a.abs().max()), 1e-30))
         assert torch.equal(a == 0, b == 0), "exact zeros differ"
         ref_state, ker_state = _factor_state(ref_opt, p_ref), _factor_state(ker_opt, p_ker)
         assert ref_state.keys() == ker_state.keys()
@@ -126,7 +127,8 @@ def assert_same_state(ref_params, ref_opt, ker_params, ker_opt, rtol=1e-6):
                 # a group's u is moved by a sum over the group, accumulated in another order by the kernel
                 # (block sums and atomic adds): its rounding error is relative to the terms, not the sum
                 tol = rtol * (10 if key.startswith("u") else 1)
-                torch.testing.assert_close(y, x, rtol=tol, atol=tol * max(scale, 1e-30), msg=key)
+                # (atol: a few roundings of the largest terms; the kernel contracts multiply-adds, torch does not)
+                torch.testing.assert_close(y, x, rtol=tol, atol=4 * tol * max(scale, 1e-30), msg=key)
 
 
 def step_both(ref_params, ref_opt, ker_params, ker_opt, grads, *, grad_scale=None, found_inf=None, transpose=False):
@@ -287,10 +289,9 @@ def test_dispatch_rules(monkeypatch):
     opt = SpreadOptimizer([p], "adam", kappa=0.1)  # fused=None on CPU tensors: the reference
     opt.step()
     assert opt._paths == ["cpu"]
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    opt = SpreadOptimizer([p], "adam", kappa=0.1, fused=True)
-    with pytest.raises(RuntimeError, match="param group 0: fused=True.*cpu.*TRITON_INTERPRET"):
-        opt.step()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # fused=True on CPU tensors: the compiled CPU step (tests/test_compiled.py)
+    assert dispatch.choose([p], [p], {"fused": True}, base_cls=torch.optim.Adam, one_dtype=False, shared=False,
+                           sharded=False, where="param group 0").path == "compiled"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.randn(3, dtype=torch.float64, requires_grad=True)
     q.grad = torch.randn(3, dtype=torch.float64)

@@ -28,7 +28,7 @@ def test_sgd_rule_is_torch_sgd(options):
     grads = [torch.randn(50, generator=gen, dtype=torch.float64) for _ in range(5)]
     x, buf = x0, None
     for i, g in enumerate(grads):
-        x, buf = ref.sgd_rule(x, g, buf, options["lr"], options.get("momentum", 0.0), options.get("dampening", 0.0),
+        x, buf = ref.sgd_rule(x, g, buf, options["lr"], options.get("momentum"), options.get("dampening", 0.0),
                               options.get("nesterov", False), first=i == 0)
     torch.testing.assert_close(x, _torch_steps(torch.optim.SGD, options, x0, grads), rtol=1e-14, atol=1e-15)
 
@@ -40,7 +40,7 @@ def test_adam_rule_is_torch_adam(amsgrad):
     grads = [torch.randn(50, generator=gen, dtype=torch.float64) * (1 + i) for i in range(6)]
     x, m, v, vmax = x0, torch.zeros_like(x0), torch.zeros_like(x0), torch.zeros_like(x0)
     for step, g in enumerate(grads, start=1):
-        x, m, v, vmax = ref.adam_rule(x, g, m, v, vmax, step, 0.01, 0.9, 0.99, 1e-8, amsgrad)
+        x, m, v, vmax = ref.adam_rule(x, g, m, v, vmax, *ref.adam_step_sizes(step, 0.01, 0.9, 0.99), 0.9, 0.99, 1e-8, amsgrad)
     expected = _torch_steps(torch.optim.Adam, dict(lr=0.01, betas=(0.9, 0.99), amsgrad=amsgrad), x0, grads)
     torch.testing.assert_close(x, expected, rtol=1e-13, atol=1e-15)
 

@@ -1,11 +1,11 @@
-"""The Triton path of a sparse param group: torch's state layout around the kernels' launchers.
+"""The fused paths of a sparse param group: torch's state layout around the Triton launchers (GPU) and the
+compiled CPU step (:mod:`spread_optim.kernels.compiled`).
 
-The kernels (:mod:`spread_optim.kernels.element`, :mod:`spread_optim.kernels.group`) compute the same numbers as
-the split path (the spec's factor gradients, the torch base rule on the factors, the exact-zero pass) and read
-and write the same state: ``state[p]["base"][factor]`` holds torch's own keys (``step``, ``exp_avg``,
-``exp_avg_sq``, ``max_exp_avg_sq``; ``momentum_buffer``), so a run can switch between ``fused=True`` and
-``fused=False`` and checkpoints load either way. :func:`step` takes a kind object (the param group's tensors and
-state), never the optimizer; :mod:`spread_optim.kernels.dispatch` decides when it runs.
+Both compute the same numbers as the split path (the spec's factor gradients, the torch base rule on the factors,
+the exact-zero pass) and read and write the same state: ``state[p]["base"][factor]`` holds torch's own keys
+(``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; ``momentum_buffer``), so a run can switch between paths
+and checkpoints load either way. :func:`step_element` and :func:`step_grouped` take a param group's tensors and
+state, never the optimizer; :mod:`spread_optim.kernels.dispatch` decides which path runs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from spread_optim.kernels import compiled
+from spread_optim.kernels import reference as ref
 from spread_optim.kernels.dispatch import FUSED_RULES, kernels
 
 
@@ -55,8 +57,8 @@ class _Rule:
     """The base rule's options of one group, and the per-tensor scalars of one step."""
 
     def __init__(self, base_cls: type, group: dict, device: torch.device):
-        self.adam = FUSED_RULES[base_cls] == "adam"
-        self.rule = kernels()["rules"].ADAM if self.adam else kernels()["rules"].SGD
+        self.name = FUSED_RULES[base_cls]
+        self.adam = self.name == "adam"
         self.group = group
         self.device = device
         lr = group["lr"]
@@ -127,14 +129,15 @@ def _grad(p: torch.Tensor) -> torch.Tensor | None:
 
 
 def _options(rule: "_Rule", group):
-    return kernels()["rules"].StepOptions(rule=rule.rule, kappa=group["kappa"], balanced=group["init"] == "balanced",
+    rules = kernels()["rules"]
+    return rules.StepOptions(rule=rules.ADAM if rule.adam else rules.SGD, kappa=group["kappa"], balanced=group["init"] == "balanced",
                                          lr_revive=float(group["lr"]),
                                          zero_threshold=group["zero_threshold"], maximize=bool(group.get("maximize", False)),
                                          **rule.options)
 
 
-def step_element(base_cls: type, group: dict, params, state, grad_scale, found_inf) -> None:
-    """One fused step of an element-sparse param group (``state``: the optimizer's state mapping)."""
+def triton_element(base_cls: type, group: dict, params, state, grad_scale, found_inf) -> None:
+    """One Triton step of an element-sparse param group (``state``: the optimizer's state mapping)."""
     live = [(p, _grad(p)) for p in params if p.grad is not None]
     if not live:
         return
@@ -153,8 +156,8 @@ def step_element(base_cls: type, group: dict, params, state, grad_scale, found_i
     _uncount_skipped(device_steps, found_inf)
 
 
-def step_grouped(base_cls: type, group: dict, sets, structures: dict, state, grad_scale, found_inf) -> None:
-    """One fused step of a group-sparse param group: ``sets`` lists the parameters sharing each ``u``."""
+def triton_grouped(base_cls: type, group: dict, sets, structures: dict, state, grad_scale, found_inf) -> None:
+    """One Triton step of a group-sparse param group: ``sets`` lists the parameters sharing each ``u``."""
     sets = [m for m in sets if any(p.grad is not None for p in m)]
     if not sets:
         return
@@ -195,3 +198,89 @@ def _uncount_skipped(device_steps: list[torch.Tensor], found_inf: torch.Tensor |
     """A step skipped for an inf does not count (as torch's fused Adam)."""
     if found_inf is not None and device_steps:
         torch._foreach_sub_(device_steps, [found_inf.reshape(()).to(device_steps[0].dtype)] * len(device_steps))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the compiled CPU step, one tensor at a time
+
+
+def _compiled_flags(rule: _Rule, group: dict, grad_scale) -> dict:
+    return dict(rule=rule.name, amsgrad=bool(group.get("amsgrad", False)) and rule.adam, nesterov=bool(group.get("nesterov", False)),
+                momentum=not rule.adam and group.get("momentum", 0) != 0, maximize=bool(group.get("maximize", False)),
+                scaled=grad_scale is not None, scheme=group["init"])
+
+
+def _hyper(rule: _Rule, group: dict, states: list[dict], grad_scale) -> torch.Tensor:
+    """The float64 numbers of one tensor's step (:data:`spread_optim.kernels.compiled.HYPER`); advances Adam's
+    step counters."""
+    lr = float(group["lr"])
+    if rule.adam:
+        torch._foreach_add_([st["step"] for st in states], 1)
+        sizes = [ref.adam_step_sizes(float(st["step"]), lr, rule.beta1, rule.beta2) for st in states]
+        betas_eps = [rule.beta1, rule.beta2, float(group["eps"])]
+        momentum = [0.0, 0.0]
+    else:
+        sizes = [(lr, 1.0)] * len(states)
+        betas_eps = [0.0, 0.0, 0.0]
+        momentum = [float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))]
+    scale = float(grad_scale) if grad_scale is not None else 1.0
+    values = [group["kappa"], lr, group["zero_threshold"], *sizes[0], *sizes[1], *betas_eps, *momentum, scale]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _compiled_run(kind: str, args: tuple, flags: dict) -> None:
+    """The compiled step; then, only where weights were written outside the optimizer, the same step eagerly
+    with adoption (see :mod:`spread_optim.kernels.compiled`)."""
+    if int(compiled.compiled(kind, **flags)(*args)):
+        step = compiled.element_step if kind == "element" else compiled.grouped_step
+        step(*args, **flags, adopt=True)
+
+
+def compiled_element(base_cls: type, group: dict, params, state, grad_scale, found_inf) -> None:
+    """The compiled CPU step of an element-sparse param group, one call per tensor."""
+    if found_inf is not None and float(found_inf) != 0:
+        return  # a step GradScaler skips: nothing moves, step counters included
+    rule = _Rule(base_cls, group, torch.device("cpu"))
+    flags = _compiled_flags(rule, group, grad_scale)
+    for p in params:
+        if p.grad is None:
+            continue
+        st = state[p]
+        leaf_states = [st["base"]["U"], st["base"]["W"]]
+        slots, firsts = rule.states(leaf_states, [st["U"], st["W"]])
+        width = 3 if rule.adam else 1
+        hyper = _hyper(rule, group, leaf_states, grad_scale)
+        args = (p.grad, p, st["U"], st["W"], tuple(slots[0][:width]), tuple(slots[1][:width]), hyper)
+        _compiled_run("element", args, {**flags, "first": bool(firsts[0])})
+
+
+def compiled_grouped(base_cls: type, group: dict, sets, structures: dict, state, grad_scale, found_inf) -> None:
+    """The compiled CPU step of a group-sparse param group whose parameters each have their own ``u``."""
+    if found_inf is not None and float(found_inf) != 0:
+        return
+    rule = _Rule(base_cls, group, torch.device("cpu"))
+    flags = _compiled_flags(rule, group, grad_scale)
+    for (p,) in sets:
+        if p.grad is None:
+            continue
+        st = state[p]
+        leaf_states = [st["base"]["u"], st["base"]["W"]]
+        slots, firsts = rule.states(leaf_states, [st["u"], st["W"]])
+        width = 3 if rule.adam else 1
+        hyper = _hyper(rule, group, leaf_states, grad_scale)
+        args = (p.grad, p, st["u"], st["W"], tuple(slots[0][:width]), tuple(slots[1][:width]), hyper, structures[p])
+        _compiled_run("grouped", args, {**flags, "first": bool(firsts[0])})
+
+
+_ELEMENT = {"triton": triton_element, "compiled": compiled_element}
+_GROUPED = {"triton": triton_grouped, "compiled": compiled_grouped}
+
+
+def step_element(path: str, base_cls: type, group: dict, params, state, grad_scale, found_inf) -> None:
+    """The fused step of an element-sparse param group on ``path`` (``"triton"`` or ``"compiled"``)."""
+    _ELEMENT[path](base_cls, group, params, state, grad_scale, found_inf)
+
+
+def step_grouped(path: str, base_cls: type, group: dict, sets, structures: dict, state, grad_scale, found_inf) -> None:
+    """The fused step of a group-sparse param group on ``path``."""
+    _GROUPED[path](base_cls, group, sets, structures, state, grad_scale, found_inf)
