@@ -7,8 +7,8 @@ Objective (per output ``j``, no intercept: ``X`` and ``y`` are centred first)::
 
 Problems (``frac`` in {0.1, 0.01} for each):
 
-* gene sets: every ``*.npz`` in ``../shared/data/genes`` (from the project root): the class label, as a number,
-  regressed on the standardised genes (columns centred, unit variance; constant genes left at 0);
+* gene sets: every ``*.npz`` in ``../shared/data/genes`` (from the project root; ``--data``): the class label, as a
+  number, regressed on the standardised genes (columns centred, unit variance; constant genes left at 0);
 * Toeplitz designs: ``n = 1000`` rows drawn from ``N(0, Sigma)``, ``Sigma_ij = 0.5**|i-j|`` (an AR(1) along the
   features), columns standardised, ``d`` in {1e3, 1e4, 1e5}; 20 true nonzeros per output (random signs,
   magnitudes in [1, 2]), noise sd 1; one output at every ``d``, and 100 outputs at ``d = 1e4`` (100 independent
@@ -26,7 +26,8 @@ script under ``taskset`` to pin it to one core). Untimed warm-up fits first (num
 
 * solvers with a tolerance (celer, skglm, scikit-learn ``Lasso``, ``SpreadLasso``): tolerances 10x apart, each fit
   from scratch; the time reported is that of the first fit that reached the target (its tolerance is
-  reported), and the sweep stops there or after ``--sweep-budget`` seconds. celer and skglm fit one output per
+  reported; under a second, the fastest of 5 fits at that tolerance, as the machine is shared), and the sweep
+  stops there or after ``--sweep-budget`` seconds. celer and skglm fit one output per
   call, so with 100 outputs they run as a loop (as scikit-learn's ``Lasso`` does internally for a 2-D ``y``).
   With 100 outputs each sweep starts at the tolerance that reached the target on one output at that ``d``;
 * FISTA: the whole ``(d, k)`` coefficient matrix in torch, step ``1/L`` (``L = ||X||_2^2/n`` by power iteration,
@@ -154,8 +155,9 @@ SWEEPS = {  # name -> (fit, tolerances from loose to tight)
 }
 
 
-def sweep(fit, tolerances, X, Y, lam, judge, start_tol=None, budget=math.inf):
-    """Fits at decreasing tolerances (each from scratch) until one reaches the target, or ``budget`` seconds."""
+def sweep(fit, tolerances, X, Y, lam, judge, start_tol=None, budget=math.inf, repeats=5):
+    """Fits at decreasing tolerances (each from scratch) until one reaches the target, or ``budget`` seconds; the
+    fit that reached it is timed ``repeats`` times in all when it took under a second (the fastest counts)."""
     spent, last = 0.0, None
     for tol in tolerances:
         if start_tol is not None and tol > start_tol:
@@ -164,9 +166,15 @@ def sweep(fit, tolerances, X, Y, lam, judge, start_tol=None, budget=math.inf):
         W = fit(X, Y, lam, tol)
         seconds = time.perf_counter() - t0
         spent += seconds
-        last = dict(judge(W), seconds=seconds, setting=f"tol={tol:g}", tol=tol)
+        last = dict(judge(W), seconds=seconds, setting=f"tol={tol:g}", tol=tol, repeats=1)
         if last["reached"] or spent > budget:
             break
+    if last["reached"] and last["seconds"] < 1.0:
+        for _ in range(repeats - 1):
+            t0 = time.perf_counter()
+            fit(X, Y, lam, last["tol"])
+            last["seconds"] = min(last["seconds"], time.perf_counter() - t0)
+        last["repeats"] = repeats
     return dict(last, swept_seconds=spent)
 
 
@@ -243,7 +251,7 @@ def run_problem(name, X, Y, frac, args, start_tols=None):
 def cases(args):
     """``(name, loader, frac, single_output_key)`` for every problem, in the order of the table."""
     out = []
-    genes = sorted(GENES.glob("*.npz")) if GENES.exists() else []
+    genes = sorted(args.data.glob("*.npz")) if args.data.exists() else []
     if args.quick:
         genes = [p for p in genes if p.stem in ("ALLAML", "lymphoma")]
     for path in genes:
@@ -272,6 +280,7 @@ def main(argv=None):
     parser.add_argument("--fista-budget", type=float, default=None, help="seconds per FISTA run (default 60; quick 3)")
     parser.add_argument("--sweep-budget", type=float, default=None, help="seconds per tolerance sweep (default 60; quick 5)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data", type=Path, default=GENES, help="folder of the gene sets (*.npz with X, y)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     from threadpoolctl import threadpool_limits
