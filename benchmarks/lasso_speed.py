@@ -26,7 +26,7 @@ script under ``taskset`` to pin it to one core). Untimed warm-up fits first (num
 
 * solvers with a tolerance (celer, skglm, scikit-learn ``Lasso``, ``SpreadLasso``): tolerances 10x apart, each fit
   from scratch; the time reported is that of the first fit that reached the target (its tolerance is
-  reported; under a second, the fastest of 5 fits at that tolerance, as the machine is shared), and the sweep
+  reported; under a second, the fastest of 5 fits at that tolerance (``--repeats``)), and the sweep
   stops there or after ``--sweep-budget`` seconds. celer and skglm fit one output per
   call, so with 100 outputs they run as a loop (as scikit-learn's ``Lasso`` does internally for a 2-D ``y``).
   With 100 outputs each sweep starts at the tolerance that reached the target on one output at that ``d``;
@@ -242,7 +242,7 @@ def run_problem(name, X, Y, frac, args, start_tols=None):
         else:
             fit, tols = SWEEPS[solver]
             start = (start_tols or {}).get(solver)
-            results[solver] = sweep(fit, tols, X, Y, lam, judge, start_tol=start, budget=args.sweep_budget)
+            results[solver] = sweep(fit, tols, X, Y, lam, judge, start, args.sweep_budget, args.repeats)
     return dict(problem=name, n=n, d=d, outputs=k, frac=frac, lam=lam, reference_seconds=reference_seconds,
                 reference_nnz=int(support_ref.sum()), reference_max_relative_gap=float((gaps / obj_ref).max()),
                 solvers=results)
@@ -279,6 +279,7 @@ def main(argv=None):
     parser.add_argument("--only", default=None, help="run the problems whose name contains this")
     parser.add_argument("--fista-budget", type=float, default=None, help="seconds per FISTA run (default 60; quick 3)")
     parser.add_argument("--sweep-budget", type=float, default=None, help="seconds per tolerance sweep (default 60; quick 5)")
+    parser.add_argument("--repeats", type=int, default=None, help="timings of a fit under 1 s (default 5; quick 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", type=Path, default=GENES, help="folder of the gene sets (*.npz with X, y)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -292,6 +293,7 @@ def main(argv=None):
     args.outputs = args.outputs or (4 if args.quick else 100)
     args.fista_budget = args.fista_budget or (3.0 if args.quick else 60.0)
     args.sweep_budget = args.sweep_budget or (5.0 if args.quick else 60.0)
+    args.repeats = args.repeats or (1 if args.quick else 5)
 
     # warm-up (untimed): numba compilation in skglm and celer, torch's lazy imports, BLAS initialisation
     Xw, Yw = toeplitz_problem(50, 30, 2, seed=99)
@@ -321,7 +323,7 @@ def main(argv=None):
         pass
     command = "python " + " ".join(["benchmarks/lasso_speed.py", *(argv if argv is not None else sys.argv[1:])])
     meta = dict(command=command, machine=machine, torch=torch.__version__, threads=args.threads, quick=args.quick,
-                fista_budget=args.fista_budget, sweep_budget=args.sweep_budget, target=TARGET, seconds=total,
+                fista_budget=args.fista_budget, sweep_budget=args.sweep_budget, repeats=args.repeats, target=TARGET, seconds=total,
                 versions=versions(), dtype="float64")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lasso_speed.json").write_text(json.dumps(dict(meta=meta, problems=records), indent=1))
