@@ -16,24 +16,50 @@ In the optimizer's convention the penalty is ``2*kappa*R(W)``: these estimators 
 with ``kappa = alpha / 2``. The intercept ``b`` is not penalised: with ``fit_intercept=True`` the
 columns of ``X`` and ``Y`` are centred first, as scikit-learn does.
 
-Solver. The coefficients of all outputs are one tensor (one matrix product per evaluation) handed to
-``SpreadOptimizer`` with base ``torch.optim.LBFGS`` (strong-Wolfe line search, 10 iterations per step;
-spread snaps and revives exact zeros between steps). The fit stops when ``optimizer.kkt_residual()``,
-the largest violation of the optimality conditions, is at most ``tol * alpha_max``, with ``alpha_max``
-the smallest ``alpha`` whose solution is 0 (``max |X^T Y| / n`` for the lasso), so ``tol`` is scale
-free; it is not scikit-learn's duality-gap ``tol``. A fit also stops when several steps in a row no
-longer lower the smooth objective (in float64 that happens near a relative KKT residual of 1e-8 to
-1e-9: the line search sees no change in the objective's value); it then warns if ``tol`` was not met.
+Solver of ``SpreadLasso`` (``working_set=True``, the default): Newton steps on spread's factorised objective,
+restricted to per-output working sets, with the KKT conditions on the full gradient choosing the sets.
 
-Working sets (``SpreadLasso(working_set=True)``, the default). The optimizer runs on a few features per
-output at a time: for output ``j`` the current nonzeros plus the zeros whose optimality condition
-``|g_ij| <= alpha`` is violated the most (``g`` the gradient of the data term); the sets start at 10
-features, at least double each round and hold at least twice the nonzeros of the widest output. After
-each inner solve (to a KKT residual of ``max(tol * alpha_max, 0.1 * the largest violation outside)``) one
-product ``X^T R`` checks every feature of every output, and the rounds go on until nothing violates its
-condition (the outer loop of celer and skglm; the inner problems are solved by spread). The outputs' working sets are
-stacked into one ``(k, m, n)`` tensor, so an evaluation costs ``O(k m n)`` instead of ``O(k d n)``.
-``working_set=False`` runs the optimizer on the whole ``(d, k)`` coefficient matrix.
+* The smooth problem. On output ``j``'s working set ``S`` (``m`` features) the coefficients are factorised,
+  ``theta = U * W`` elementwise, and the objective is spread's::
+
+      F(U, W) = ||y - X_S theta||^2 / (2n) + kappa * (|U|^2 + |W|^2),    kappa = alpha / 2.
+
+  ``F`` is smooth; every local minimum of ``F`` is a minimum of the lasso (``min over U*W = theta`` of the
+  penalty is ``2*kappa*|theta|_1 = alpha*|theta|_1``, reached at balanced factors ``|U| = |W| = sqrt|theta|``).
+* The step. After each step the factors are balanced (``U = sign(theta) sqrt|theta|``, ``W = sqrt|theta|``: the
+  exact minimum of ``F`` over the factorisations of ``theta``, which never raises ``F``). At balanced factors
+  the gradient of ``F`` is zero across the balanced set, and along it (``dU = s dW``, ``s = sign(theta)``) the
+  Hessian of ``F``, written in ``theta``'s units (``d theta = 2 sqrt|theta| dW``), is::
+
+      H = X_L^T X_L / n  +  diag((alpha + s * g) / (2 |theta|)),       g = -X_L^T r / n,
+
+  on the live (nonzero) coordinates ``L``; its gradient is ``g + alpha * s``. The step is Newton's,
+  ``t = -H^{-1} (g + alpha s)``, with the diagonal term clamped at 0 (a negative one is a coefficient the data
+  push away from zero: negative curvature of ``F``), Levenberg-Marquardt damping (``lambda * diag(X^T X / n)``,
+  raised when the line search had to cut a step, lowered when full steps pass), and an Armijo backtracking line
+  search on ``F`` at balanced factors (the lasso objective) along ``theta + eta t``, a coefficient that would
+  change sign stopping at 0 (the factors' path goes through the saddle ``U = W = 0``). Near the solution
+  ``alpha + s g -> 0``: the steps become Newton's on the quadratic with the signs fixed, so convergence is
+  quadratic once the support is found. Gram entries ``X_a^T X_b / n`` are computed once, when ``a`` first
+  becomes live, and kept for the fit.
+* Exact zeros: between steps, spread's zero pass (``kernels/reference.py``, ``element_zero_pass``) snaps the
+  coefficients the step stopped at 0 and holds a dead one (``U = W = 0``, a saddle of ``F``) unless
+  ``|g| > alpha``, which revives it by a proximal-gradient step of size ``1/trace(X_S^T X_S / n)``.
+* Working sets. For each output the set starts with the 10 features that violate ``|g_i| <= alpha`` the most;
+  each round adds the worst violators outside (at least 10, at least the widest output's nonzeros, and enough
+  for the sets to hold twice those),
+  solves the sets to a KKT residual of ``max(tol * alpha_max, 0.1 * the largest violation outside)``, and checks
+  every feature of every output with one product ``X^T R``; the rounds end when the largest violation of the
+  lasso's optimality conditions over all ``d`` features (``kkt_residual_``) is at most ``tol * alpha_max``, with
+  ``alpha_max = max |X^T Y| / n`` (so ``tol`` is scale free; it is not scikit-learn's duality-gap ``tol``).
+  The outputs are solved as a batch (batched Cholesky factorisations, padded to the widest live set), split
+  into several batches only when their sets' columns would exceed 2^26 numbers.
+
+With ``working_set=False`` (and for :class:`SpreadGroupLasso`), the coefficients of all outputs are one tensor
+handed to ``SpreadOptimizer`` with base ``torch.optim.LBFGS`` (strong-Wolfe line search, 10 iterations per
+step; spread snaps and revives exact zeros between steps), stopped when ``optimizer.kkt_residual()`` is at most
+``tol * alpha_max`` or when several steps in a row no longer lower the smooth objective (in float64 near a
+relative KKT residual of 1e-8 to 1e-9); a fit that stops short of ``tol`` warns.
 
 ``alpha=0`` is ordinary least squares (with a warning, as scikit-learn's ``Lasso``): the fit runs LBFGS alone
 (``kappa=0``: a dense group), stopped when the largest entry of the gradient is at most ``tol * alpha_max``.
@@ -172,7 +198,7 @@ def _sparse_tensor(rows, cols, values: torch.Tensor, shape) -> torch.Tensor:
 class _SparseX:
     """A SciPy sparse ``X`` (n, d) for the solver, never densified: ``X @ P`` and ``X.T @ R`` are torch sparse
     products, with ``X`` centred implicitly (``X - 1 mean^T``) when ``mean`` is given, as scikit-learn centres
-    sparse input; :meth:`stacked` is the working sets' forward."""
+    sparse input."""
 
     def __init__(self, X, mean: torch.Tensor | None, dtype: torch.dtype, device):
         coo = X.tocoo()
@@ -185,25 +211,6 @@ class _SparseX:
     def __matmul__(self, P: torch.Tensor) -> torch.Tensor:
         out = torch.sparse.mm(self._A, P)
         return out if self.mean is None else out - self.mean @ P
-
-    def stacked(self, idx: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``P`` (k, m) -> (k, n), row ``j`` = ``X[:, idx[:, j]] @ P[j]``: one product with the block-diagonal matrix
-        of the ``k`` outputs' column blocks."""
-        (m, k), n = idx.shape, self.shape[0]
-        if self._X.format != "csc":  # column blocks are cheap in CSC: convert once, on the first working set
-            self._X = self._X.tocsc()
-        blocks = [self._X[:, cols].tocoo() for cols in idx.T.cpu().numpy()]
-        rows = np.concatenate([b.row + j * n for j, b in enumerate(blocks)])
-        cols = np.concatenate([b.col + j * m for j, b in enumerate(blocks)])
-        values = torch.as_tensor(np.concatenate([b.data for b in blocks]), dtype=self._A.dtype, device=self._A.device)
-        B = _sparse_tensor(rows, cols, values, (k * n, k * m))
-        shift = None if self.mean is None else self.mean[idx.T]  # (k, m): the centring of each block's columns
-
-        def forward(P: torch.Tensor) -> torch.Tensor:
-            out = torch.sparse.mm(B, P.reshape(-1, 1)).reshape(k, n)
-            return out if shift is None else out - (P * shift).sum(1, keepdim=True)
-
-        return forward
 
 
 class _SparseXT:
@@ -218,13 +225,371 @@ class _SparseXT:
         return out if self._X.mean is None else out - self._X.mean[:, None] * R.sum(0)
 
 
-def _stacked_forward(X, idx: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The working sets' forward ``P`` (k, m) -> (k, n), ``row j = X[:, idx[:, j]] @ P[j]`` (dense: one bmm)."""
-    if isinstance(X, _SparseX):
-        return X.stacked(idx)
-    (m, k), n = idx.shape, X.shape[0]
-    Xw = X.T[idx.T.reshape(-1)].reshape(k, m, n)  # Xw[j] = X[:, idx[:, j]].T
-    return lambda P: torch.bmm(P.unsqueeze(1), Xw).squeeze(1)
+# ----------------------------------------------------------------------------------------------------
+# the working-set lasso: Newton steps on spread's factorised objective (module docstring, "Solver")
+
+
+class _DenseColumns:
+    """The working sets of a batch of outputs over a dense (centred) ``X``, held as ``Xw`` (k, m, n): ``Xw[j, i]``
+    is the column of ``X`` of output ``j``'s ``i``-th working-set feature. ``Xt``: ``X^T`` (d, n), contiguous."""
+
+    def __init__(self, Xt: torch.Tensor, Yt: torch.Tensor):
+        self.Xt, self.Y = Xt, Yt
+        self.n = Xt.shape[1]
+        self.Xw = Xt.new_zeros(Yt.shape[0], 0, self.n)
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        """Add the features ``new`` (k, p) to the sets; returns their squared norms / n (the Gram's diagonal)."""
+        k, p = new.shape
+        cols = self.Xt[new.reshape(-1)].reshape(k, p, self.n)
+        self.Xw = torch.cat([self.Xw, cols], 1)
+        return cols.pow(2).sum(2) / self.n
+
+    def residual(self, theta: torch.Tensor) -> torch.Tensor:
+        """``Y - X theta`` (k, n) for the coefficients ``theta`` (k, m) of the sets."""
+        return self.Y - torch.bmm(theta.unsqueeze(1), self.Xw).squeeze(1)
+
+    def grad(self, R: torch.Tensor) -> torch.Tensor:
+        """The data term's gradient on the sets, ``-X_ws^T R / n`` (k, m)."""
+        return torch.bmm(self.Xw, R.unsqueeze(2)).squeeze(2) / -self.n
+
+    def gram(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``X_a^T X_b / n`` (k, P, Q) for working-set positions ``rows`` (k, P) and ``cols`` (k, Q)."""
+        batch = torch.arange(rows.shape[0], device=rows.device)[:, None]
+        return torch.bmm(self.Xw[batch, rows], self.Xw[batch, cols].transpose(1, 2)) / self.n
+
+    def full_grad(self, R: torch.Tensor) -> torch.Tensor:
+        """The data term's gradient over every feature, ``-X^T R / n`` (d, k)."""
+        return (self.Xt @ R.T) / -self.n
+
+
+class _SparseColumns:
+    """:class:`_DenseColumns` for a :class:`_SparseX`: products with the whole sparse ``X`` (never densified), the
+    Gram entries by SciPy per output (centred implicitly: ``x_a^T x_b / n - mean_a mean_b``)."""
+
+    def __init__(self, X: "_SparseX", Yt: torch.Tensor):
+        self.X, self.Y = X, Yt
+        self.n, self.d = X.shape
+        self.idx = torch.zeros(Yt.shape[0], 0, dtype=torch.long, device=Yt.device)
+        self._csc = X._X.tocsc()
+        self._numpy_dtype = np.float64 if Yt.dtype == torch.float64 else np.float32
+        sq = np.asarray(self._csc.multiply(self._csc).sum(0), dtype=np.float64).ravel()
+        self._sq = torch.as_tensor(sq, dtype=Yt.dtype, device=Yt.device) / self.n
+        if X.mean is not None:
+            self._sq = self._sq - X.mean.pow(2)
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        self.idx = torch.cat([self.idx, new], 1)
+        return self._sq[new]
+
+    def _scatter(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta.new_zeros(self.d, theta.shape[0]).scatter_(0, self.idx.T, theta.T)
+
+    def residual(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.Y - (self.X @ self._scatter(theta)).T
+
+    def grad(self, R: torch.Tensor) -> torch.Tensor:
+        return torch.gather(self.full_grad(R).T, 1, self.idx)
+
+    def gram(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        feats_r, feats_c = torch.gather(self.idx, 1, rows).cpu().numpy(), torch.gather(self.idx, 1, cols).cpu().numpy()
+        blocks = [(self._csc[:, a].T @ self._csc[:, b]).toarray() for a, b in zip(feats_r, feats_c)]
+        G = torch.as_tensor(np.stack(blocks).astype(self._numpy_dtype), device=self.Y.device) / self.n
+        if self.X.mean is not None:
+            mr, mc = self.X.mean[torch.gather(self.idx, 1, rows)], self.X.mean[torch.gather(self.idx, 1, cols)]
+            G = G - mr[:, :, None] * mc[:, None, :]
+        return G
+
+    def full_grad(self, R: torch.Tensor) -> torch.Tensor:
+        return (self.X.T @ R.T) / -self.n
+
+
+def _kkt_rows(theta: torch.Tensor, g: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per output (row), the largest violation of the lasso's optimality conditions (as ``ref.element_kkt``)."""
+    at_zero = (g.abs() - alpha).clamp(min=0)
+    off_zero = (g + alpha * torch.sign(theta)).abs()
+    return torch.where(theta == 0, at_zero, off_zero).amax(1)
+
+
+class _FactorisedNewton:
+    """Spread on the working sets of a batch of ``k`` outputs: factors ``U, W`` (k, m) with ``theta = U*W`` and the
+    smooth objective ``||y - X_ws theta||^2/(2n) + kappa*(|U|^2 + |W|^2)``, ``kappa = alpha/2``, minimised by Newton
+    steps on the live (nonzero) factors with spread's exact-zero pass between steps (module docstring, "Solver").
+
+    The Gram entries of the live coordinates are computed once, when a coordinate first becomes live, and kept
+    for the whole fit (``Ge`` (k, E, E) over "slots"; ``slot_of`` (k, m): a coordinate's slot or -1).
+    """
+
+    #: Armijo's sufficient-decrease constant and the most halvings of a step
+    ARMIJO, HALVINGS = 1e-4, 30
+
+    def __init__(self, columns, alpha: float):
+        self.cols, self.alpha, self.kappa = columns, alpha, alpha / 2
+        Y = columns.Y
+        k = Y.shape[0]
+        self.batch = torch.arange(k, device=Y.device)
+        self.U = Y.new_zeros(k, 0)
+        self.W = Y.new_zeros(k, 0)
+        self.g = Y.new_zeros(k, 0)
+        self.R = Y.clone()
+        self.sq = Y.new_zeros(k, 0)  # the Gram's diagonal on the sets
+        self.slot_of = torch.zeros(k, 0, dtype=torch.long, device=Y.device)
+        self.slot_pos = torch.zeros(k, 0, dtype=torch.long, device=Y.device)
+        self.Ge = Y.new_zeros(k, 0, 0)
+        self.damping = Y.new_zeros(k)  # Levenberg-Marquardt's lambda per output, 0 while Newton steps succeed
+        self._damped = False
+        self._block = None  # the last live block (see _live_block)
+        self.steps = 0
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self.U * self.W
+
+    def append(self, new: torch.Tensor) -> None:
+        """Grow every output's working set by the features ``new`` (k, p), entering as exact zeros (dead)."""
+        k, p = new.shape
+        self.sq = torch.cat([self.sq, self.cols.append(new)], 1)
+        zeros = self.U.new_zeros(k, p)
+        self.U, self.W = torch.cat([self.U, zeros], 1), torch.cat([self.W, zeros], 1)
+        self.g = torch.cat([self.g, self.cols.grad(self.R)[:, -p:]], 1)
+        self.slot_of = torch.cat([self.slot_of, self.slot_of.new_full((k, p), -1)], 1)
+
+    def _ensure_gram(self, live: torch.Tensor) -> None:
+        """Gram rows for the live coordinates that have none yet (against every slot, and among themselves)."""
+        new = live & (self.slot_of < 0)
+        count = new.sum(1)
+        P = int(count.max())
+        if P == 0:
+            return
+        k, E = self.Ge.shape[0], self.Ge.shape[1]
+        pos = torch.argsort((~new).to(torch.int8), dim=1, stable=True)[:, :P]  # the new ones first
+        valid = torch.arange(P, device=pos.device)[None, :] < count[:, None]
+        pos = torch.where(valid, pos, pos[:, :1])  # padding repeats the first (its Gram rows are never read)
+        B = self.cols.gram(pos, torch.cat([self.slot_pos, pos], 1))  # (k, P, E + P)
+        Ge = self.Ge.new_zeros(k, E + P, E + P)
+        Ge[:, :E, :E] = self.Ge
+        Ge[:, E:, :] = B
+        Ge[:, :E, E:] = B[:, :, :E].transpose(1, 2)
+        self.Ge = Ge
+        self.slot_pos = torch.cat([self.slot_pos, pos], 1)
+        slots = E + torch.arange(P, device=pos.device)[None, :].expand(k, P)
+        # padding entries (repeats of the first new coordinate, or of position 0 where there is none) write the same
+        # value as the entry they repeat, so the scatter is well defined
+        first = torch.where(count[:, None] > 0, E, torch.gather(self.slot_of, 1, pos[:, :1]))
+        self.slot_of.scatter_(1, pos, torch.where(valid, slots, first))
+
+    def _live_block(self, live: torch.Tensor, act):
+        """The live coordinates of the outputs ``act`` (``None``: all), live first and padded to the widest output:
+        ``(order, pad, padded, GL)`` with ``GL`` their Gram block (padding rows and columns 0). Reused while the live
+        coordinates do not change (the Gram entries of a coordinate never do)."""
+        if self._block is not None and self._block[0] is act and torch.equal(self._block[1], live):
+            return self._block[2]
+        mask = live if act is None else live[act]
+        count = mask.sum(1)
+        L = int(count.max())
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :L]  # live first
+        pad = torch.arange(L, device=order.device)[None, :] >= count[:, None]
+        padded = bool(pad.any())
+        slot_of = self.slot_of if act is None else self.slot_of[act]
+        Ge = self.Ge if act is None else self.Ge[act]
+        slots = torch.gather(slot_of, 1, order)
+        if padded:
+            slots = slots.masked_fill(pad, 0)
+        GL = Ge[torch.arange(Ge.shape[0], device=order.device)[:, None, None], slots[:, :, None], slots[:, None, :]]
+        if padded:
+            GL = GL.masked_fill(pad[:, :, None] | pad[:, None, :], 0.0)
+        block = (order, pad, padded, GL)
+        self._block = (act, live, block) if act is None else None
+        return block
+
+    def _newton_direction(self, theta, g, damping, order, pad, padded, GL):
+        """The Newton step ``t`` in ``theta`` on the live coordinates ``order`` (rows: the outputs of ``theta``, ``g``),
+        and what the line search needs: ``(thL, gL, t, slope)``."""
+        alpha = self.alpha
+        thL, gL = torch.gather(theta, 1, order), torch.gather(g, 1, order)
+        if padded:
+            thL, gL = thL.masked_fill(pad, 0.0), gL.masked_fill(pad, 0.0)
+        s = torch.sign(thL)
+        # the Hessian of the factorised objective at balanced factors, in theta (module docstring):
+        # X^T X / n + diag((alpha + g*s) / (2|theta|)), its negative entries (directions of negative curvature of
+        # the factors, coefficients that want to grow) set to 0; a tiny ridge, and Levenberg-Marquardt's damping
+        size = thL.abs().masked_fill(pad, 1.0) if padded else thL.abs()
+        diag = GL.diagonal(dim1=1, dim2=2)
+        extra = ((alpha + gL * s) / (2 * size)).clamp(min=0) + 1e-12 * diag.amax(1, keepdim=True) + 1e-300
+        if damping is not None:
+            extra = extra + damping[:, None] * diag
+        H = GL.clone()
+        H.diagonal(dim1=1, dim2=2).add_(torch.where(pad, 1.0, extra) if padded else extra)
+        chol, info = torch.linalg.cholesky_ex(H)
+        if bool(info.any()):  # not positive definite in floating point: a larger ridge for those outputs
+            bump = torch.where((info > 0)[:, None], 1e-8 * diag.amax(1, keepdim=True) + 1e-300, 0.0)
+            H.diagonal(dim1=1, dim2=2).add_(bump)
+            chol, _ = torch.linalg.cholesky_ex(H)
+        rhs = -(gL + alpha * s)
+        t = torch.cholesky_solve(rhs.unsqueeze(2), chol).squeeze(2)
+        t = t.nan_to_num(0.0, 0.0, 0.0)
+        return thL, gL, t, -(rhs * t).sum(1)
+
+    def _line_search(self, thL, gL, GL, t, slope):
+        """Armijo backtracking on the lasso objective along ``theta + eta*t``, each coefficient stopped at zero where
+        it would cross it (the factors' path through the saddle); returns the accepted points, which rows accepted
+        one, and the etas. The objective's change is exact for the quadratic data term:
+        ``g.D + D^T G D / 2 + alpha*(|theta + D|_1 - |theta|_1)``."""
+        k = thL.shape[0]
+        eta = thL.new_ones(k)
+        accepted = torch.zeros(k, dtype=torch.bool, device=thL.device)
+        best = thL
+        l1 = thL.abs().sum(1)
+        for _ in range(self.HALVINGS):
+            trial = torch.addcmul(thL, eta[:, None], t)
+            trial = trial.masked_fill(trial * thL < 0, 0.0)
+            D = trial - thL
+            change = ((gL + 0.5 * torch.bmm(GL, D.unsqueeze(2)).squeeze(2)) * D).sum(1) + self.alpha * (trial.abs().sum(1) - l1)
+            ok = (change <= self.ARMIJO * eta * slope) & ~accepted
+            best = torch.where(ok[:, None], trial, best)
+            accepted |= ok
+            if bool(accepted.all()):
+                break
+            eta = torch.where(accepted, eta, eta / 2)
+        return best, accepted, eta
+
+    def solve(self, tol: float, max_steps: int):
+        """Newton steps until every output's KKT residual on its set is at most ``tol``, ``max_steps`` steps, or no
+        step lowers the objective (those outputs stall and stop). Returns (per-output residuals, stalled)."""
+        alpha = self.alpha
+        k = self.U.shape[0]
+        stalled = torch.zeros(k, dtype=torch.bool, device=self.U.device)
+        some_stalled = False
+        # the revival's step: 1/trace of the sets' Gram (at most 1/L, a safe proximal-gradient step; its size matters
+        # little, as the next Newton step gives a revived coordinate its full step)
+        lr = 1.0 / self.sq.sum(1, keepdim=True).clamp(min=torch.finfo(self.sq.dtype).tiny)
+        self._block = None
+        while True:
+            theta = self.U * self.W
+            kkt = _kkt_rows(theta, self.g, alpha)
+            todo = kkt > tol
+            if some_stalled:
+                todo &= ~stalled
+            n_todo = int(todo.sum())
+            if self.steps >= max_steps or n_todo == 0:
+                return kkt, stalled & (kkt > tol)
+            self.steps += 1
+            everyone = n_todo == k
+            dead = ref.element_dead(self.U, self.W)
+            live = ~dead if everyone else ~dead & todo[:, None]
+            rows_live = live.any(1)
+            n_act = int(rows_live.sum())
+            new_theta, failed = theta, None
+            if n_act:
+                self._ensure_gram(live)
+                act = None if n_act == k else torch.nonzero(rows_live).squeeze(1)
+                order, pad, padded, GL = self._live_block(live, act)
+                th, g = (theta, self.g) if act is None else (theta[act], self.g[act])
+                damping = None
+                if self._damped:
+                    damping = self.damping if act is None else self.damping[act]
+                thL, gL, t, slope = self._newton_direction(th, g, damping, order, pad, padded, GL)
+                best, accepted, eta = self._line_search(thL, gL, GL, t, slope)
+                if self._damped or not bool((eta >= 1).all()):
+                    # Levenberg-Marquardt: a step the line search had to cut (a near-singular or indefinite model)
+                    # raises lambda, a full step lowers it; an output stalls only when even a large lambda fails
+                    lam = self.damping if act is None else self.damping[act]
+                    lam = torch.where(accepted & (eta >= 1), lam / 10, torch.where(eta < 0.25, (10 * lam).clamp(min=1e-6), lam))
+                    lam = lam.masked_fill(lam < 1e-6, 0.0)
+                    if act is None:
+                        self.damping = lam
+                    else:
+                        self.damping[act] = lam
+                    self._damped = bool(self.damping.any())
+                    if not bool(accepted.all()):
+                        failed = torch.zeros_like(stalled)
+                        failed[slice(None) if act is None else act] = ~accepted & (lam >= 1e6)
+                if padded:
+                    best = torch.where(pad, torch.gather(th, 1, order), best)
+                rows = th.scatter(1, order, best)
+                new_theta = rows if act is None else theta.index_copy(0, act, rows)
+            # balanced factors of the new theta (|U| = |W| = sqrt|theta|, the penalty's minimum over the
+            # factorisations), then spread's exact-zero pass (kernels/reference.py): a coefficient the step stopped
+            # at zero is snapped; a dead one is held unless |g| > alpha, which revives it by a proximal-gradient step
+            root = new_theta.abs().sqrt()
+            U, W = ref.element_zero_pass(torch.sign(new_theta) * root, root, self.g, theta, dead, self.kappa, lr, 0.0)
+            if not everyone:  # finished outputs do not move
+                keep = ~todo[:, None]
+                U, W = torch.where(keep, self.U, U), torch.where(keep, self.W, W)
+            if failed is not None:  # stalled: no step lowers the objective and the zero pass changes no zero
+                stalled |= failed & ((U == 0) == (self.U == 0)).all(1)
+                some_stalled = bool(stalled.any())
+            self.U, self.W = U, W
+            self.R = self.cols.residual(U * W)
+            self.g = self.cols.grad(self.R)
+
+
+def _output_batches(k: int, n: int, d: int, budget: int = 1 << 26) -> list[slice]:
+    """Outputs in batches whose working-set columns (at most ``min(d, 2n)`` per output, ``n`` values each) hold at
+    most ``budget`` numbers."""
+    per = max(1, budget // (n * min(d, 2 * n)))
+    return [slice(i, min(k, i + per)) for i in range(0, k, per)]
+
+
+@torch.no_grad()
+def _working_set_lasso(X, Y, XtY, alpha, tol_abs, max_steps, min_size=10):
+    """Lasso on growing per-output working sets; returns ``(W (d, k), kkt, steps, rounds)``.
+
+    ``X``: the (centred) data as a dense tensor or a :class:`_SparseX`. The outputs are solved in batches
+    (:func:`_output_batches`); ``steps`` and ``rounds`` are the largest over the batches, each capped at
+    ``max_steps``.
+    """
+    n, d = X.shape
+    k = Y.shape[1]
+    W = torch.zeros(d, k, dtype=XtY.dtype, device=XtY.device)
+    g = -XtY
+    sparse = isinstance(X, _SparseX)
+    Xt = None if sparse else X.T.contiguous()
+    steps, rounds = 0, 0
+    for part in _output_batches(k, n, d):
+        Yt = Y[:, part].T.contiguous()
+        cols = _SparseColumns(X, Yt) if sparse else _DenseColumns(Xt, Yt)
+        W[:, part], g[:, part], s, r = _working_sets(cols, W[:, part], g[:, part], alpha, tol_abs, max_steps, min_size)
+        steps, rounds = max(steps, s), max(rounds, r)
+    kkt = float(ref.element_kkt(W, g, alpha / 2)) if W.numel() else 0.0
+    return W, kkt, steps, rounds
+
+
+def _working_sets(cols, W, g, alpha, tol_abs, max_steps, min_size):
+    """The working-set rounds for one batch of outputs (``W``, ``g``: (d, kb)); returns ``(W, g, steps, rounds)``.
+
+    Each round adds to every output's set the features outside it that violate ``|g| <= alpha`` the most (at least
+    ``min_size``, and enough for twice the widest output's nonzeros), solves the sets to a KKT residual of
+    ``max(tol_abs, 0.1 * the largest violation outside)``, and checks every feature with one product ``X^T R``.
+    """
+    d, kb = W.shape
+    solver = _FactorisedNewton(cols, alpha)
+    inside = torch.zeros(kb, d, dtype=torch.bool, device=W.device)
+    idx = torch.zeros(kb, 0, dtype=torch.long, device=W.device)
+    rounds = 0
+    stalled = False
+    while True:
+        violation = (g.T.abs() - alpha).clamp(min=0)
+        kkt = float(ref.element_kkt(W, g, alpha / 2)) if W.numel() else 0.0
+        outside = float(violation.masked_fill(inside, 0.0).max()) if W.numel() else 0.0
+        m = idx.shape[1]
+        if kkt <= tol_abs or solver.steps >= max_steps or rounds >= max_steps or m >= d or (outside <= tol_abs and stalled):
+            return W, g, solver.steps, rounds
+        # (a solution has at most n nonzeros: more are an inner solve stopped early, not a reason to grow faster)
+        nonzeros = min(int((solver.theta != 0).sum(1).max()) if m else 0, cols.n)
+        p = min(d - m, max(min_size, 2 * nonzeros - m, nonzeros))
+        score = (g.T.abs() - alpha).masked_fill(inside, -math.inf)
+        new = torch.topk(score, p, dim=1).indices  # (kb, p): the worst violators outside the sets
+        inside.scatter_(1, new, True)
+        idx = torch.cat([idx, new], 1)
+        solver.append(new)
+        # the sets need not be solved far beyond what the next check of the outside asks (exactly when they are all)
+        inner_tol = tol_abs if m + p >= d else max(tol_abs, 0.1 * outside)
+        residuals, stalled_rows = solver.solve(inner_tol, max_steps)
+        stalled = bool(stalled_rows.any())
+        rounds += 1
+        W = torch.zeros_like(W).scatter_(0, idx.T, solver.theta.T)
+        g = cols.full_grad(solver.R)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,10 +648,13 @@ class _SpreadLinear(_Regressor, _Base):
             self._x_mean = _to_tensor(np.asarray(X.mean(axis=0)).ravel(), "X", dtype, device) if centre else None
             X = _SparseX(X, self._x_mean, dtype, device)
         else:
-            X = _to_tensor(X, "X", dtype, device)
+            # X^T is kept contiguous, (d, n): a feature's column is one row (the working sets gather rows, X^T R is
+            # one product); X is its transposed view. A Fortran-ordered array without centring is used in place.
+            Xt = _to_tensor(X, "X", dtype, device).T
             if centre:
-                self._x_mean = X.mean(0)
-                X = X - self._x_mean
+                self._x_mean = Xt.mean(1)
+                Xt = Xt - self._x_mean[:, None] if Xt.is_contiguous() else Xt.contiguous().sub_(self._x_mean[:, None])
+            X = Xt.contiguous().T
         if centre:
             self._y_mean = Y.mean(0)
             Y = Y - self._y_mean
@@ -329,7 +697,8 @@ class _SpreadLinear(_Regressor, _Base):
 
 
 class SpreadLasso(_SpreadLinear):
-    """Lasso ``||Y - XW - b||_F^2/(2n) + alpha*||W||_1`` by spread with LBFGS; ``kappa = alpha/2``.
+    """Lasso ``||Y - XW - b||_F^2/(2n) + alpha*||W||_1`` by spread (Newton on the factorised objective over working
+    sets, module docstring); ``kappa = alpha/2``.
 
     ``k`` outputs are ``k`` independent lassos (as ``sklearn.linear_model.Lasso`` with a 2-D ``y``),
     fitted together as one ``(d, k)`` parameter (see the module docstring).
@@ -339,15 +708,16 @@ class SpreadLasso(_SpreadLinear):
             least squares (with a warning; module docstring).
         fit_intercept: centre ``X`` and ``Y`` and fit an unpenalised intercept.
         tol: stop when the KKT residual is at most ``tol * alpha_max`` (``alpha_max = max|X^T Y|/n``); >= 0.
-        max_iter: cap on optimizer steps (each runs up to 10 LBFGS iterations), over all working sets (and on
-            their rounds); an int >= 1.
-        working_set: solve on growing per-output working sets (module docstring); ``False`` runs the
-            optimizer on the whole coefficient matrix.
+        max_iter: cap on Newton steps over all working-set rounds (and on the rounds); without working sets, on
+            optimizer steps (each runs up to 10 LBFGS iterations); an int >= 1.
+        working_set: Newton steps on growing per-output working sets (module docstring); ``False`` runs
+            ``SpreadOptimizer`` with LBFGS on the whole coefficient matrix.
         dtype, device: of the tensors the fit runs on (a floating-point torch or NumPy dtype; a torch device).
 
     Attributes: ``coef_`` (``(d,)`` or ``(k, d)``), ``intercept_`` (float or ``(k,)``), ``n_iter_``
-    (optimizer steps), ``kkt_residual_`` (the final largest KKT violation, absolute), ``n_rounds_``
-    (working-set rounds; 1 without working sets), ``n_features_in_`` (``feature_names_in_`` for a DataFrame).
+    (Newton steps; optimizer steps without working sets), ``kkt_residual_`` (the final largest KKT violation,
+    absolute), ``n_rounds_`` (working-set rounds; 1 without working sets), ``n_features_in_``
+    (``feature_names_in_`` for a DataFrame).
     """
 
     _param_names = ("alpha", "fit_intercept", "tol", "max_iter", "working_set", "dtype", "device")
@@ -379,47 +749,6 @@ class SpreadLasso(_SpreadLinear):
         self.n_rounds_ = rounds
         self._finish(W, kkt, tol_abs, steps)
         return self
-
-
-def _working_set_lasso(X, Y, XtY, alpha, tol_abs, max_steps, min_size=10):
-    """Lasso on growing per-output working sets; returns ``(W (d, k), kkt, steps, rounds)``.
-
-    ``X``: the (centred) data as a dense tensor or a :class:`_SparseX`. At most ``max_steps`` steps and as many
-    rounds (a round takes at least one step unless its sets were already solved).
-    """
-    n, d = X.shape
-    k = Y.shape[1]
-    W = torch.zeros(d, k, dtype=XtY.dtype, device=XtY.device)
-    g = -XtY  # the data term's gradient at W
-    Yt = Y.T.contiguous()  # (k, n)
-    size, steps, rounds = 0, 0, 0
-    inside = torch.zeros_like(W, dtype=torch.bool)  # the last working sets
-    stalled = False  # the last inner solve stopped short of its tolerance (max_iter or float precision)
-    while True:
-        kkt = float(ref.element_kkt(W, g, alpha / 2)) if W.numel() else 0.0
-        # outside the working sets W = 0: the violation there is max(|g| - alpha, 0)
-        outside = float(((g.abs() - alpha).clamp(min=0) * ~inside).max()) if W.numel() else 0.0
-        # done when everything is optimal, or when nothing outside the sets asks to join and the inner
-        # solve stalled (a new round on the same sets would not do better)
-        if kkt <= tol_abs or steps >= max_steps or rounds >= max_steps or (outside <= tol_abs and stalled):
-            return W, kkt, steps, rounds
-        nonzero = W != 0
-        # per output: its nonzeros first, then its zeros by how much they violate |g| <= alpha; the sets
-        # at least double each round (few rounds) and hold twice the widest output's nonzeros
-        score = torch.where(nonzero, torch.full_like(g, math.inf), g.abs() - alpha)
-        size = min(d, max(2 * size, min_size, 2 * int(nonzero.sum(0).max())))
-        idx = torch.topk(score, size, dim=0).indices  # (m, k)
-        forward = _stacked_forward(X, idx)  # (k, m) -> (k, n)
-        P0 = torch.gather(W, 0, idx).T.contiguous()
-        # the inner problem need not be solved far beyond what the next check of the outside asks
-        inner_tol = max(tol_abs, 0.1 * outside)
-        P, residuals, s, inner_kkt = _solve(forward, Yt, P0, alpha / 2, "element", inner_tol, max_steps - steps, n)
-        steps += s
-        rounds += 1
-        W = torch.zeros_like(W).scatter_(0, idx, P.T)
-        inside = torch.zeros_like(inside).scatter_(0, idx, True)
-        g = -(X.T @ residuals.T) / n  # (d, k): checks every feature of every output
-        stalled = inner_kkt > inner_tol
 
 
 class SpreadGroupLasso(_SpreadLinear):

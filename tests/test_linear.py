@@ -173,3 +173,53 @@ def test_bad_input_and_sklearn_api():
     model = clone(SpreadLasso(alpha=0.3, working_set=False))
     assert model.get_params()["alpha"] == 0.3 and model.get_params()["working_set"] is False
     assert model.fit(X, y).score(X, y) > 0.5
+
+
+def lasso_objective(X, y, coef, intercept, alpha):
+    r = y - X @ coef - intercept
+    return (r * r).sum() / (2 * len(y)) + alpha * np.abs(coef).sum()
+
+
+def test_lasso_many_active_coefficients():
+    """``alpha = 0.01 alpha_max`` with ``d > n``: nearly ``n`` nonzeros, where the factorised curvature ``~2|theta|``
+    stalls first-order steps; the Newton steps reach scikit-learn's objective and support."""
+    X, y = correlated(n=40, d=150, seed=11)
+    Xc, yc = X - X.mean(0), y - y.mean()
+    alpha = 0.01 * np.abs(Xc.T @ yc).max() / len(y)
+    ref = sklearn_lasso(X, y, alpha)
+    model = SpreadLasso(alpha=alpha, tol=1e-9).fit(X, y)
+    assert (ref.coef_ != 0).sum() > 25
+    assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
+    obj, obj_ref = (lasso_objective(X, y, m.coef_, m.intercept_, alpha) for m in (model, ref))
+    assert obj - obj_ref <= 1e-9 * obj_ref
+    assert np.abs(model.coef_ - ref.coef_).max() < 1e-4
+
+
+def test_lasso_sparse_x_multi_output_matches_sklearn():
+    """A SciPy sparse ``X`` (never densified, centred implicitly) with three outputs: one lasso per output."""
+    sp = pytest.importorskip("scipy.sparse")
+    X, Y = correlated(n=60, d=50, outputs=3, seed=12)
+    X = X * (np.random.default_rng(12).random(X.shape) < 0.3)  # 70% zeros
+    ref = sklearn_lasso(X, Y, 0.05)
+    model = SpreadLasso(alpha=0.05, tol=1e-8).fit(sp.csr_matrix(X), Y)
+    assert np.abs(model.coef_ - ref.coef_).max() < COEF_TOL
+    assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
+    assert np.abs(model.intercept_ - ref.intercept_).max() < COEF_TOL
+
+
+def test_lasso_outputs_of_very_different_sparsity(monkeypatch):
+    """Outputs solved together are padded to the widest live set: an output whose solution is 0 beside dense ones,
+    in one batch and one output per batch, both as scikit-learn's."""
+    import spread_optim.linear as linear
+
+    X, Y = correlated(n=50, d=60, outputs=4, seed=13)
+    Y[:, 1] = 0.01 * np.random.default_rng(13).standard_normal(50)  # all zeros at this alpha
+    Y[:, 2] = X[:, :30] @ np.linspace(-1, 1, 30)  # many nonzeros
+    ref = sklearn_lasso(X, Y, 0.05)
+    assert np.all(ref.coef_[1] == 0) and (ref.coef_[2] != 0).sum() > 20
+    together = SpreadLasso(alpha=0.05, tol=1e-8).fit(X, Y)
+    monkeypatch.setattr(linear, "_output_batches", lambda k, n, d: [slice(j, j + 1) for j in range(k)])
+    apart = SpreadLasso(alpha=0.05, tol=1e-8).fit(X, Y)
+    for model in (together, apart):
+        assert np.abs(model.coef_ - ref.coef_).max() < COEF_TOL
+        assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
