@@ -276,44 +276,41 @@ def _canonical(kind: str, g, p, factor, W, state_factor, state_W) -> tuple[tuple
 _warned_recompile = False
 
 
-def compiled_element(base_cls: type, group: dict, params, state, grad_scale, found_inf) -> None:
-    """The compiled CPU step of an element-sparse param group, one call per tensor (flat views)."""
+def _compiled_step(kind: str, base_cls: type, group: dict, params, state, grad_scale, found_inf, structures=None) -> None:
+    """The compiled CPU step of a param group (``kind``: ``"element"``, or ``"grouped"`` for parameters that each
+    have their own ``u``), one call per tensor in canonical views (element and ids flat, rows ``(groups, -1)``,
+    columns ``(d0, groups, -1)``)."""
     if found_inf is not None and float(found_inf) != 0:
         return  # a step GradScaler skips: nothing moves, step counters included
     rule = _Rule(base_cls, group, torch.device("cpu"))
     flags = _compiled_flags(rule, group, grad_scale)
+    factor = "U" if kind == "element" else "u"
+    width = 3 if rule.adam else 1
     for p in params:
         if p.grad is None:
             continue
         st = state[p]
-        leaf_states = [st["base"]["U"], st["base"]["W"]]
-        slots, firsts = rule.states(leaf_states, [st["U"], st["W"]])
-        width = 3 if rule.adam else 1
+        leaf_states = [st["base"][factor], st["base"]["W"]]
+        slots, firsts = rule.states(leaf_states, [st[factor], st["W"]])
         hyper = _hyper(rule, group, leaf_states, grad_scale)
-        args, write_back = _canonical("element", p.grad, p, st["U"], st["W"], slots[0][:width], slots[1][:width])
-        _compiled_run("element", (*args, hyper), {**flags, "first": bool(firsts[0])})
+        step_flags = {**flags, "first": bool(firsts[0])}
+        layout, extra = "element", ()
+        if kind == "grouped":
+            layout, extra = structures[p].kind, (structures[p].ids,)
+            step_flags["groups"] = layout
+        args, write_back = _canonical(layout, p.grad, p, st[factor], st["W"], slots[0][:width], slots[1][:width])
+        _compiled_run(kind, (*args, hyper, *extra), step_flags)
         write_back()
+
+
+def compiled_element(base_cls: type, group: dict, params, state, grad_scale, found_inf) -> None:
+    """The compiled CPU step of an element-sparse param group."""
+    _compiled_step("element", base_cls, group, params, state, grad_scale, found_inf)
 
 
 def compiled_grouped(base_cls: type, group: dict, sets, structures: dict, state, grad_scale, found_inf) -> None:
-    """The compiled CPU step of a group-sparse param group whose parameters each have their own ``u``, one call per
-    tensor (canonical views: rows ``(groups, -1)``, columns ``(d0, groups, -1)``, ids flat)."""
-    if found_inf is not None and float(found_inf) != 0:
-        return
-    rule = _Rule(base_cls, group, torch.device("cpu"))
-    flags = _compiled_flags(rule, group, grad_scale)
-    for (p,) in sets:
-        if p.grad is None:
-            continue
-        st = state[p]
-        leaf_states = [st["base"]["u"], st["base"]["W"]]
-        slots, firsts = rule.states(leaf_states, [st["u"], st["W"]])
-        width = 3 if rule.adam else 1
-        hyper = _hyper(rule, group, leaf_states, grad_scale)
-        structure = structures[p]
-        args, write_back = _canonical(structure.kind, p.grad, p, st["u"], st["W"], slots[0][:width], slots[1][:width])
-        _compiled_run("grouped", (*args, hyper, structure.ids), {**flags, "groups": structure.kind, "first": bool(firsts[0])})
-        write_back()
+    """The compiled CPU step of a group-sparse param group whose parameters each have their own ``u``."""
+    _compiled_step("grouped", base_cls, group, [p for (p,) in sets], state, grad_scale, found_inf, structures)
 
 
 _ELEMENT = {"triton": triton_element, "compiled": compiled_element}

@@ -157,9 +157,7 @@ class DeepGrouped(_Deep, Grouped):
             u, Ws, structures = self._locals(members)
             grads, live = self._grads(members)
             if not live:
-                st0["u"].grad = None
-                for p in members:
-                    self.state[p]["W"].grad = None
+                self._drop_grads(members)
                 continue
             du, dWs = ref.deep_group_factor_grads(self._filled(grads, Ws), u, Ws, structures, self.kappa)
             st0["u"].grad = du

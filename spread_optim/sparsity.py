@@ -346,6 +346,12 @@ class Grouped(Kind):
                     self.state[p]["u"] = vector_like(u, p, rows=rows and not self.spans[k])
                     self.state[p]["base"]["u"] = {}
 
+    def _drop_grads(self, members) -> None:
+        """No factor gradients for a set none of whose parameters has a gradient (the base leaves them alone)."""
+        self.state[members[0]]["u"].grad = None
+        for p in members:
+            self.state[p]["W"].grad = None
+
     def _grads(self, members):
         """The loss gradients of a set, and whether any exists; a member without one counts as zero."""
         grads = [self.loss_grad(p) for p in members]
@@ -431,9 +437,7 @@ class Grouped(Kind):
             u, Ws, structures = self._locals(members)
             grads, live = self._grads(members)
             if not live:
-                st0["u"].grad = None
-                for p in members:
-                    self.state[p]["W"].grad = None
+                self._drop_grads(members)
                 continue
             if skip_W and self.spans[k]:
                 st0["u"].grad = like(gW[k] + 2 * self.kappa * u, st0["u"])
