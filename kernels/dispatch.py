@@ -72,6 +72,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called right here (the caller's frame is level 1) that names the
+    user's line: the first frame outside this package (``spread_optim``, its ``kernels``) and torch."""
+    import os
+    import sys
+
+    import spread_optim
+
+    inside = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, spread_optim.__file__, torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
@@ -149,7 +164,7 @@ def choose(
         if "error" in kernels() and not _warned:  # (the other reasons are the user's choice: no warning)
             _warned = True
             warnings.warn(f"spread_optim: the fused kernels are off, {reason}; the reference path runs instead",
-                          RuntimeWarning, stacklevel=5)
+                          RuntimeWarning, stacklevel=user_stacklevel())
     if (rule is not None and fused is None and on_cpu and not compiling()
             and sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL and why_not_compiled(params, shared, sharded) is None):
         return Choice("compiled")
@@ -181,5 +196,5 @@ def _deep_choice(params, tensors, options: dict, *, base_cls: type, one_dtype: b
     if at_depth_2.path != "spec" and not _warned_depth:
         _warned_depth = True
         warnings.warn(f"spread_optim: {reason}; the PyTorch reference path runs instead (this note is shown once)",
-                      RuntimeWarning, stacklevel=6)
+                      RuntimeWarning, stacklevel=user_stacklevel())
     return Choice("spec", at_depth_2.base_fused, reason)

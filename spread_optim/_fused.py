@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from spread_optim.kernels import compiled
+from spread_optim.kernels import compiled, dispatch
 from spread_optim.kernels import reference as ref
 from spread_optim.kernels.dispatch import FUSED_RULES, kernels
 
@@ -242,7 +242,8 @@ def _compiled_run(kind: str, args: tuple, flags: dict) -> None:
         if not _warned_recompile:
             _warned_recompile = True
             warnings.warn("spread_optim: torch.compile reached its recompilation limit for the compiled CPU step; "
-                          "the remaining layouts run the same step eagerly", RuntimeWarning, stacklevel=6)
+                          "the remaining layouts run the same step eagerly", RuntimeWarning,
+                          stacklevel=dispatch.user_stacklevel())
         changed = int(step(*args, **flags))
     if changed:
         step(*args, **flags, adopt=True)

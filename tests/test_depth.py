@@ -485,6 +485,7 @@ def test_depth_3_falls_back_with_one_note(monkeypatch):
             assert opt._paths == ["spec"]
     notes = [w for w in caught if issubclass(w.category, RuntimeWarning) and "'depth'=3" in str(w.message)]
     assert len(notes) == 1
+    assert notes[0].filename == __file__  # the user's line (the step call), not one inside the package or torch
     p = torch.ones(8, requires_grad=True)
     opt = SpreadSGD([p], lr=0.1, kappa=0.1, depth=3, fused=True)
     p.sum().backward()
