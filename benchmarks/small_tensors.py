@@ -6,6 +6,7 @@ factors), timed in turns against the same optimizer with packing off (``cpu.PACK
 fixed random gradients, one thread, median of 55 steps after 5.
 
     python benchmarks/small_tensors.py
+    python benchmarks/small_tensors.py --rounds 8   # smoke run (CI)
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ def with_grads(shapes):
     return params
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=60, help="timed rounds (the first 5 are warm-up)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     cases = {"MLP 40-64-4": [(64, 40), (64,), (4, 64), (4,)], "62 x 64": [(64,)] * 62,
@@ -46,7 +52,7 @@ def main() -> None:
                 "packed": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4), default),
                 "torch": (torch.optim.Adam(with_grads(shapes), lr=1e-3, fused=True), default)}
         times = {k: [] for k in runs}
-        for round_ in range(60):
+        for round_ in range(args.rounds):
             for k, (opt, pack_max) in runs.items():
                 cpu.PACK_MAX = pack_max
                 t0 = time.perf_counter()
