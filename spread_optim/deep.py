@@ -51,6 +51,8 @@ class _Deep:
 class DeepElement(_Deep, Element):
     """Element sparsity at depth k: ``theta = (prod_j U_j) * W``, penalty ``k*kappa*||theta||_{2/k}^{2/k}``."""
 
+    dead_rule = staticmethod(ref.deep_element_dead)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._deep_init()
@@ -69,7 +71,7 @@ class DeepElement(_Deep, Element):
             new_U, new_W = ref.deep_element_adopt(U, W, p.detach(), self.depth, self.group["init"])
             U.copy_(new_U)
             W.copy_(new_W)
-            self._dead.append(ref.deep_element_dead(U, W))
+            self._dead.append(self.dead_rule(U, W))
         return []
 
     def set_factor_grads(self, reduced=(), skip_W: bool = False) -> None:
@@ -99,12 +101,6 @@ class DeepElement(_Deep, Element):
         for p in self.params:
             p.detach().copy_(ref.element_product(*self._factors(p)))
 
-    def revived(self) -> bool:
-        for p, dead in zip(self.params, self._dead):
-            if bool((dead & ~ref.deep_element_dead(*self._factors(p))).any()):
-                return True
-        return False
-
     def kkt(self) -> float:
         worst = 0.0
         for p in self.params:
@@ -117,6 +113,8 @@ class DeepElement(_Deep, Element):
 
 class DeepGrouped(_Deep, Grouped):
     """Group sparsity at depth k: ``theta_g = (prod_j u_{j,g}) * W_g``, penalty ``k*kappa*sum_g ||theta_g||^{2/k}``."""
+
+    dead_rule = staticmethod(ref.deep_group_dead)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -148,7 +146,7 @@ class DeepGrouped(_Deep, Grouped):
                 u.copy_(new_u)
                 for W, new_W in zip(Ws, new_Ws):
                     W.copy_(new_W)
-            self._dead.append(ref.deep_group_dead(u, ref.group_dots(Ws, Ws, structures)))
+            self._dead.append(self.dead_rule(u, ref.group_dots(Ws, Ws, structures)))
         return []
 
     def set_factor_grads(self, reduced=(), skip_W: bool = False) -> None:
@@ -182,14 +180,6 @@ class DeepGrouped(_Deep, Grouped):
         P = ref.deep_scale(u)
         for p, W, s in zip(members, Ws, structures):
             p.detach().copy_(s.expand(P) * W)
-
-    def revived(self) -> bool:
-        for k, members in enumerate(self.sets):
-            u, Ws, structures = self._locals(members)
-            after = ref.deep_group_dead(u, ref.group_dots(Ws, Ws, structures))
-            if bool((self._dead[k] & ~after).any()):
-                return True
-        return False
 
     def kkt(self) -> float:
         worst = 0.0

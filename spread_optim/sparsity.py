@@ -137,6 +137,8 @@ class Element(Kind):
     """Element sparsity: ``theta = U*W`` entry by entry, penalty ``2*kappa*||theta||_1``."""
 
     factor_keys = ("U", "W")
+    #: which entries are dead (on the zero saddle): the spec's rule of this kind
+    dead_rule = staticmethod(ref.element_dead)
 
     def ensure_factors(self) -> None:
         for p in self.params:
@@ -273,8 +275,7 @@ class Element(Kind):
     def revived(self) -> bool:
         """Whether the zero pass revived an entry that was dead at :meth:`begin`."""
         for p, dead in zip(self.params, self._dead):
-            U, W = self._factors(p)
-            if bool((dead.bool() & ~ref.element_dead(U, W)).any()):
+            if bool((dead.bool() & ~self.dead_rule(*self._factors(p))).any()):
                 return True
         return False
 
@@ -299,6 +300,7 @@ class Grouped(Kind):
     ``u`` lives in the state of the set's first parameter."""
 
     factor_keys = ("u", "W")
+    dead_rule = staticmethod(ref.group_dead)
     one_dtype = True
 
     def __init__(self, group: dict, index: int, state, path: str = "spec", comm=LOCAL, scratch=None, structures=None):
@@ -376,7 +378,7 @@ class Grouped(Kind):
                 continue
             if bool(changed.any()):
                 self._adopt(k, changed)
-            self._dead.append(ref.group_dead(u, ref.group_dots(Ws, Ws, structures)))
+            self._dead.append(self.dead_rule(u, ref.group_dots(Ws, Ws, structures)))
         return parts
 
     def _adopt(self, k: int, changed: torch.Tensor) -> None:
@@ -399,7 +401,7 @@ class Grouped(Kind):
             if bool(changed.any()):
                 self._adopt(k, changed)
                 adopted = True
-            self._dead[k] = ref.group_dead(local(self.state[self.sets[k][0]]["u"]), w_sq)
+            self._dead[k] = self.dead_rule(local(self.state[self.sets[k][0]]["u"]), w_sq)
         self._pending = []
         return adopted
 
@@ -486,7 +488,7 @@ class Grouped(Kind):
     def revived(self) -> bool:
         for k, members in enumerate(self.sets):
             u, Ws, structures = self._locals(members)
-            after = ref.group_dead(u, ref.group_dots(Ws, Ws, structures))
+            after = self.dead_rule(u, ref.group_dots(Ws, Ws, structures))
             if bool((self._dead[k] & ~after).any()):
                 return True
         return False
