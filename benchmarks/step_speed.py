@@ -6,8 +6,9 @@ Workloads: one tensor of 1M, 16M or 128M parameters; the 62 parameter tensors of
 element (every entry its own factor pair) and row (one ``u`` per output row). Every tensor is in one sparse group
 (spread) or one group (torch). Gradients are fixed random tensors set once; the timed call is ``optimizer.step()``.
 
-Spread's rows: ``default`` is ``fused=None`` (on a CPU: the compiled step, ``kernels/compiled.py``, for a group of at
-least 2^20 elements, else the split path); ``split`` is ``fused=False`` (the base's own step on the factors, then the
+Spread's rows: ``default`` is ``fused=None`` (on a CPU: the compiled step; for these float32 element and row groups
+its native C loops, ``kernels/native.py``); ``inductor`` is the compiled step with the native loops off (inductor's
+code, ``kernels/compiled.py``); ``split`` is ``fused=False`` (the base's own step on the factors, then the
 exact-zero pass of ``kernels/cpu.py``); ``kernels`` is ``fused=True`` on a GPU. All methods of a workload are built
 first and then timed in turns (one step each per round), so that the machine's drift hits them alike; the first
 step (which compiles, where something does) is reported apart.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -114,15 +116,31 @@ def make_params(shapes, device, seed=0):
     return params
 
 
+class Inductor:
+    """A spread optimizer whose compiled CPU step runs inductor's code (``SPREAD_OPTIM_NATIVE=0`` during its step):
+    the engine the native loops replaced, timed beside them."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self):
+        os.environ["SPREAD_OPTIM_NATIVE"] = "0"
+        try:
+            self.optimizer.step()
+        finally:
+            del os.environ["SPREAD_OPTIM_NATIVE"]
+
+
 def methods(device: torch.device):
     """(name, bytes key, factory(params) -> optimizer)."""
     out = [("torch Adam fused", "torch", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
            ("torch Adam foreach", "torch", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True))]
-    paths = [("default", None), ("split", False)] if device.type == "cpu" else [("split", False), ("kernels", True)]
+    paths = [("default", None), ("inductor", True), ("split", False)] if device.type == "cpu" else [("split", False), ("kernels", True)]
     for sparsity in ("element", "row"):
         for label, fused in paths:
+            wrap = Inductor if label == "inductor" else (lambda opt: opt)
             out.append((f"spread {label} ({sparsity})", sparsity,
-                        lambda ps, sp=sparsity, f=fused: SpreadAdam(ps, lr=1e-3, kappa=1e-4, sparsity=sp, fused=f)))
+                        lambda ps, sp=sparsity, f=fused, w=wrap: w(SpreadAdam(ps, lr=1e-3, kappa=1e-4, sparsity=sp, fused=f))))
     return out
 
 

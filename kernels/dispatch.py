@@ -4,7 +4,8 @@
 
 * ``"triton"``: the fused kernels (:mod:`.element`, :mod:`.group`), one pass over memory for the factor
   gradients, the base rule (SGD, Adam, AdamW), the exact-zero pass and theta;
-* ``"compiled"``: the same fused step on CPU tensors, the spec compiled by ``torch.compile`` (:mod:`.compiled`);
+* ``"compiled"``: the same fused step on CPU tensors, one tensor at a time: the native C loop (:mod:`.native`)
+  where :func:`cpu_engine` takes it, else the spec compiled by ``torch.compile`` (:mod:`.compiled`);
 * ``"cpu"``: the spec's CPU fast path (:mod:`.cpu`) around the torch base, for CPU tensors in eager mode;
 * ``"spec"``: the spec itself (:mod:`.reference`) around the torch base: on other devices, on sharded
   (DTensor) parameters, and under ``torch.compile``, which fuses the spec's plain operations itself.
@@ -15,8 +16,10 @@ asked for torch's one-pass fused CPU kernel (``fused=None`` and ``foreach=None``
 The base's own keyword ``fused`` chooses for SGD, Adam and AdamW:
 
 * ``None`` (default): the kernels for CUDA tensors (when Triton is not installed, a one-time warning says so and the
-  split path runs); on CPU the compiled step for a group of at least :data:`COMPILE_MIN_NUMEL` elements (its first
-  step compiles it: seconds, once per process and option set; inductor caches it on disk), the split path otherwise;
+  split path runs); on CPU the compiled step for an element- or row-sparse group of float32/float64 parameters
+  under SGD, Adam or AdamW (its native loops, :func:`native_takes`: built once per machine, seconds), and for any other
+  group of at least :data:`COMPILE_MIN_NUMEL` elements (its first step compiles it: seconds, once per process and
+  option set; inductor caches it on disk); the split path otherwise;
 * ``False``: the split path;
 * ``True``: the fused path, or an error that says why it cannot run: the kernels on CUDA, the compiled step on
   CPU (the Triton kernels in their interpreter when ``TRITON_INTERPRET=1``, which is how the tests run them).
@@ -135,13 +138,41 @@ def why_not_compiled(params: Sequence[torch.Tensor], shared: bool, sharded: bool
     return compiled.unavailable()
 
 
+#: the layouts the native CPU loops step (:mod:`.native`): element sparsity, and one group factor per row
+NATIVE_LAYOUTS = ("element", "row")
+
+
+def native_takes(params: Sequence[torch.Tensor], base_cls: type, layout: str | None) -> bool:
+    """Whether the native CPU loops (:mod:`.native`) step every parameter of a sparse group: an element-sparse or
+    row-sparse group (``layout``; each parameter with its own ``u``), float32 or float64 CPU tensors, torch's SGD,
+    Adam or AdamW, and a C compiler to build them."""
+    from spread_optim.kernels import native
+
+    return (layout in NATIVE_LAYOUTS and base_cls in FUSED_RULES and bool(params)
+            and all(p.device.type == "cpu" and p.dtype in native.DTYPES for p in params) and native.unavailable() is None)
+
+
+def cpu_engine(layout: str, g: torch.Tensor, p: torch.Tensor, factor: torch.Tensor, flags: dict) -> str:
+    """Which engine runs the compiled CPU step of one tensor (canonical, contiguous views; ``layout``: ``"element"``
+    or the grouped layout, ``"row"``, ``"column"``, ``"ids"``): ``"native"`` (:mod:`.native`: element or row
+    sparsity, ``g``, ``p`` and the factors of one float32/float64 dtype, SGD or Adam) or ``"inductor"``
+    (:mod:`.compiled`, everything else)."""
+    from spread_optim.kernels import native
+
+    if (layout in NATIVE_LAYOUTS and p.dtype in native.DTYPES and g.dtype == p.dtype == factor.dtype
+            and flags["rule"] in ("sgd", "adam") and native.unavailable() is None):
+        return "native"
+    return "inductor"
+
+
 def choose(
     params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], options: dict, *, base_cls: type,
-    one_dtype: bool, shared: bool, sharded: bool, where: str,
+    one_dtype: bool, shared: bool, sharded: bool, where: str, layout: str | None = None,
 ) -> Choice:
     """The implementation of one sparse param group (module docstring). ``params``: its parameters;
     ``tensors``: those and their factors; ``options``: the param group; ``one_dtype``: its kind's kernels need
-    one parameter dtype; ``shared``: its parameters share factors. Raises for ``fused=True`` when no fused path
+    one parameter dtype; ``shared``: its parameters share factors; ``layout``: ``"element"``, ``"row"`` (every parameter row-sparse
+    with its own ``u``) or None. Raises for ``fused=True`` when no fused path
     can run."""
     global _warned
     if options.get("depth", 2) != 2:  # depth-k factors: the PyTorch path only (see _deep_choice)
@@ -151,7 +182,7 @@ def choose(
     fused = options.get("fused")
     on_cpu = bool(params) and all(p.device.type == "cpu" for p in params)
     if rule is not None and fused is True and on_cpu and not interpreting():
-        reason = why_not_compiled(params, shared, sharded)
+        reason = None if not sharded and native_takes(params, base_cls, layout) else why_not_compiled(params, shared, sharded)
         if reason is not None:
             raise RuntimeError(f"{where}: fused=True, but {reason}; use fused=None or False for the PyTorch path")
         return Choice("compiled")
@@ -165,8 +196,9 @@ def choose(
             _warned = True
             warnings.warn(f"spread_optim: the fused kernels are off, {reason}; the reference path runs instead",
                           RuntimeWarning, stacklevel=user_stacklevel())
-    if (rule is not None and fused is None and on_cpu and not compiling()
-            and sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL and why_not_compiled(params, shared, sharded) is None):
+    if (rule is not None and fused is None and on_cpu and not compiling() and not sharded
+            and (native_takes(params, base_cls, layout)
+                 or sum(p.numel() for p in params) >= COMPILE_MIN_NUMEL and why_not_compiled(params, shared, sharded) is None)):
         return Choice("compiled")
     path = "cpu" if on_cpu and not sharded and not compiling() else "spec"
     base_fused = (rule is not None and fused is None and options.get("foreach") is None and not sharded

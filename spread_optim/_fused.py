@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from spread_optim.kernels import compiled, dispatch
+from spread_optim.kernels import compiled, dispatch, native
 from spread_optim.kernels import reference as ref
 from spread_optim.kernels.dispatch import FUSED_RULES, kernels
 
@@ -212,7 +212,7 @@ def _compiled_flags(rule: _Rule, group: dict, grad_scale) -> dict:
                 scaled=grad_scale is not None, scheme=group["init"])
 
 
-def _hyper(rule: _Rule, group: dict, states: list[dict], grad_scale) -> torch.Tensor:
+def _hyper(rule: _Rule, group: dict, states: list[dict], grad_scale) -> list[float]:
     """The float64 numbers of one tensor's step (:data:`spread_optim.kernels.compiled.HYPER`); advances Adam's
     step counters."""
     lr = float(group["lr"])
@@ -226,27 +226,35 @@ def _hyper(rule: _Rule, group: dict, states: list[dict], grad_scale) -> torch.Te
         betas_eps = [0.0, 0.0, 0.0]
         momentum = [float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))]
     scale = float(grad_scale) if grad_scale is not None else 1.0
-    values = [group["kappa"], lr, group["zero_threshold"], *sizes[0], *sizes[1], *betas_eps, *momentum, scale]
-    return torch.tensor(values, dtype=torch.float64)
+    return [float(group["kappa"]), lr, float(group["zero_threshold"]), *sizes[0], *sizes[1], *betas_eps, *momentum, scale]
 
 
-def _compiled_run(kind: str, args: tuple, flags: dict) -> None:
-    """The compiled step; then, only where weights were written outside the optimizer, the same step eagerly
-    with adoption (see :mod:`spread_optim.kernels.compiled`). Should torch.compile refuse to compile another graph
-    (its recompilation limit, when a group holds more layouts than expected), the same function runs eagerly."""
+def _compiled_run(kind: str, args: tuple, values: list[float], extra: tuple, flags: dict) -> None:
+    """The one-pass CPU step of one tensor: the native loop (:mod:`spread_optim.kernels.native`) where
+    :func:`dispatch.cpu_engine` chooses it, else the compiled step; then, only where weights were written outside
+    the optimizer, the same step eagerly with adoption (see :mod:`spread_optim.kernels.compiled`). Should
+    torch.compile refuse to compile another graph (its recompilation limit, when a group holds more layouts than
+    expected), the same function runs eagerly."""
     global _warned_recompile
     step = compiled.element_step if kind == "element" else compiled.grouped_step
+    layout = flags.get("groups", "element")
+    if dispatch.cpu_engine(layout, args[0], args[1], args[2], flags) == "native":
+        changed = (native.element_step if kind == "element" else native.rows_step)(*args, values, **flags)
+        if changed:
+            step(*args, torch.tensor(values, dtype=torch.float64), *extra, **flags, adopt=True)
+        return
+    hyper = torch.tensor(values, dtype=torch.float64)
     try:
-        changed = int(compiled.compiled(kind, **flags)(*args))
+        changed = int(compiled.compiled(kind, **flags)(*args, hyper, *extra))
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         if not _warned_recompile:
             _warned_recompile = True
             warnings.warn("spread_optim: torch.compile reached its recompilation limit for the compiled CPU step; "
                           "the remaining layouts run the same step eagerly", RuntimeWarning,
                           stacklevel=dispatch.user_stacklevel())
-        changed = int(step(*args, **flags))
+        changed = int(step(*args, hyper, *extra, **flags))
     if changed:
-        step(*args, **flags, adopt=True)
+        step(*args, hyper, *extra, **flags, adopt=True)
 
 
 def _canonical(kind: str, g, p, factor, W, state_factor, state_W) -> tuple[tuple, Callable[[], None]]:
@@ -293,14 +301,18 @@ def _compiled_step(kind: str, base_cls: type, group: dict, params, state, grad_s
         st = state[p]
         leaf_states = [st["base"][factor], st["base"]["W"]]
         slots, firsts = rule.states(leaf_states, [st[factor], st["W"]])
-        hyper = _hyper(rule, group, leaf_states, grad_scale)
+        values = _hyper(rule, group, leaf_states, grad_scale)
+        if p.numel() == 0:
+            continue  # (the step counts advance, as torch's own step on an empty tensor)
         step_flags = {**flags, "first": bool(firsts[0])}
         layout, extra = "element", ()
         if kind == "grouped":
             layout, extra = structures[p].kind, (structures[p].ids,)
             step_flags["groups"] = layout
-        args, write_back = _canonical(layout, p.grad, p, st[factor], st["W"], slots[0][:width], slots[1][:width])
-        _compiled_run(kind, (*args, hyper, *extra), step_flags)
+        # (a gradient swapped to another dtype under autograd's check is rounded to the factors', as the spec does)
+        g = p.grad if p.grad.dtype == p.dtype else p.grad.to(st["W"].dtype)
+        args, write_back = _canonical(layout, g, p.detach(), st[factor], st["W"], slots[0][:width], slots[1][:width])
+        _compiled_run(kind, args, values, extra, step_flags)
         write_back()
 
 

@@ -33,7 +33,7 @@ from spread_optim.distributed import LOCAL, check_not_zero_shared, communicator,
 from spread_optim.kernels import dispatch
 from spread_optim.kernels import reference as ref
 from spread_optim.options import DEFAULTS, OPTIONS, check_base_numbers, check_group, check_share_groups, is_sparse, warn_near_misses
-from spread_optim.sparsity import Kind, make_kind
+from spread_optim.sparsity import Element, Grouped, Kind, make_kind
 from spread_optim.structure import describe, validate_sparsity
 
 _BASE_BY_NAME = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -258,7 +258,7 @@ class SpreadOptimizer(Optimizer):
         self._created += fresh
         tensors = [*kind.params, *(leaf for _, _, leaf in kind.factor_leaves())]
         choice = dispatch.choose(kind.params, tensors, group, base_cls=self._base_cls, one_dtype=kind.one_dtype,
-                                 shared=kind.shared, sharded=sharded, where=f"param group {index}")
+                                 shared=kind.shared, sharded=sharded, where=f"param group {index}", layout=_layout(kind))
         kind.path, kind.fast = choice.path, choice.path == "cpu"
         return choice, kind
 
@@ -558,6 +558,16 @@ class SpreadOptimizer(Optimizer):
 def _on_device_check(kind: Kind) -> bool:
     """Capturable groups on the kernels check their gradients on the device (no host synchronisation)."""
     return kind.path == "triton" and bool(kind.group.get("capturable"))
+
+
+def _layout(kind: Kind) -> str | None:
+    """The layout the dispatch may hand to the native CPU loops: ``"element"``, ``"row"`` (a group-sparse kind whose
+    parameters each have their own ``u``, one per row), else None."""
+    if isinstance(kind, Element):
+        return "element"
+    if isinstance(kind, Grouped) and not kind.shared and all(s.kind == "row" for s in kind.structures.values()):
+        return "row"
+    return None
 
 
 def _sparse_now(group) -> bool:

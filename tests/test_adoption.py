@@ -116,7 +116,7 @@ def test_stateless_base_continues_as_a_new_optimizer_on_the_written_weights(monk
     a, b, opt, gen = _setup("element", "cpu", monkeypatch, base="sgd", lr=0.05)
     WRITES["nn.init"](a, gen)  # every entry changes: every factor is rebuilt
     fresh_a, fresh_b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    fresh = SpreadOptimizer([{"params": [fresh_a, fresh_b], "sparsity": "element"}], "sgd", lr=0.05, kappa=0.02)
+    fresh = SpreadOptimizer([{"params": [fresh_a, fresh_b], "sparsity": "element"}], "sgd", lr=0.05, kappa=0.02, fused=False)
     fresh.step()  # (no gradients: creates the factors from the weights, moves nothing)
     for name in ("U", "W"):
         fresh.state[fresh_b][name].copy_(opt.state[b][name])  # b was not written: its factors are kept

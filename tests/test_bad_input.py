@@ -830,7 +830,7 @@ def _():
                     if p.grad is not None:
                         p.add_(p.grad, alpha=-g["lr"])
 
-    action, check = trajectory_equal(lambda ps: SpreadOptimizer(ps, PlainSGD, lr=0.1, kappa=0.1), lambda ps: SpreadSGD(ps, lr=0.1, kappa=0.1, foreach=False), [(3, 2)])
+    action, check = trajectory_equal(lambda ps: SpreadOptimizer(ps, PlainSGD, lr=0.1, kappa=0.1), lambda ps: SpreadSGD(ps, lr=0.1, kappa=0.1, foreach=False, fused=False), [(3, 2)])
     return accept(action, check)
 
 

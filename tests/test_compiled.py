@@ -168,7 +168,10 @@ def test_dispatch_to_the_compiled_step(monkeypatch):
     opt = SpreadOptimizer([big], "adam", kappa=0.01)
     big.grad = torch.randn(64, 32)
     opt.step()
-    assert opt._paths == ["cpu"]  # fused=None, a small group: the split path
+    assert opt._paths == ["compiled"]  # fused=None, element sparsity of float32: the native loop, at any size
+    monkeypatch.setenv("SPREAD_OPTIM_NATIVE", "0")
+    opt.step()
+    assert opt._paths == ["cpu"]  # fused=None, no native loop, a small group: the split path
     monkeypatch.setattr(dispatch, "COMPILE_MIN_NUMEL", 1000)
     opt.step()
     assert opt._paths == ["compiled"]  # fused=None, a group of at least COMPILE_MIN_NUMEL elements
@@ -189,10 +192,11 @@ def test_dispatch_to_the_compiled_step(monkeypatch):
 
 @pytest.mark.parametrize("sparsity, limit", [("element", None), ("row", None), ("column", None), ("element", 1), ("row", 1)])
 def test_many_layouts_in_one_group(sparsity, limit, monkeypatch, request):
-    """A model's many shapes (1-D to 4-D, size-1 dims, a transposed parameter) in one group match the split path.
-    The compiled step takes canonical views, so a model's shapes share a few graphs; should torch.compile still
-    reach its recompilation limit (forced here with ``limit``; under fullgraph it fails hard), the remaining
-    layouts run the same step eagerly, with a warning."""
+    """A model's many shapes (1-D to 4-D, size-1 dims, a transposed parameter) in one group match the split path
+    (element and row: the native loops; column: inductor). The compiled step takes canonical views, so a model's
+    shapes share a few graphs; should torch.compile still reach its recompilation limit (forced here with
+    ``limit``, on inductor's engine; under fullgraph it fails hard), the remaining layouts run the same step
+    eagerly, with a warning."""
     import warnings
 
     torch._dynamo.reset()
@@ -203,6 +207,7 @@ def test_many_layouts_in_one_group(sparsity, limit, monkeypatch, request):
         patch.__enter__()
         request.addfinalizer(lambda: patch.__exit__(None, None, None))
         monkeypatch.setattr(_fused, "_warned_recompile", False)
+        monkeypatch.setenv("SPREAD_OPTIM_NATIVE", "0")  # (inductor's engine: the native loops do not compile)
     shapes = [(16, 3, 7, 7), (16, 16, 3, 3), (32, 16, 3, 3), (32, 16, 1, 1), (64, 32, 3, 3), (64, 32), (10, 64),
               (48, 8, 5), (5, 40), (40, 5), (33, 17), (9, 9, 2, 2), (12, 1), (1, 12)]
     if sparsity == "element":

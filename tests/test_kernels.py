@@ -286,7 +286,10 @@ def test_checkpoints_cross_paths():
 def test_dispatch_rules(monkeypatch):
     p = torch.randn(4, 3, requires_grad=True)
     p.grad = torch.randn(4, 3)
-    opt = SpreadOptimizer([p], "adam", kappa=0.1)  # fused=None on CPU tensors: the reference
+    opt = SpreadOptimizer([p], "adam", kappa=0.1)  # fused=None on CPU tensors: the native loop (tests/test_native.py)
+    opt.step()
+    assert opt._paths == ["compiled"]
+    monkeypatch.setenv("SPREAD_OPTIM_NATIVE", "0")  # without it, a small group: the reference
     opt.step()
     assert opt._paths == ["cpu"]
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # fused=True on CPU tensors: the compiled CPU step (tests/test_compiled.py)

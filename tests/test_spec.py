@@ -97,7 +97,7 @@ def test_spec_path_equals_cpu_path(sparsity, monkeypatch):
         monkeypatch.setattr(dispatch, "compiling", lambda c=compiling: c)
         gen = torch.Generator().manual_seed(3)
         w = (torch.randn(40, 30, generator=gen) * 0.1).requires_grad_()
-        opt = SpreadOptimizer([w], "adam", lr=0.05, kappa=0.01, sparsity=sparsity)
+        opt = SpreadOptimizer([w], "adam", lr=0.05, kappa=0.01, sparsity=sparsity, fused=False)
         for _ in range(15):
             w.grad = torch.randn(40, 30, generator=gen) * 0.05 + 0.3 * w.detach()
             opt.step()

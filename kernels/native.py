@@ -1,0 +1,129 @@
+r"""The CPU step in one pass over memory: ``native_step.c``, built on first use with the machine's C compiler and
+called through ``ctypes``. Two kernels, for float32 and float64 parameters under the SGD and Adam rules:
+
+* :func:`element_step`: the spec's element step of one tensor (:func:`spread_optim.kernels.compiled.element_step`,
+  composed of :mod:`.reference`), bit for bit: the factor gradients, the base rule, the exact-zero pass and theta
+  in one loop;
+* :func:`rows_step`: the spec's row-sparse step (:func:`~spread_optim.kernels.compiled.grouped_step`, rows), each
+  row swept three times while it stays in cache (its sums first, since the zero pass needs the moved row's norms);
+  equal to the spec to rounding (its sums are taken in another order).
+
+Entries (rows) whose weight no longer equals their factors' product were written outside the optimizer: both leave
+them as they are and count them, and the caller adopts them (as after the compiled step). Against the compiled step
+(inductor) they save the separate pass that counts those entries, about half of the instructions per entry (no mask
+conversions), the row kernel two of its three passes over memory, and both the per-call guards of
+``torch.compile``.
+
+The library is built once per source and compiler (``-O3 -march=native``, no fast-math and no contraction into
+fused multiply-adds, so the numbers are the spec's) into a cache folder: ``$SPREAD_OPTIM_CACHE`` or
+``~/.cache/spread_optim``; without a C compiler (or with ``SPREAD_OPTIM_NATIVE=0``) :func:`unavailable` says why,
+and the compiled step runs inductor's code instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native_step.c")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-std=c99", "-shared", "-fPIC")
+#: the parameter dtypes it steps (factors of the same dtype)
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+_RULES = {"sgd": 0, "sgd_momentum": 1, "adam": 2}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPREAD_OPTIM_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "spread_optim"
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | str:
+    """The loaded library, or why it cannot be built here (a string)."""
+    if sys.platform == "win32":
+        return "the native CPU step is built on Linux and macOS only"
+    cc = _compiler()
+    if cc is None:
+        return "no C compiler found (set CC, or install cc, gcc or clang)"
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"native_step_{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then moved: safe across processes
+                out = Path(tmp) / target.name
+                done = subprocess.run([cc, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    return f"the C compiler failed ({cc}): {done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else done.returncode}"
+                os.replace(out, target)
+        lib = ctypes.CDLL(str(target))
+    except OSError as error:
+        return f"the native CPU step could not be built or loaded ({type(error).__name__}: {error})"
+    for kernel in ("element", "rows"):
+        for suffix in DTYPES.values():
+            fn = getattr(lib, f"spread_{kernel}_{suffix}")
+            fn.restype = ctypes.c_int64
+            fn.argtypes = [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 11, *[ctypes.c_int] * 6]
+    return lib
+
+
+def unavailable() -> str | None:
+    """Why the native step cannot run here, or None when it can (``SPREAD_OPTIM_NATIVE=0`` turns it off: the
+    compiled step then runs inductor's code)."""
+    if os.environ.get("SPREAD_OPTIM_NATIVE") == "0":
+        return "turned off by SPREAD_OPTIM_NATIVE=0"
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _call(kernel: str, n: int, width: int, g, p, factor, W, state_factor, state_W, hyper: list[float], *, rule: str,
+          amsgrad: bool = False, nesterov: bool = False, momentum: bool = False, first: bool = False,
+          maximize: bool = False, scaled: bool = False) -> int:
+    code = _RULES["adam"] if rule == "adam" else _RULES["sgd_momentum"] if momentum else _RULES["sgd"]
+    sf = [*state_factor, None, None, None][:3]
+    sw = [*state_W, None, None, None][:3]
+    h = (ctypes.c_double * len(hyper))(*hyper)
+    fn = getattr(_library(), f"spread_{kernel}_{DTYPES[p.dtype]}")
+    return int(fn(n, width, _ptr(g), _ptr(p), _ptr(factor), _ptr(W), *map(_ptr, sf), *map(_ptr, sw), ctypes.addressof(h),
+                  code, int(amsgrad), int(nesterov), int(first), int(maximize), int(scaled)))
+
+
+def element_step(g, p, U, W, state_U, state_W, hyper: list[float], *, rule: str, amsgrad: bool = False,
+                 nesterov: bool = False, momentum: bool = False, first: bool = False, maximize: bool = False,
+                 scaled: bool = False, **_) -> int:
+    """:func:`spread_optim.kernels.compiled.element_step` (``adopt=False``) on contiguous tensors of one dtype
+    (``g`` of ``p``'s dtype; states as there, ``None`` for the ones the rule lacks); returns how many entries it left
+    for adoption. ``hyper``: the numbers of :data:`.compiled.HYPER`."""
+    return _call("element", p.numel(), 1, g, p, U, W, state_U, state_W, hyper, rule=rule, amsgrad=amsgrad,
+                 nesterov=nesterov, momentum=momentum, first=first, maximize=maximize, scaled=scaled)
+
+
+def rows_step(g, p, u, W, state_u, state_W, hyper: list[float], *, rule: str, amsgrad: bool = False,
+              nesterov: bool = False, momentum: bool = False, first: bool = False, maximize: bool = False,
+              scaled: bool = False, **_) -> int:
+    """:func:`spread_optim.kernels.compiled.grouped_step` with ``groups="row"`` (``adopt=False``): ``g``, ``p``,
+    ``W`` and its states contiguous ``(rows, width)``, ``u`` and its states ``(rows,)``, one dtype; returns how many
+    rows it left for adoption."""
+    return _call("rows", p.shape[0], p[0].numel() if p.shape[0] else 0, g, p, u, W, state_u, state_W, hyper, rule=rule,
+                 amsgrad=amsgrad, nesterov=nesterov, momentum=momentum, first=first, maximize=maximize, scaled=scaled)

@@ -1,0 +1,230 @@
+/* The spread step on the CPU in one pass over memory (see native.py): element sparsity, and row sparsity (one
+   group factor u per row of a (groups, width) tensor).
+
+   The same numbers as the spec's step (kernels/compiled.py: element_step, grouped_step, composed of
+   kernels/reference.py): the same IEEE operations on the same values in the same order, each rounded to the
+   factors' type (built without contraction into fused multiply-adds and without fast-math). The hyperparameters
+   come as doubles, as the spec's float64 `hyper`, and are rounded to the factors' type where the spec's
+   0-dimensional float64 tensors meet the factors (a float32 operation with the scalar cast to float32). Sums over a
+   row are taken in 16 interleaved partial sums, as vectorised code does (the spec's order differs: the row kernel
+   agrees with it to rounding, the element kernel bit for bit).
+
+   g is the loss gradient, divided by the grad scale (`scaled`) and negated (`maximize`) on the way in. An entry
+   (row) whose weight no longer equals its factors' product was written outside the optimizer: it is left exactly
+   as it is and counted, and the caller adopts it. Every other one takes the spec's step:
+     element: dU = g*W + 2k*U, dW = g*U + 2k*W;
+     rows:    du = sum_row g*W + 2k*u, dW = 2k*W + u*g;
+   the base rule (torch's SGD or Adam) moves the factors; the exact-zero pass (hold, revive, snap); theta. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stddef.h>
+
+enum { KAPPA, LR, THRESHOLD, STEP_SIZE_0, BC2_SQRT_0, STEP_SIZE_1, BC2_SQRT_1, BETA1, BETA2, EPS, MOMENTUM,
+       DAMPENING, GRAD_SCALE };
+enum { SGD = 0, SGD_MOMENTUM = 1, ADAM = 2 };  /* rules */
+#define LANES 16
+
+#define DEFINE_KERNELS(real, suffix, SQRT, FABS)                                                                   \
+typedef struct { real k2, lr, thr, scale, c1, b2, c2, eps, ss[2], bc[2], mom, cd, sign; } consts_##suffix;         \
+                                                                                                                   \
+static inline consts_##suffix consts_of_##suffix(const double *h, real sign) {                                     \
+    consts_##suffix c = {(real)(2.0 * h[KAPPA]), (real)h[LR], (real)h[THRESHOLD], (real)h[GRAD_SCALE],             \
+                         (real)(1.0 - h[BETA1]), (real)h[BETA2], (real)(1.0 - h[BETA2]), (real)h[EPS],             \
+                         {(real)h[STEP_SIZE_0], (real)h[STEP_SIZE_1]}, {(real)h[BC2_SQRT_0], (real)h[BC2_SQRT_1]},  \
+                         (real)h[MOMENTUM], (real)(1.0 - h[DAMPENING]), sign};                                      \
+    return c;                                                                                                      \
+}                                                                                                                  \
+                                                                                                                   \
+/* the loss gradient of an entry */                                                                                \
+static inline real grad_##suffix(real g, int scaled, const consts_##suffix *c) {                                   \
+    if (scaled) g = g / c->scale;                                                                                  \
+    return g * c->sign;                                                                                            \
+}                                                                                                                  \
+                                                                                                                   \
+/* the base rule on one entry of factor `which` (0: U or u, 1: W): x moved by gradient d; the state (s0, s1, s2:   \
+   Adam's exp_avg, exp_avg_sq, max_exp_avg_sq; SGD's momentum buffer) updated in place (torch's Adam and SGD) */    \
+static inline real rule_##suffix(int rule, int amsgrad, int nesterov, int first, int which, real x, real d,       \
+                                 real *s0, real *s1, real *s2, const consts_##suffix *c) {                        \
+    if (rule == ADAM) {                                                                                            \
+        const real m = *s0 + c->c1 * (d - *s0);                                                                    \
+        const real v = *s1 * c->b2 + (c->c2 * d) * d;                                                              \
+        real vv = v;                                                                                               \
+        if (amsgrad) { vv = *s2 > v ? *s2 : v; *s2 = vv; }                                                         \
+        *s0 = m; *s1 = v;                                                                                          \
+        return x - c->ss[which] * (m / (SQRT(vv) / c->bc[which] + c->eps));                                        \
+    }                                                                                                              \
+    if (rule == SGD) return x - c->lr * d;                                                                         \
+    const real b = first ? d : *s0 * c->mom + c->cd * d;                                                           \
+    *s0 = b;                                                                                                       \
+    return x - c->lr * (nesterov ? d + c->mom * b : b);                                                            \
+}                                                                                                                  \
+                                                                                                                   \
+static inline __attribute__((always_inline)) int64_t element_loop_##suffix(                                       \
+        int64_t n, int64_t width, const real *restrict grad, real *restrict p, real *restrict U, real *restrict W,\
+        real *restrict sU0, real *restrict sU1, real *restrict sU2, real *restrict sW0, real *restrict sW1,        \
+        real *restrict sW2, const consts_##suffix *restrict c, int rule, int amsgrad, int nesterov, int first,     \
+        int scaled) {                                                                                              \
+    (void)width;                                                                                                   \
+    int64_t changed = 0;                                                                                           \
+    for (int64_t i = 0; i < n; i++) {                                                                              \
+        const real g = grad_##suffix(grad[i], scaled, c);                                                          \
+        const real u = U[i], w = W[i], t = p[i], theta_old = u * w;                                                \
+        const int keep = theta_old != t;                                                                           \
+        changed += keep;                                                                                           \
+        const int dead = (u == 0) & (w == 0);                                                                      \
+        /* the states as they were (a first momentum buffer is read too: kept entries keep it) */                  \
+        const real a0 = rule != SGD ? sU0[i] : 0, b0 = rule != SGD ? sW0[i] : 0;                                   \
+        const real a1 = rule == ADAM ? sU1[i] : 0, b1 = rule == ADAM ? sW1[i] : 0;                                 \
+        const real a2 = amsgrad ? sU2[i] : 0, b2 = amsgrad ? sW2[i] : 0;                                           \
+        real na0 = a0, na1 = a1, na2 = a2, nb0 = b0, nb1 = b1, nb2 = b2;                                           \
+        const real u1 = rule_##suffix(rule, amsgrad, nesterov, first, 0, u, g * w + c->k2 * u, &na0, &na1, &na2, c);\
+        const real w1 = rule_##suffix(rule, amsgrad, nesterov, first, 1, w, g * u + c->k2 * w, &nb0, &nb1, &nb2, c);\
+        /* the exact-zero pass: hold, revive, snap */                                                              \
+        const real theta = u1 * w1, excess = FABS(g) - c->k2;                                                      \
+        const int revive = dead & (excess > 0);                                                                    \
+        const int settled = (FABS(theta) <= FABS(theta_old)) | (excess <= 0);                                     \
+        const int snap = (!dead) & (((FABS(theta) <= c->thr) & settled) | (theta * theta_old < 0));                \
+        const int zero = (dead & !revive) | snap;                                                                  \
+        const real s = SQRT(c->lr * (excess > 0 ? excess : 0));                                                    \
+        const real sg = (real)((g > 0) - (g < 0));                                                                 \
+        const real u2 = revive ? s : (zero ? 0 : u1);                                                              \
+        const real w2 = revive ? 0 - sg * s : (zero ? 0 : w1);                                                     \
+        U[i] = keep ? u : u2;                                                                                      \
+        W[i] = keep ? w : w2;                                                                                      \
+        p[i] = keep ? t : u2 * w2;                                                                                 \
+        if (rule != SGD) { sU0[i] = keep ? a0 : na0; sW0[i] = keep ? b0 : nb0; }                                   \
+        if (rule == ADAM) { sU1[i] = keep ? a1 : na1; sW1[i] = keep ? b1 : nb1; }                                  \
+        if (amsgrad) { sU2[i] = keep ? a2 : na2; sW2[i] = keep ? b2 : nb2; }                                       \
+    }                                                                                                              \
+    return changed;                                                                                                \
+}                                                                                                                  \
+                                                                                                                   \
+static inline real total_##suffix(const real *acc) {                                                               \
+    real t = 0;                                                                                                    \
+    for (int l = 0; l < LANES; l++) t += acc[l];                                                                   \
+    return t;                                                                                                      \
+}                                                                                                                  \
+                                                                                                                   \
+/* rows: n rows of `width` entries, u and its state one per row. Three sweeps of a row, which stays in cache:      \
+   (a) is any weight written outside, the saddle test (||W||^2), sum g*W; (b) the base rule on u and on W, and     \
+   the sums of the zero pass (||g||^2, ||W_moved||^2, ||theta_old||^2, <W_moved, theta_old>); (c) the zero pass    \
+   and theta. Returns the number of rows left for adoption. */                                                     \
+static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(                                          \
+        int64_t n, int64_t width, const real *restrict grad, real *restrict p, real *restrict u, real *restrict W, \
+        real *restrict su0, real *restrict su1, real *restrict su2, real *restrict sW0, real *restrict sW1,        \
+        real *restrict sW2, const consts_##suffix *restrict c, int rule, int amsgrad, int nesterov, int first,     \
+        int scaled) {                                                                                              \
+    int64_t changed = 0;                                                                                           \
+    const int64_t body = width - width % LANES;                                                                    \
+    for (int64_t r = 0; r < n; r++) {                                                                              \
+        const int64_t o = r * width;                                                                               \
+        const real *restrict g = grad + o;                                                                         \
+        real *restrict pr = p + o, *restrict Wr = W + o, *restrict m0 = sW0 + o, *restrict m1 = sW1 + o;           \
+        real *restrict m2 = sW2 + o;                                                                               \
+        const real ur = u[r];                                                                                      \
+        real wsq[LANES] = {0}, gw[LANES] = {0};                                                                    \
+        int diff[LANES] = {0};                                                                                     \
+        for (int64_t j0 = 0; j0 < width; j0 += LANES) {                                                            \
+            if (j0 < body) {                                                                                       \
+                for (int l = 0; l < LANES; l++) {                                                                  \
+                    const int64_t j = j0 + l;                                                                      \
+                    const real w = Wr[j];                                                                          \
+                    diff[l] |= ur * w != pr[j];                                                                    \
+                    wsq[l] += w * w;                                                                               \
+                    gw[l] += grad_##suffix(g[j], scaled, c) * w;                                                   \
+                }                                                                                                  \
+            } else {                                                                                               \
+                for (int64_t j = j0; j < width; j++) {                                                             \
+                    const real w = Wr[j];                                                                          \
+                    diff[0] |= ur * w != pr[j];                                                                    \
+                    wsq[j - j0] += w * w;                                                                          \
+                    gw[j - j0] += grad_##suffix(g[j], scaled, c) * w;                                              \
+                }                                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
+        int any = 0;                                                                                               \
+        for (int l = 0; l < LANES; l++) any |= diff[l];                                                            \
+        if (any) { changed++; continue; }                                                                          \
+        const int dead = (ur == 0) & (total_##suffix(wsq) == 0);                                                   \
+        real ua0 = rule != SGD ? su0[r] : 0, ua1 = rule == ADAM ? su1[r] : 0, ua2 = amsgrad ? su2[r] : 0;          \
+        const real u1 = rule_##suffix(rule, amsgrad, nesterov, first, 0, ur, total_##suffix(gw) + c->k2 * ur,     \
+                                      &ua0, &ua1, &ua2, c);                                                        \
+        if (rule != SGD) su0[r] = ua0;                                                                             \
+        if (rule == ADAM) su1[r] = ua1;                                                                            \
+        if (amsgrad) su2[r] = ua2;                                                                                 \
+        real gsq[LANES] = {0}, w1sq[LANES] = {0}, osq[LANES] = {0}, wold[LANES] = {0};                             \
+        for (int64_t j0 = 0; j0 < width; j0 += LANES) {                                                            \
+            const int64_t end = j0 + LANES < width ? j0 + LANES : width;                                           \
+            for (int64_t j = j0; j < end; j++) {                                                                   \
+                const int l = (int)(j - j0);                                                                       \
+                const real gj = grad_##suffix(g[j], scaled, c), w = Wr[j], t_old = ur * w;                        \
+                real a0 = rule != SGD ? m0[j] : 0, a1 = rule == ADAM ? m1[j] : 0, a2 = amsgrad ? m2[j] : 0;        \
+                const real w1 = rule_##suffix(rule, amsgrad, nesterov, first, 1, w, c->k2 * w + ur * gj,           \
+                                              &a0, &a1, &a2, c);                                                   \
+                if (rule != SGD) m0[j] = a0;                                                                       \
+                if (rule == ADAM) m1[j] = a1;                                                                      \
+                if (amsgrad) m2[j] = a2;                                                                           \
+                Wr[j] = w1;                                                                                        \
+                gsq[l] += gj * gj; w1sq[l] += w1 * w1; osq[l] += t_old * t_old; wold[l] += w1 * t_old;             \
+            }                                                                                                      \
+        }                                                                                                          \
+        /* the exact-zero pass of the row */                                                                       \
+        const real gnorm = SQRT(total_##suffix(gsq)), excess = gnorm - c->k2;                                      \
+        const int revive = dead & (excess > 0);                                                                    \
+        const real theta_norm = FABS(u1) * SQRT(total_##suffix(w1sq));                                             \
+        const int settled = (theta_norm <= SQRT(total_##suffix(osq))) | (excess <= 0);                             \
+        const int snap = (!dead) & (((theta_norm <= c->thr) & settled) | (u1 * total_##suffix(wold) < 0));         \
+        const int zero = (dead & !revive) | snap;                                                                  \
+        const real s = SQRT(c->lr * (excess > 0 ? excess : 0));                                                    \
+        const real direction = revive ? -s / gnorm : 0;                                                            \
+        const int keep = !zero & !revive;                                                                          \
+        const real u2 = revive ? s : (keep ? u1 : 0);                                                              \
+        for (int64_t j = 0; j < width; j++) {                                                                      \
+            const real w2 = (keep ? Wr[j] : 0) + grad_##suffix(g[j], scaled, c) * direction;                      \
+            Wr[j] = w2;                                                                                            \
+            pr[j] = u2 * w2;                                                                                       \
+        }                                                                                                          \
+        u[r] = u2;                                                                                                 \
+    }                                                                                                              \
+    return changed;                                                                                                \
+}
+
+DEFINE_KERNELS(float, f32, sqrtf, fabsf)
+DEFINE_KERNELS(double, f64, sqrt, fabs)
+
+/* One function per kernel and combination of flags, each loop specialised and vectorised by the compiler;
+   `maximize` is a factor of -1 (an exact negation); `first`: the momentum buffer is created in this step. */
+#define ARGS(real) int64_t n, int64_t width, const real *restrict g, real *restrict p, real *restrict U,            \
+    real *restrict W, real *restrict sU0, real *restrict sU1, real *restrict sU2, real *restrict sW0,               \
+    real *restrict sW1, real *restrict sW2
+#define PASS n, width, g, p, U, W, sU0, sU1, sU2, sW0, sW1, sW2
+#define LOOP(kernel, suffix, real, name, RULE, AMSGRAD, NESTEROV, FIRST, SCALED)                                  \
+static int64_t kernel##_##name##_##suffix(ARGS(real), const consts_##suffix *c) {                                 \
+    return kernel##_loop_##suffix(PASS, c, RULE, AMSGRAD, NESTEROV, FIRST, SCALED);                                \
+}
+#define ENTRY(kernel, suffix, real)                                                                                \
+LOOP(kernel, suffix, real, adam, ADAM, 0, 0, 0, 0) LOOP(kernel, suffix, real, adam_scaled, ADAM, 0, 0, 0, 1)       \
+LOOP(kernel, suffix, real, ams, ADAM, 1, 0, 0, 0) LOOP(kernel, suffix, real, ams_scaled, ADAM, 1, 0, 0, 1)         \
+LOOP(kernel, suffix, real, sgd, SGD, 0, 0, 0, 0) LOOP(kernel, suffix, real, sgd_scaled, SGD, 0, 0, 0, 1)           \
+LOOP(kernel, suffix, real, heavy, SGD_MOMENTUM, 0, 0, 0, 0) LOOP(kernel, suffix, real, heavy_scaled, SGD_MOMENTUM, 0, 0, 0, 1) \
+LOOP(kernel, suffix, real, nest, SGD_MOMENTUM, 0, 1, 0, 0) LOOP(kernel, suffix, real, nest_scaled, SGD_MOMENTUM, 0, 1, 0, 1) \
+LOOP(kernel, suffix, real, first, SGD_MOMENTUM, 0, 0, 1, 0) LOOP(kernel, suffix, real, first_scaled, SGD_MOMENTUM, 0, 0, 1, 1) \
+LOOP(kernel, suffix, real, first_nest, SGD_MOMENTUM, 0, 1, 1, 0)                                                   \
+LOOP(kernel, suffix, real, first_nest_scaled, SGD_MOMENTUM, 0, 1, 1, 1)                                            \
+int64_t spread_##kernel##_##suffix(ARGS(real), const double *h, int rule, int amsgrad, int nesterov, int first,    \
+                                   int maximize, int scaled) {                                                     \
+    const consts_##suffix k = consts_of_##suffix(h, maximize ? -1 : 1), *c = &k;                                   \
+    if (rule == ADAM && amsgrad) return (scaled ? kernel##_ams_scaled_##suffix : kernel##_ams_##suffix)(PASS, c); \
+    if (rule == ADAM) return (scaled ? kernel##_adam_scaled_##suffix : kernel##_adam_##suffix)(PASS, c);           \
+    if (rule == SGD) return (scaled ? kernel##_sgd_scaled_##suffix : kernel##_sgd_##suffix)(PASS, c);              \
+    if (first && nesterov) return (scaled ? kernel##_first_nest_scaled_##suffix : kernel##_first_nest_##suffix)(PASS, c); \
+    if (first) return (scaled ? kernel##_first_scaled_##suffix : kernel##_first_##suffix)(PASS, c);                \
+    if (nesterov) return (scaled ? kernel##_nest_scaled_##suffix : kernel##_nest_##suffix)(PASS, c);               \
+    return (scaled ? kernel##_heavy_scaled_##suffix : kernel##_heavy_##suffix)(PASS, c);                           \
+}
+
+ENTRY(element, f32, float)
+ENTRY(element, f64, double)
+ENTRY(rows, f32, float)
+ENTRY(rows, f64, double)

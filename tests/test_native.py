@@ -1,0 +1,201 @@
+"""The native CPU loop (kernels/native.py, native_step.c) against the spec's step of one tensor.
+
+Oracles: the spec's ``compiled.element_step`` run eagerly (the definition, composed of kernels/reference.py) and
+the same function compiled by inductor. The native loop and inductor both use IEEE square roots and divisions on
+the same values in the same order: they agree bit for bit. Eager PyTorch's vectorised float32 square root may
+differ from the IEEE one by an ulp (seen on revived entries), which a cancelling Adam update can raise to a few
+1e-6 relative: against the eager spec the tensors agree to that, and the exact zeros exactly.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from spread_optim import SpreadAdam, SpreadSGD
+from spread_optim.kernels import compiled, dispatch, native
+
+pytestmark = pytest.mark.skipif(native.unavailable() is not None, reason=f"native step unavailable: {native.unavailable()}")
+
+HYPER = dict(kappa=2e-3, lr=1e-2, zero_threshold=1e-6, step_size_0=0.02, bc2_sqrt_0=0.3, step_size_1=0.03,
+             bc2_sqrt_1=0.4, beta1=0.9, beta2=0.99, eps=1e-8, momentum=0.8, dampening=0.1, grad_scale=4.0)
+
+
+def _problem(n: int, dtype: torch.dtype, rule: str, amsgrad: bool, momentum: bool, first: bool, scale: float, seed: int = 0):
+    """Tensors of one step: live, dead (U = W = 0) and sign-crossing entries, and a few weights written outside."""
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.randn(n, generator=gen, dtype=dtype)
+    W = torch.randn(n, generator=gen, dtype=dtype)
+    U[: n // 5] = 0
+    W[: n // 5] = 0  # dead entries, some revived (|g| > 2 kappa), some held
+    U[n // 5: n // 4] *= 1e-3  # small entries: snapped or crossing zero
+    g = torch.randn(n, generator=gen, dtype=dtype) * 4e-3 * scale  # (divided by the grad scale in the step)
+    p = U * W
+    p[-7:] += 1.0  # written outside the optimizer: left as they are, counted
+    p[-3:] = 0.0
+    if rule == "adam":
+        states = [[torch.randn(n, generator=gen, dtype=dtype) * 1e-2, torch.rand(n, generator=gen, dtype=dtype) * 1e-4,
+                   torch.rand(n, generator=gen, dtype=dtype) * 1e-4 if amsgrad else None] for _ in range(2)]
+    elif momentum:
+        states = [[torch.randn(n, generator=gen, dtype=dtype) * 1e-2 if not first else torch.full((n,), float("nan"), dtype=dtype)]
+                  for _ in range(2)]
+    else:
+        states = [[None], [None]]
+    return [g, p, U, W, states[0], states[1]]
+
+
+def _clone(args):
+    return [[s.clone() if s is not None else None for s in a] if isinstance(a, list) else a.clone() for a in args]
+
+
+def _tensors(args):
+    g, p, U, W, sU, sW = args
+    return [p, U, W, *[s for s in sU if s is not None], *[s for s in sW if s is not None]]
+
+
+COMBOS = [dict(rule="adam", amsgrad=a, scaled=s, maximize=m) for a, s, m in itertools.product([False, True], [False, True], [False, True])]
+COMBOS += [dict(rule="sgd", momentum=mo, nesterov=ne, first=fi, scaled=s, maximize=m)
+           for mo, ne, fi, s, m in itertools.product([False, True], [False, True], [False, True], [False, True], [False, True])
+           if mo or not (ne or fi)]
+
+
+INDUCTOR = [dict(rule="adam", amsgrad=True, scaled=True, maximize=True),
+            dict(rule="sgd", momentum=True, nesterov=True, first=True, scaled=False, maximize=False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("flags", COMBOS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_native_step_equals_the_spec(flags, dtype):
+    full = dict(rule="adam", amsgrad=False, nesterov=False, momentum=False, first=False, maximize=False, scaled=False,
+                scheme="balanced") | flags
+    args = _problem(4099, dtype, full["rule"], full["amsgrad"], full["momentum"], full["first"],
+                    HYPER["grad_scale"] if full["scaled"] else 1.0)  # (4099: a ragged tail)
+    values = list(HYPER.values())
+    mine, spec, inductor = args, _clone(args), _clone(args)
+    hyper = torch.tensor(values, dtype=torch.float64)
+    left = native.element_step(*mine, values, **full)
+    assert left == 7 == int(compiled.element_step(*spec, hyper, **full))  # the written weights, counted alike
+    if flags in INDUCTOR:  # (each combination compiles for seconds: a few of them)
+        assert int(compiled.compiled("element", **full)(*inductor, hyper)) == 7
+        for a, c in zip(_tensors(mine), _tensors(inductor)):
+            assert torch.equal(a.nan_to_num(7.0), c.nan_to_num(7.0)), "the native loop and the compiled spec differ"
+    for a, b in zip(_tensors(mine), _tensors(spec)):
+        torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-8 if dtype == torch.float32 else 1e-15,
+                                   equal_nan=True)  # (NaN: a first momentum buffer where an entry was left alone)
+        assert torch.equal(a == 0, b == 0), "exact zeros differ from the spec's"
+    assert torch.equal(mine[1][-7:], args[1][-7:]) and torch.equal(mine[1][-7:], spec[1][-7:])  # written weights kept
+    revived = (args[2][: 4099 // 5] != 0).sum()  # (mine[2] is args[2], moved in place)
+    assert 0 < revived < 4099 // 5, "the problem revives some dead entries and holds others"
+
+
+def test_nonfinite_entries_propagate_as_in_the_spec():
+    """A NaN in a state (a corrupted checkpoint) flows through the step the same way as through the spec's."""
+    args = _problem(64, torch.float32, "adam", False, False, False, 1.0)
+    args[4][1][3] = float("nan")
+    spec = _clone(args)
+    values = list(HYPER.values())
+    native.element_step(*args, values, rule="adam")
+    compiled.element_step(*spec, torch.tensor(values, dtype=torch.float64), rule="adam")
+    for a, b in zip(_tensors(args), _tensors(spec)):
+        torch.testing.assert_close(a, b, rtol=4e-7, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("make", [lambda ps: SpreadAdam(ps, lr=1e-2, kappa=1e-3, amsgrad=True),
+                                  lambda ps: SpreadSGD(ps, lr=1e-1, kappa=1e-3, momentum=0.9, nesterov=True)])
+def test_default_cpu_path_of_element_groups_is_the_native_loop(make):
+    """fused=None on CPU: small element-sparse float32 groups take the compiled step's native loop, and their
+    trajectory is the split path's (torch's own base on the factors and the spec's zero pass)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 12), torch.randn(64, 1)
+    runs = []
+    for fused in (None, False):
+        lin = torch.nn.Linear(12, 1)
+        lin.load_state_dict({"weight": torch.linspace(-1, 1, 12)[None], "bias": torch.zeros(1)})
+        opt = make([lin.weight])
+        for _ in range(30):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(lin(X), y).backward()
+            opt.param_groups[0]["fused"] = fused
+            opt.step()
+        runs.append((opt._paths, lin.weight.detach().clone()))
+    assert runs[0][0] == ["compiled"] and runs[1][0] == ["cpu"]
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(runs[0][1] == 0, runs[1][1] == 0)
+
+
+def test_without_a_compiler_the_inductor_engine_runs(monkeypatch, tmp_path):
+    """No C compiler: unavailable() says so, and the dispatch falls back to inductor for the compiled step and to
+    the split path for small groups (fused=None)."""
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native._library.cache_clear()
+    try:
+        assert "no C compiler" in native.unavailable()
+        p = torch.nn.Parameter(torch.randn(8, 8))
+        assert dispatch.cpu_engine("element", p, p, p, {"rule": "adam"}) == "inductor"
+        p.grad = torch.randn(8, 8)
+        opt = SpreadAdam([p], lr=1e-2, kappa=1e-3)
+        opt.step()
+        assert opt._paths == ["cpu"]
+    finally:
+        native._library.cache_clear()
+
+
+def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPREAD_OPTIM_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert native.unavailable() is None
+        built = list(tmp_path.glob("native_step_*.so"))
+        assert len(built) == 1
+        native._library.cache_clear()
+        assert native.unavailable() is None and list(tmp_path.glob("native_step_*.so")) == built
+    finally:
+        native._library.cache_clear()
+
+
+def _rows_problem(rows: int, width: int, dtype: torch.dtype, rule: str, amsgrad: bool, momentum: bool, scale: float):
+    """One row-sparse step: live rows, dead rows (u = 0, W = 0; some revived), small rows, and rows with a weight
+    written outside the optimizer."""
+    gen = torch.Generator().manual_seed(1)
+    u = torch.rand(rows, generator=gen, dtype=dtype) + 0.5
+    W = torch.randn(rows, width, generator=gen, dtype=dtype)
+    u[: rows // 4] = 0
+    W[: rows // 4] = 0
+    W[rows // 4: rows // 3] *= 1e-4
+    g = torch.randn(rows, width, generator=gen, dtype=dtype) * (4.1e-3 / width**0.5) * scale  # norms near 2 kappa
+    p = u[:, None] * W
+    p[-3:, -1] += 1.0
+    def states(shape):
+        if rule == "adam":
+            return [torch.randn(shape, generator=gen, dtype=dtype) * 1e-2, torch.rand(shape, generator=gen, dtype=dtype) * 1e-4,
+                    torch.rand(shape, generator=gen, dtype=dtype) * 1e-4 if amsgrad else None]
+        return [torch.randn(shape, generator=gen, dtype=dtype) * 1e-2] if momentum else [None]
+    return [g, p, u, W, states(rows), states((rows, width))]
+
+
+ROW_COMBOS = [dict(rule="adam", amsgrad=False), dict(rule="adam", amsgrad=True, scaled=True, maximize=True),
+              dict(rule="sgd"), dict(rule="sgd", momentum=True, nesterov=True), dict(rule="sgd", momentum=True, first=True, scaled=True)]
+
+
+@pytest.mark.parametrize("width", [1, 37, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("flags", ROW_COMBOS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_native_rows_step_equals_the_spec(flags, dtype, width):
+    full = dict(rule="adam", amsgrad=False, nesterov=False, momentum=False, first=False, maximize=False, scaled=False,
+                scheme="balanced") | flags
+    args = _rows_problem(48, width, dtype, full["rule"], full["amsgrad"], full["momentum"], HYPER["grad_scale"] if full["scaled"] else 1.0)
+    if full["first"]:
+        args[4][0].fill_(float("nan")), args[5][0].fill_(float("nan"))  # a fresh (empty) momentum buffer
+    before = _clone(args)
+    values = list(HYPER.values())
+    spec = _clone(args)
+    left = native.rows_step(*args, values, **full)
+    assert left == 3 == int(compiled.grouped_step(*spec, torch.tensor(values, dtype=torch.float64), None, groups="row", **full))
+    tol = dict(rtol=1e-5, atol=1e-8) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-15)
+    for a, b in zip(_tensors(args), _tensors(spec)):
+        torch.testing.assert_close(a, b, **tol, equal_nan=True)
+        assert torch.equal(a == 0, b == 0), "exact zeros differ from the spec's"
+    for a, b in zip(_tensors(args), _tensors(before)):  # rows with a written weight: left exactly as they were
+        assert torch.equal(a[-3:].nan_to_num(7.0), b[-3:].nan_to_num(7.0))
+    u = args[2]
+    assert 0 < int((u[: 48 // 4] != 0).sum()) < 48 // 4, "the problem revives some dead rows and holds others"
