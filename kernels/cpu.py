@@ -61,6 +61,16 @@ def nonfinite_probe(g: torch.Tensor) -> torch.Tensor:
     return low.mul(0).add_(high.mul(0))
 
 
+def nonfinite_probes(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`nonfinite_probe` of many small tensors in one call: ``max |g| * 0`` (``torch._foreach_norm`` with
+    ``ord=inf`` propagates NaN and gives inf for an infinite entry; on large tensors it is slower than ``aminmax``)."""
+    if not grads:
+        return []
+    probes = torch._foreach_norm(list(grads), float("inf"))
+    torch._foreach_mul_(probes, 0.0)
+    return probes
+
+
 def element_dead(U: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`.reference.element_dead` as a 0/1 mask in the factors' dtype, written into ``out`` when given."""
     if out is None:

@@ -81,6 +81,9 @@ def _library() -> ctypes.CDLL | str:
             fn = getattr(lib, f"spread_{kernel}_{suffix}")
             fn.restype = ctypes.c_int64
             fn.argtypes = [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 11, *[ctypes.c_int] * 6]
+            batch = getattr(lib, f"spread_{kernel}_batch_{suffix}")
+            batch.restype = None
+            batch.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3, *[ctypes.c_int] * 6, ctypes.c_void_p]
     return lib
 
 
@@ -97,10 +100,34 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _code(rule: str, momentum: bool) -> int:
+    return _RULES["adam"] if rule == "adam" else _RULES["sgd_momentum"] if momentum else _RULES["sgd"]
+
+
+def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = False, nesterov: bool = False,
+               momentum: bool = False, first: bool = False, maximize: bool = False, scaled: bool = False, **_) -> list[int]:
+    """Many tensors of one dtype in one call (``kernel``: ``"element"`` or ``"rows"``): ``items`` are the
+    arguments of :func:`element_step` / :func:`rows_step` without the flags, ``(g, p, factor, W, state_factor,
+    state_W, hyper)``; returns what each of those calls would return."""
+    sizes, ptrs, h = [], [], []
+    for g, p, factor, W, state_factor, state_W, hyper in items:
+        sizes += [p.numel(), 1] if kernel == "element" else [p.shape[0], p[0].numel()]
+        ptrs += [g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr(),
+                 *[None if t is None else t.data_ptr() for t in [*state_factor, None, None, None][:3]],
+                 *[None if t is None else t.data_ptr() for t in [*state_W, None, None, None][:3]]]
+        h += hyper
+    count = len(items)
+    changed = (ctypes.c_int64 * count)()
+    fn = getattr(_library(), f"spread_{kernel}_batch_{DTYPES[items[0][1].dtype]}")
+    fn(count, (ctypes.c_int64 * len(sizes))(*sizes), (ctypes.c_void_p * len(ptrs))(*ptrs), (ctypes.c_double * len(h))(*h),
+       _code(rule, momentum), int(amsgrad), int(nesterov), int(first), int(maximize), int(scaled), changed)
+    return list(changed)
+
+
 def _call(kernel: str, n: int, width: int, g, p, factor, W, state_factor, state_W, hyper: list[float], *, rule: str,
           amsgrad: bool = False, nesterov: bool = False, momentum: bool = False, first: bool = False,
           maximize: bool = False, scaled: bool = False) -> int:
-    code = _RULES["adam"] if rule == "adam" else _RULES["sgd_momentum"] if momentum else _RULES["sgd"]
+    code = _code(rule, momentum)
     sf = [*state_factor, None, None, None][:3]
     sw = [*state_W, None, None, None][:3]
     h = (ctypes.c_double * len(hyper))(*hyper)

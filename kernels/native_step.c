@@ -25,6 +25,18 @@ enum { KAPPA, LR, THRESHOLD, STEP_SIZE_0, BC2_SQRT_0, STEP_SIZE_1, BC2_SQRT_1, B
 enum { SGD = 0, SGD_MOMENTUM = 1, ADAM = 2 };  /* rules */
 #define LANES 16
 
+/* sweep (b) of rows_loop on entry j of the row, partial sums in lane l */
+#define ROW_MOVE(real, suffix, j, l) {                                                                                   \
+    const real gj = grad_##suffix(g[j], scaled, c), w = Wr[j], t_old = ur * w;                                     \
+    real a0 = rule != SGD ? m0[j] : 0, a1 = rule == ADAM ? m1[j] : 0, a2 = amsgrad ? m2[j] : 0;                    \
+    const real w1 = rule_##suffix(rule, amsgrad, nesterov, first, 1, w, c->k2 * w + ur * gj, &a0, &a1, &a2, c);    \
+    if (rule != SGD) m0[j] = a0;                                                                                   \
+    if (rule == ADAM) m1[j] = a1;                                                                                  \
+    if (amsgrad) m2[j] = a2;                                                                                       \
+    Wr[j] = w1;                                                                                                    \
+    gsq[l] += gj * gj; w1sq[l] += w1 * w1; osq[l] += t_old * t_old; wold[l] += w1 * t_old;                         \
+}
+
 #define DEFINE_KERNELS(real, suffix, SQRT, FABS)                                                                   \
 typedef struct { real k2, lr, thr, scale, c1, b2, c2, eps, ss[2], bc[2], mom, cd, sign; } consts_##suffix;         \
                                                                                                                    \
@@ -155,18 +167,12 @@ static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(        
         if (amsgrad) su2[r] = ua2;                                                                                 \
         real gsq[LANES] = {0}, w1sq[LANES] = {0}, osq[LANES] = {0}, wold[LANES] = {0};                             \
         for (int64_t j0 = 0; j0 < width; j0 += LANES) {                                                            \
-            const int64_t end = j0 + LANES < width ? j0 + LANES : width;                                           \
-            for (int64_t j = j0; j < end; j++) {                                                                   \
-                const int l = (int)(j - j0);                                                                       \
-                const real gj = grad_##suffix(g[j], scaled, c), w = Wr[j], t_old = ur * w;                        \
-                real a0 = rule != SGD ? m0[j] : 0, a1 = rule == ADAM ? m1[j] : 0, a2 = amsgrad ? m2[j] : 0;        \
-                const real w1 = rule_##suffix(rule, amsgrad, nesterov, first, 1, w, c->k2 * w + ur * gj,           \
-                                              &a0, &a1, &a2, c);                                                   \
-                if (rule != SGD) m0[j] = a0;                                                                       \
-                if (rule == ADAM) m1[j] = a1;                                                                      \
-                if (amsgrad) m2[j] = a2;                                                                           \
-                Wr[j] = w1;                                                                                        \
-                gsq[l] += gj * gj; w1sq[l] += w1 * w1; osq[l] += t_old * t_old; wold[l] += w1 * t_old;             \
+            if (j0 < body) {                                                                                       \
+                for (int l = 0; l < LANES; l++)                                                                    \
+                    ROW_MOVE(real, suffix, j0 + l, l)                                                                    \
+            } else {                                                                                               \
+                for (int64_t j = j0; j < width; j++)                                                               \
+                    ROW_MOVE(real, suffix, j, j - j0)                                                                    \
             }                                                                                                      \
         }                                                                                                          \
         /* the exact-zero pass of the row */                                                                       \
@@ -222,6 +228,21 @@ int64_t spread_##kernel##_##suffix(ARGS(real), const double *h, int rule, int am
     if (first) return (scaled ? kernel##_first_scaled_##suffix : kernel##_first_##suffix)(PASS, c);                \
     if (nesterov) return (scaled ? kernel##_nest_scaled_##suffix : kernel##_nest_##suffix)(PASS, c);               \
     return (scaled ? kernel##_heavy_scaled_##suffix : kernel##_heavy_##suffix)(PASS, c);                           \
+}                                                                                                                  \
+                                                                                                                   \
+/* `count` tensors in one call (a model's many small tensors cost one call): tensor i has sizes[2i] (entries or    \
+   rows) and sizes[2i+1] (row width), the ten pointers ptrs[10i..10i+9] (g, p, U, W, the factor's three states,   \
+   W's three states; NULL where the rule keeps none), its hyperparameters h[13i..13i+12]; changed[i] receives     \
+   what spread_<kernel>_<type> returns. */                                                                         \
+void spread_##kernel##_batch_##suffix(int64_t count, const int64_t *sizes, real *const *ptrs, const double *h,     \
+                                      int rule, int amsgrad, int nesterov, int first, int maximize, int scaled,    \
+                                      int64_t *changed) {                                                          \
+    for (int64_t i = 0; i < count; i++) {                                                                          \
+        real *const *q = ptrs + 10 * i;                                                                            \
+        changed[i] = spread_##kernel##_##suffix(sizes[2 * i], sizes[2 * i + 1], q[0], q[1], q[2], q[3], q[4], q[5],\
+                                                q[6], q[7], q[8], q[9], h + 13 * i, rule, amsgrad, nesterov, first,\
+                                                maximize, scaled);                                                 \
+    }                                                                                                              \
 }
 
 ENTRY(element, f32, float)

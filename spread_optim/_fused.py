@@ -212,21 +212,30 @@ def _compiled_flags(rule: _Rule, group: dict, grad_scale) -> dict:
                 scaled=grad_scale is not None, scheme=group["init"])
 
 
-def _hyper(rule: _Rule, group: dict, states: list[dict], grad_scale) -> list[float]:
-    """The float64 numbers of one tensor's step (:data:`spread_optim.kernels.compiled.HYPER`); advances Adam's
-    step counters."""
+def _hypers(rule: _Rule, group: dict, leaves: list[list[dict]], grad_scale) -> list[list[float]]:
+    """The float64 numbers of each tensor's step (:data:`spread_optim.kernels.compiled.HYPER`; ``leaves``: the base
+    states of each tensor's two factors); advances Adam's step counters (one call for the group)."""
     lr = float(group["lr"])
-    if rule.adam:
-        torch._foreach_add_([st["step"] for st in states], 1)
-        sizes = [ref.adam_step_sizes(float(st["step"]), lr, rule.beta1, rule.beta2) for st in states]
-        betas_eps = [rule.beta1, rule.beta2, float(group["eps"])]
-        momentum = [0.0, 0.0]
-    else:
-        sizes = [(lr, 1.0)] * len(states)
-        betas_eps = [0.0, 0.0, 0.0]
-        momentum = [float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))]
     scale = float(grad_scale) if grad_scale is not None else 1.0
-    return [float(group["kappa"]), lr, float(group["zero_threshold"]), *sizes[0], *sizes[1], *betas_eps, *momentum, scale]
+    head = [float(group["kappa"]), lr, float(group["zero_threshold"])]
+    if not rule.adam:
+        tail = [0.0, 0.0, 0.0, float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)), scale]
+        return [head + [lr, 1.0, lr, 1.0] + tail for _ in leaves]
+    steps = [st["step"] for pair in leaves for st in pair]
+    if steps:
+        torch._foreach_add_(steps, 1)
+    tail = [rule.beta1, rule.beta2, float(group["eps"]), 0.0, 0.0, scale]
+    sizes: dict = {}  # step count -> (step size, sqrt(bias correction 2)): a model's tensors mostly share one
+    out = []
+    for pair in leaves:
+        row = list(head)
+        for st in pair:
+            n = float(st["step"])
+            if n not in sizes:
+                sizes[n] = ref.adam_step_sizes(n, lr, rule.beta1, rule.beta2)
+            row += sizes[n]
+        out.append(row + tail)
+    return out
 
 
 def _compiled_run(kind: str, args: tuple, values: list[float], extra: tuple, flags: dict) -> None:
@@ -257,10 +266,10 @@ def _compiled_run(kind: str, args: tuple, values: list[float], extra: tuple, fla
         step(*args, hyper, *extra, **flags, adopt=True)
 
 
-def _canonical(kind: str, g, p, factor, W, state_factor, state_W) -> tuple[tuple, Callable[[], None]]:
+def _canonical(kind: str, g, p, factor, W, state_factor, state_W) -> tuple[tuple, Callable[[], None] | None]:
     """The compiled step's tensors in their canonical views (:func:`compiled.canonical`; the group factor and its
-    state stay as they are), and a function to call after the step: a tensor without such a view (not contiguous)
-    is stepped as a contiguous copy, which it then copies back."""
+    state stay as they are), and a function to call after the step (None when there is nothing to do): a tensor
+    without such a view (not contiguous) is stepped as a contiguous copy, which it then copies back."""
     written = [t for t in (p, factor, W, *state_factor, *state_W) if t is not None]
     copies = {id(t): t.contiguous() for t in (g, *written) if not t.is_contiguous()}
 
@@ -279,7 +288,7 @@ def _canonical(kind: str, g, p, factor, W, state_factor, state_W) -> tuple[tuple
             if id(t) in copies:
                 t.copy_(copies[id(t)])
 
-    return args, write_back
+    return args, (write_back if copies else None)
 
 
 _warned_recompile = False
@@ -287,21 +296,21 @@ _warned_recompile = False
 
 def _compiled_step(kind: str, base_cls: type, group: dict, params, state, grad_scale, found_inf, structures=None) -> None:
     """The compiled CPU step of a param group (``kind``: ``"element"``, or ``"grouped"`` for parameters that each
-    have their own ``u``), one call per tensor in canonical views (element and ids flat, rows ``(groups, -1)``,
-    columns ``(d0, groups, -1)``)."""
+    have their own ``u``) on tensors in canonical views (element and ids flat, rows ``(groups, -1)``, columns
+    ``(d0, groups, -1)``): the tensors the native loops take in one call per dtype (:func:`native.batch_step`),
+    the others one call each (:func:`_compiled_run`)."""
     if found_inf is not None and float(found_inf) != 0:
         return  # a step GradScaler skips: nothing moves, step counters included
     rule = _Rule(base_cls, group, torch.device("cpu"))
     flags = _compiled_flags(rule, group, grad_scale)
     factor = "U" if kind == "element" else "u"
     width = 3 if rule.adam else 1
-    for p in params:
-        if p.grad is None:
-            continue
+    batches: dict = {}  # (native kernel, dtype, first): the tensors the native loops step in one call
+    live = [p for p in params if p.grad is not None]
+    leaves = [[state[p]["base"][factor], state[p]["base"]["W"]] for p in live]
+    created = [rule.states(leaf_states, [state[p][factor], state[p]["W"]]) for p, leaf_states in zip(live, leaves)]
+    for p, (slots, firsts), values in zip(live, created, _hypers(rule, group, leaves, grad_scale)):
         st = state[p]
-        leaf_states = [st["base"][factor], st["base"]["W"]]
-        slots, firsts = rule.states(leaf_states, [st[factor], st["W"]])
-        values = _hyper(rule, group, leaf_states, grad_scale)
         if p.numel() == 0:
             continue  # (the step counts advance, as torch's own step on an empty tensor)
         step_flags = {**flags, "first": bool(firsts[0])}
@@ -311,9 +320,23 @@ def _compiled_step(kind: str, base_cls: type, group: dict, params, state, grad_s
             step_flags["groups"] = layout
         # (a gradient swapped to another dtype under autograd's check is rounded to the factors', as the spec does)
         g = p.grad if p.grad.dtype == p.dtype else p.grad.to(st["W"].dtype)
-        args, write_back = _canonical(layout, g, p.detach(), st[factor], st["W"], slots[0][:width], slots[1][:width])
+        tensors = (g, p.detach(), st[factor], st["W"], tuple(slots[0][:width]), tuple(slots[1][:width]))
+        if (dispatch.cpu_engine(layout, g, p, st[factor], step_flags) == "native"
+                and all(t is None or t.is_contiguous() for t in (*tensors[:4], *tensors[4], *tensors[5]))):
+            batches.setdefault((kind, p.dtype, step_flags["first"]), []).append((tensors, values, layout, extra, step_flags))
+            continue
+        args, write_back = _canonical(layout, *tensors)
         _compiled_run(kind, args, values, extra, step_flags)
-        write_back()
+        if write_back is not None:
+            write_back()
+    for (kind_, _, _), entries in batches.items():
+        left = native.batch_step("element" if kind_ == "element" else "rows", [(*tensors, values) for tensors, values, *_ in entries],
+                                 **entries[0][4])
+        step = compiled.element_step if kind_ == "element" else compiled.grouped_step
+        for (tensors, values, layout, extra, step_flags), changed in zip(entries, left):
+            if changed:  # weights written outside the optimizer: adopted and stepped eagerly, the rest untouched
+                args, _ = _canonical(layout, *tensors)
+                step(*args, torch.tensor(values, dtype=torch.float64), *extra, **step_flags, adopt=True)
 
 
 def compiled_element(base_cls: type, group: dict, params, state, grad_scale, found_inf) -> None:

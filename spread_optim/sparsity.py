@@ -105,8 +105,13 @@ class Kind:
                 raise TypeError(f"{self.where}: sparse gradients are not supported in a sparse group (parameter of shape {tuple(p.shape)})")
             if g.is_complex():
                 raise TypeError(f"{self.where}: complex gradients are not supported in a sparse group")
-            out.append((p, cpu.nonfinite_probe(g) if g.device.type == "cpu" else (~torch.isfinite(g)).sum()))
-        return out
+            out.append((p, g))
+        small = [i for i, (_, g) in enumerate(out) if g.device.type == "cpu" and g.numel() <= cpu.CHUNK]
+        chosen = set(small)
+        for i, probe in zip(small, cpu.nonfinite_probes([out[i][1] for i in small])):
+            out[i] = (out[i][0], probe)
+        return [(p, probe) if i in chosen else (p, cpu.nonfinite_probe(probe) if probe.device.type == "cpu" else (~torch.isfinite(probe)).sum())
+                for i, (p, probe) in enumerate(out)]
 
     # the sums a kind needs from other ranks: none unless its groups span shards (Grouped overrides these)
     @property
