@@ -106,7 +106,7 @@ class Kind:
             if g.is_complex():
                 raise TypeError(f"{self.where}: complex gradients are not supported in a sparse group")
             out.append((p, g))
-        small = [i for i, (_, g) in enumerate(out) if g.device.type == "cpu" and g.numel() <= cpu.CHUNK]
+        small = [i for i, (_, g) in enumerate(out) if g.device.type == "cpu" and 0 < g.numel() <= cpu.CHUNK]
         chosen = set(small)
         for i, probe in zip(small, cpu.nonfinite_probes([out[i][1] for i in small])):
             out[i] = (out[i][0], probe)
