@@ -1,9 +1,10 @@
-"""Small tensors on the CPU split path: packed into one flat tensor per step (``kernels/cpu.py``'s ``Pack``) or not.
+"""Small tensors on the CPU: spread's default step (the native loops, all tensors in one call) and its split path,
+packed into one flat tensor per step (``kernels/cpu.py``'s ``Pack``) or not.
 
 Three lists of small tensors (a 40-64-4 MLP; 62 tensors of 64 elements; ResNet-18's 62 shapes divided by 16 per
-dim) in one element-sparse group of ``SpreadAdam`` (default ``fused=None``: the split path, torch's fused Adam on the
-factors), timed in turns against the same optimizer with packing off (``cpu.PACK_MAX = 0``) and torch's fused Adam;
-fixed random gradients, one thread, median of 55 steps after 5.
+dim) in one element-sparse group of ``SpreadAdam``: ``default`` (``fused=None``), the split path (``fused=False``,
+torch's fused Adam on the factors) with packing on and off (``cpu.PACK_MAX = 0``), and torch's fused Adam, timed in
+turns; fixed random gradients, one thread, median of 55 steps after 5.
 
     python benchmarks/small_tensors.py
     python benchmarks/small_tensors.py --rounds 8   # smoke run (CI)
@@ -45,11 +46,12 @@ def main(argv=None) -> None:
              "ResNet-18 / 16": [tuple(max(1, s // 4) for s in shape) for shape in resnet18_shapes()]}
     default = cpu.PACK_MAX
     print(f"torch {torch.__version__}, 1 thread; ms per step (x torch fused Adam)")
-    print("| tensors | unpacked | packed | torch Adam fused |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| tensors | default | split, unpacked | split, packed | torch Adam fused |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for name, shapes in cases.items():
-        runs = {"unpacked": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4), 0),
-                "packed": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4), default),
+        runs = {"default": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4), default),
+                "unpacked": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4, fused=False), 0),
+                "packed": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4, fused=False), default),
                 "torch": (torch.optim.Adam(with_grads(shapes), lr=1e-3, fused=True), default)}
         times = {k: [] for k in runs}
         for round_ in range(args.rounds):
@@ -61,8 +63,8 @@ def main(argv=None) -> None:
                     times[k].append(time.perf_counter() - t0)
         cpu.PACK_MAX = default
         ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        print(f"| {name} | {ms['unpacked']:.2f} ({ms['unpacked'] / ms['torch']:.1f}x) | {ms['packed']:.2f} "
-              f"({ms['packed'] / ms['torch']:.1f}x) | {ms['torch']:.2f} |")
+        cells = " | ".join(f"{ms[k]:.2f} ({ms[k] / ms['torch']:.1f}x)" for k in ("default", "unpacked", "packed"))
+        print(f"| {name} | {cells} | {ms['torch']:.2f} |")
 
 
 if __name__ == "__main__":

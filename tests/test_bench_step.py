@@ -49,3 +49,11 @@ def test_compile_step_quick(tmp_path):
     run("compile_step.py", "--quick", "--results", str(tmp_path))
     (row,) = json.loads((tmp_path / "compile_step.json").read_text())
     assert row["kind"] == "element" and row["same"] is True and row["graph_breaks"] >= 0
+
+
+def test_native_step_quick():
+    out = run("native_step.py", "--quick")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [4096]
+    native, torch_, ratio = (float(x) for x in rows[0][1:4])
+    assert native > 0 and torch_ > 0 and ratio == pytest.approx(native / torch_, abs=0.01)
