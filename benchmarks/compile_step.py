@@ -69,7 +69,7 @@ def measure(kind: str, width: int, repeats: int) -> dict:
     same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) and torch.equal(a == 0, b == 0)
                for a, b in zip(model_e.parameters(), model_c.parameters()))
     return dict(kind=kind, eager_ms=eager_ms, compiled_ms=compiled_ms, ratio=compiled_ms / eager_ms,
-                first_compile_s=compile_s, graphs=explained.graph_count, graph_breaks=explained.graph_break_count,
+                first_compile_s=compile_s, graphs=explained.graph_count, graph_breaks=max(explained.graph_break_count, 0),
                 break_reasons=sorted({str(r.reason).splitlines()[0][:120] for r in explained.break_reasons}), same=same)
 
 

@@ -319,7 +319,16 @@ class SpreadOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """Perform one optimisation step (see the class docstring for closure semantics). A step that raises leaves
-        nothing behind: factors it created from the weights are dropped again."""
+        nothing behind: factors it created from the weights are dropped again.
+
+        Inside ``torch.compile``, an optimizer whose sparse groups all take the native CPU loops runs its step as
+        one opaque eager call (the loops are C code, faster than what inductor makes of the spec); any other is
+        traced, its sparse groups on the spec."""
+        if dispatch.compiling() and _native_everywhere(self):
+            return _eager_step(self, closure)
+        return self._guarded_step(closure)
+
+    def _guarded_step(self, closure):
         self._created: list = []  # what this step's plan created: (param, had state) and dense-stepped ids
         try:
             return self._step(closure)
@@ -371,12 +380,20 @@ class SpreadOptimizer(Optimizer):
             for _, _, leaf in k.factor_leaves():
                 leaf.grad = None  # the base must not step them: the kernels do
         gradless = _closure.gradless_factors(split) if not per_parameter(self._base_cls) else []
-        self._hidden.step(grad_scale=grad_scale, found_inf=found_inf)
+        if self._base_has_work():
+            self._hidden.step(grad_scale=grad_scale, found_inf=found_inf)
         _closure.restore(gradless)
         self._zero_pass(split)
         for k in fused:
             flag = found_inf if found_inf is not None else device_flag if _on_device_check(k) else None
             k.fused_step(self._base_cls, grad_scale, flag)
+
+    def _base_has_work(self) -> bool:
+        """Whether the base has anything to step: torch's SGD, Adam and AdamW leave a tensor without a gradient as it
+        is, so with every gradient on the fused paths their step is skipped (any other base always steps)."""
+        if self._base_cls not in dispatch.FUSED_RULES:
+            return True
+        return any(p.grad is not None for g in self._hidden.param_groups for p in g["params"])
 
     def _factor_grads(self, split: list[Kind], begin=None, flags=None) -> None:
         """Check the gradients (raise before anything moves) and set the factor gradients; one exchange carries
@@ -568,6 +585,24 @@ def _layout(kind: Kind) -> str | None:
     if isinstance(kind, Grouped) and not kind.shared and all(s.kind == "row" for s in kind.structures.values()):
         return "row"
     return None
+
+
+@torch.compiler.disable
+def _native_everywhere(opt: "SpreadOptimizer") -> bool:
+    """Whether every sparse group of ``opt`` (at least one) takes the native CPU loops when stepped eagerly: element
+    sparsity, or row sparsity with a ``u`` per parameter, at depth 2, of float32/float64 CPU parameters under SGD,
+    Adam or AdamW, ``fused`` not False (decided eagerly: dynamo sees one opaque call)."""
+    sparse = [g for g in opt.param_groups if _sparse_now(g)]
+    return bool(sparse) and all(
+        g.get("fused") is not False and g.get("depth", 2) == 2 and isinstance(g["sparsity"], str)
+        and (g["sparsity"] == "element" or g["sparsity"] == "row" and not g["share_groups"])
+        and dispatch.native_takes(g["params"], opt._base_cls, g["sparsity"]) for g in sparse)
+
+
+@torch.compiler.disable
+def _eager_step(opt: "SpreadOptimizer", closure):
+    """``opt``'s step, run eagerly inside ``torch.compile`` (see :meth:`SpreadOptimizer.step`)."""
+    return opt._guarded_step(closure)
 
 
 def _sparse_now(group) -> bool:
