@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from array import array
 from pathlib import Path
 
 import torch
@@ -109,18 +110,18 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
     """Many tensors of one dtype in one call (``kernel``: ``"element"`` or ``"rows"``): ``items`` are the
     arguments of :func:`element_step` / :func:`rows_step` without the flags, ``(g, p, factor, W, state_factor,
     state_W, hyper)``; returns what each of those calls would return."""
-    sizes, ptrs, h = [], [], []
+    sizes, ptrs, h = array("q"), array("q"), array("d")  # (flat C arrays, built faster than ctypes arrays)
     for g, p, factor, W, state_factor, state_W, hyper in items:
-        sizes += [p.numel(), 1] if kernel == "element" else [p.shape[0], p[0].numel()]
-        ptrs += [g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr(),
-                 *[None if t is None else t.data_ptr() for t in [*state_factor, None, None, None][:3]],
-                 *[None if t is None else t.data_ptr() for t in [*state_W, None, None, None][:3]]]
-        h += hyper
+        sizes.extend((p.numel(), 1) if kernel == "element" else (p.shape[0], p[0].numel()))
+        ptrs.extend((g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr()))
+        for states in (state_factor, state_W):
+            ptrs.extend(0 if t is None else t.data_ptr() for t in [*states, None, None, None][:3])
+        h.extend(hyper)
     count = len(items)
-    changed = (ctypes.c_int64 * count)()
+    changed = array("q", bytes(8 * count))
     fn = getattr(_library(), f"spread_{kernel}_batch_{DTYPES[items[0][1].dtype]}")
-    fn(count, (ctypes.c_int64 * len(sizes))(*sizes), (ctypes.c_void_p * len(ptrs))(*ptrs), (ctypes.c_double * len(h))(*h),
-       _code(rule, momentum), int(amsgrad), int(nesterov), int(first), int(maximize), int(scaled), changed)
+    fn(count, sizes.buffer_info()[0], ptrs.buffer_info()[0], h.buffer_info()[0], _code(rule, momentum), int(amsgrad),
+       int(nesterov), int(first), int(maximize), int(scaled), changed.buffer_info()[0])
     return list(changed)
 
 
