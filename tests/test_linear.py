@@ -223,3 +223,48 @@ def test_lasso_outputs_of_very_different_sparsity(monkeypatch):
     for model in (together, apart):
         assert np.abs(model.coef_ - ref.coef_).max() < COEF_TOL
         assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
+
+
+def test_newton_line_search_batched_is_sequential_backtracking():
+    """The line search tries its halvings several at a time: the point, the acceptance and the step size are those
+    of plain Armijo backtracking (one halving at a time, each coefficient stopped at zero), row by row."""
+    from spread_optim.linear import _FactorisedNewton
+
+    rng = np.random.default_rng(21)
+    k, L, alpha = 5, 12, 0.3
+    A = torch.as_tensor(rng.standard_normal((k, 30, L)))
+    GL = A.transpose(1, 2) @ A / 30
+    thL = torch.as_tensor(rng.standard_normal((k, L)))
+    gL = torch.as_tensor(rng.standard_normal((k, L)))
+    scale = torch.as_tensor([1.0, 10.0, 1e3, 1e6, 1e12])[:, None]  # from a full step to one no halving accepts
+    t = torch.as_tensor(rng.standard_normal((k, L))) * scale
+    slope = -(gL * t).sum(1).abs()
+    # row 0: t is the minimiser of the sign-fixed quadratic (no sign change): the full step is accepted
+    s0 = torch.sign(thL[0])
+    t[0] = -0.1 * thL[0]
+    gL[0] = -alpha * s0 - GL[0] @ t[0]
+    slope[0] = ((gL[0] + alpha * s0) * t[0]).sum()
+    solver = _FactorisedNewton.__new__(_FactorisedNewton)
+    solver.alpha = alpha
+    best, accepted, eta = solver._line_search(thL, gL, GL, t, slope)
+
+    def objective_change(row, trial):
+        D = trial - thL[row]
+        return float(gL[row] @ D + 0.5 * D @ GL[row] @ D + alpha * (trial.abs().sum() - thL[row].abs().sum()))
+
+    for row in range(k):
+        step, want = 1.0, None
+        for _ in range(_FactorisedNewton.HALVINGS):
+            trial = thL[row] + step * t[row]
+            trial = torch.where(trial * thL[row] < 0, 0.0, trial)
+            if objective_change(row, trial) <= _FactorisedNewton.ARMIJO * step * float(slope[row]):
+                want = trial
+                break
+            step /= 2
+        assert bool(accepted[row]) == (want is not None)
+        if want is None:
+            assert torch.equal(best[row], thL[row]) and float(eta[row]) == 2.0 ** -_FactorisedNewton.HALVINGS
+        else:
+            assert float(eta[row]) == step and torch.allclose(best[row], want, rtol=0, atol=1e-15)
+    assert bool(accepted[0]) and float(eta[0]) == 1.0 and not bool(accepted[-1])
+
