@@ -44,7 +44,9 @@ restricted to per-output working sets, with the KKT conditions on the full gradi
   becomes live, and kept for the fit.
 * Exact zeros: between steps, spread's zero pass (``kernels/reference.py``, ``element_zero_pass``) snaps the
   coefficients the step stopped at 0 and holds a dead one (``U = W = 0``, a saddle of ``F``) unless
-  ``|g| > alpha``, which revives it by a proximal-gradient step of size ``1/trace(X_S^T X_S / n)``.
+  ``|g| > alpha``, which revives it by a proximal-gradient step of size ``1/trace(X_S^T X_S / n)``. A round's
+  solve starts with this pass alone (no Newton step) where the sets' new members violate ``|g| <= alpha``, so its
+  first Newton step already moves them (a Newton step on the last round's live set alone would be wasted).
 * Working sets. For each output the set starts with the 10 features that violate ``|g_i| <= alpha`` the most;
   each round adds the worst violators outside (at least 10, at least the widest output's nonzeros, and enough
   for the sets to hold twice those),
@@ -488,6 +490,7 @@ class _FactorisedNewton:
         # little, as the next Newton step gives a revived coordinate its full step)
         lr = 1.0 / self.sq.sum(1, keepdim=True).clamp(min=torch.finfo(self.sq.dtype).tiny)
         self._block = None
+        first = True
         while True:
             theta = self.U * self.W
             kkt = _kkt_rows(theta, self.g, alpha)
@@ -497,12 +500,17 @@ class _FactorisedNewton:
             n_todo = int(todo.sum())
             if self.steps >= max_steps or n_todo == 0:
                 return kkt, stalled & (kkt > tol)
-            self.steps += 1
             everyone = n_todo == k
             dead = ref.element_dead(self.U, self.W)
+            # the first pass of a solve revives the sets' new members that violate |g| <= alpha by the zero pass
+            # alone: a Newton step on the old live set (solved in the last round) would leave them to the next step
+            revive_only = first and bool((dead & (self.g.abs() > alpha)).any())
+            first = False
+            if not revive_only:
+                self.steps += 1
             live = ~dead if everyone else ~dead & todo[:, None]
             rows_live = live.any(1)
-            n_act = int(rows_live.sum())
+            n_act = 0 if revive_only else int(rows_live.sum())
             new_theta, failed = theta, None
             if n_act:
                 self._ensure_gram(live)
