@@ -49,13 +49,16 @@ restricted to per-output working sets, with the KKT conditions on the full gradi
   first Newton step already moves them (a Newton step on the last round's live set alone would be wasted).
 * Working sets. For each output the set starts with the 10 features that violate ``|g_i| <= alpha`` the most;
   each round adds the worst violators outside (at least 10, at least the widest output's nonzeros, and enough
-  for the sets to hold twice those),
+  for the sets to hold twice those, but no more than the most violators beyond the tolerance of one output: once
+  the sets hold the support, the last rounds add a few features),
   solves the sets to a KKT residual of ``max(tol * alpha_max, 0.1 * the largest violation outside)``, and checks
   every feature of every output with one product ``X^T R``; the rounds end when the largest violation of the
   lasso's optimality conditions over all ``d`` features (``kkt_residual_``) is at most ``tol * alpha_max``, with
   ``alpha_max = max |X^T Y| / n`` (so ``tol`` is scale free; it is not scikit-learn's duality-gap ``tol``).
-  The outputs are solved as a batch (batched Cholesky factorisations, padded to the widest live set), split
-  into several batches only when their sets' columns would exceed 2^26 numbers.
+  The outputs are solved as a batch, split into several batches only when their sets' columns would exceed 2^26
+  numbers: live blocks of ``PER_OUTPUT`` (64) coefficients or more are gathered and factorised one output at a
+  time, each at its own size; narrower ones by batched Cholesky factorisations padded to the widest. An output
+  whose set is solved stops moving, and its residual and gradient are no longer recomputed.
 
 With ``working_set=False`` (and for :class:`SpreadGroupLasso`), the coefficients of all outputs are one tensor
 handed to ``SpreadOptimizer`` with base ``torch.optim.LBFGS`` (strong-Wolfe line search, 10 iterations per
@@ -240,6 +243,7 @@ class _DenseColumns:
         self.n = Xt.shape[1]
         self._buffer = Xt.new_zeros(Yt.shape[0], 0, self.n)  # room for the sets to grow into, without copies
         self.Xw = self._buffer
+        self._slots = None  # the columns of the Gram's slots (slot_gram)
 
     def append(self, new: torch.Tensor) -> torch.Tensor:
         """Add the features ``new`` (k, p) to the sets; returns their squared norms / n (the Gram's diagonal)."""
@@ -262,12 +266,39 @@ class _DenseColumns:
 
     def grad(self, R: torch.Tensor) -> torch.Tensor:
         """The data term's gradient on the sets, ``-X_ws^T R / n`` (k, m)."""
-        return torch.bmm(self.Xw, R.unsqueeze(2)).squeeze(2) / -self.n
+        return torch.bmm(R.unsqueeze(1), self.Xw.transpose(1, 2)).squeeze(1) / -self.n  # 2x faster than Xw @ R
+
+    def update_rows(self, R: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, rows: list):
+        """``(R, g)`` with the rows ``rows`` (outputs) recomputed for ``theta`` (the others are kept): one product
+        per output, not a batched one over outputs that did not move."""
+        R, g = R.clone(), g.clone()
+        for j in rows:
+            R[j] = self.Y[j] - torch.mv(self.Xw[j].T, theta[j])
+            g[j] = torch.mv(self.Xw[j], R[j]) / -self.n
+        return R, g
 
     def gram(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``X_a^T X_b / n`` (k, P, Q) for working-set positions ``rows`` (k, P) and ``cols`` (k, Q)."""
         batch = torch.arange(rows.shape[0], device=rows.device)[:, None]
         return torch.bmm(self.Xw[batch, rows], self.Xw[batch, cols].transpose(1, 2)) / self.n
+
+    def slot_gram(self, pos: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
+        """The Gram rows of new slots: ``gram(pos, [slot_pos, pos])``, the columns of the earlier slots kept in a buffer
+        in slot order (taken once, not again at every call)."""
+        k, P = pos.shape
+        E = slot_pos.shape[1]
+        if self._slots is None or E + P > self._slots.shape[1]:
+            room = min(max(2 * (E + P), 64), self.Xw.shape[1] + P)
+            buffer = self.Xt.new_empty(k, max(room, E + P), self.n)
+            if E:
+                buffer[:, :E] = self._slots[:, :E] if self._slots is not None else self.Xw[self._batch(k), slot_pos]
+            self._slots = buffer
+        new = self._slots[:, E:E + P]
+        new.copy_(self.Xw[self._batch(k), pos])
+        return torch.bmm(new, self._slots[:, :E + P].transpose(1, 2)) / self.n
+
+    def _batch(self, k: int) -> torch.Tensor:
+        return torch.arange(k, device=self.Xt.device)[:, None]
 
     def full_grad(self, R: torch.Tensor) -> torch.Tensor:
         """The data term's gradient over every feature, ``-X^T R / n`` (d, k)."""
@@ -311,6 +342,13 @@ class _SparseColumns:
             G = G - mr[:, :, None] * mc[:, None, :]
         return G
 
+    def slot_gram(self, pos: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
+        return self.gram(pos, torch.cat([slot_pos, pos], 1))
+
+    def update_rows(self, R: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, rows: list):
+        R = self.residual(theta)
+        return R, self.grad(R)
+
     def full_grad(self, R: torch.Tensor) -> torch.Tensor:
         return (self.X.T @ R.T) / -self.n
 
@@ -328,13 +366,15 @@ class _FactorisedNewton:
     steps on the live (nonzero) factors with spread's exact-zero pass between steps (module docstring, "Solver").
 
     The Gram entries of the live coordinates are computed once, when a coordinate first becomes live, and kept
-    for the whole fit (``Ge`` (k, E, E) over "slots"; ``slot_of`` (k, m): a coordinate's slot or -1).
+    for the whole fit (``_gram`` (k, 1 + E, 1 + E) and more, over "slots" 1..E; ``slot_of`` (k, m): a coordinate's slot or -1).
     """
 
     #: Armijo's sufficient-decrease constant and the most halvings of a step
     ARMIJO, HALVINGS = 1e-4, 30
     #: step sizes of the line search evaluated together
     CANDIDATES = 8
+    #: live blocks at least this wide are gathered and factorised one output at a time (each its own size)
+    PER_OUTPUT = 64
 
     def __init__(self, columns, alpha: float):
         self.cols, self.alpha, self.kappa = columns, alpha, alpha / 2
@@ -348,7 +388,10 @@ class _FactorisedNewton:
         self.sq = Y.new_zeros(k, 0)  # the Gram's diagonal on the sets
         self.slot_of = torch.zeros(k, 0, dtype=torch.long, device=Y.device)
         self.slot_pos = torch.zeros(k, 0, dtype=torch.long, device=Y.device)
-        self.Ge = Y.new_zeros(k, 0, 0)
+        # the Gram entries of the slots, in a buffer with room to grow (k, cap, cap); slot 0 is all zeros (what the
+        # padding of a live block reads), the E slots in use are 1..E
+        self._gram = Y.new_zeros(k, 1, 1)
+        self.E = 0
         self.damping = Y.new_zeros(k)  # Levenberg-Marquardt's lambda per output, 0 while Newton steps succeed
         self._damped = False
         self._block = None  # the last live block (see _live_block)
@@ -374,21 +417,25 @@ class _FactorisedNewton:
         P = int(count.max())
         if P == 0:
             return
-        k, E = self.Ge.shape[0], self.Ge.shape[1]
+        k, E = self._gram.shape[0], self.E
         pos = torch.argsort((~new).to(torch.int8), dim=1, stable=True)[:, :P]  # the new ones first
         valid = torch.arange(P, device=pos.device)[None, :] < count[:, None]
         pos = torch.where(valid, pos, pos[:, :1])  # padding repeats the first (its Gram rows are never read)
-        B = self.cols.gram(pos, torch.cat([self.slot_pos, pos], 1))  # (k, P, E + P)
-        Ge = self.Ge.new_zeros(k, E + P, E + P)
-        Ge[:, :E, :E] = self.Ge
-        Ge[:, E:, :] = B
-        Ge[:, :E, E:] = B[:, :, :E].transpose(1, 2)
-        self.Ge = Ge
+        B = self.cols.slot_gram(pos, self.slot_pos)  # (k, P, E + P): against the slots and the new ones
+        size = 1 + E + P
+        if size > self._gram.shape[1]:  # grow the buffer (by half at least): few copies of the old entries
+            room = max(size + size // 2, 64)
+            buffer = self._gram.new_zeros(k, room, room)
+            buffer[:, :1 + E, :1 + E] = self._gram[:, :1 + E, :1 + E]
+            self._gram = buffer
+        self._gram[:, 1 + E:size, 1:size] = B
+        self._gram[:, 1:1 + E, 1 + E:size] = B[:, :, :E].transpose(1, 2)
+        self.E = E + P
         self.slot_pos = torch.cat([self.slot_pos, pos], 1)
-        slots = E + torch.arange(P, device=pos.device)[None, :].expand(k, P)
+        slots = 1 + E + torch.arange(P, device=pos.device)[None, :].expand(k, P)
         # padding entries (repeats of the first new coordinate, or of position 0 where there is none) write the same
         # value as the entry they repeat, so the scatter is well defined
-        first = torch.where(count[:, None] > 0, E, torch.gather(self.slot_of, 1, pos[:, :1]))
+        first = torch.where(count[:, None] > 0, 1 + E, torch.gather(self.slot_of, 1, pos[:, :1]))
         self.slot_of.scatter_(1, pos, torch.where(valid, slots, first))
 
     def _live_block(self, live: torch.Tensor, act):
@@ -404,22 +451,27 @@ class _FactorisedNewton:
         pad = torch.arange(L, device=order.device)[None, :] >= count[:, None]
         padded = bool(pad.any())
         slot_of = self.slot_of if act is None else self.slot_of[act]
-        Ge = self.Ge if act is None else self.Ge[act]
         slots = torch.gather(slot_of, 1, order)
         if padded:
-            slots = slots.masked_fill(pad, 0)
-        kb, E = Ge.shape[0], Ge.shape[1]
-        if kb == 1:  # two index_selects (or gathers) are several times faster than one 3-D advanced index
-            GL = Ge[0].index_select(0, slots[0]).index_select(1, slots[0]).unsqueeze(0)
-        else:
-            GL = Ge.gather(1, slots[:, :, None].expand(kb, L, E)).gather(2, slots[:, None, :].expand(kb, L, L))
-        if padded:
-            GL = GL.masked_fill(pad[:, :, None] | pad[:, None, :], 0.0)
-        block = (order, pad, padded, GL)
+            slots = slots.masked_fill(pad, 0)  # slot 0: zeros
+        G, kb = self._gram, slots.shape[0]
+        if kb == 1:  # two index_selects are several times faster than one 3-D advanced index
+            i = 0 if act is None else int(act[0])
+            GL = G[i].index_select(0, slots[0]).index_select(1, slots[0]).unsqueeze(0)
+        elif L >= self.PER_OUTPUT:  # one output at a time (faster than one index_select of a flat index)
+            GL = G.new_empty(kb, L, L)
+            for j, i in enumerate(range(kb) if act is None else act.tolist()):
+                torch.index_select(G[i].index_select(0, slots[j]), 1, slots[j], out=GL[j])
+        else:  # one index_select on the flat buffer (half the time of two gathers)
+            cap = G.shape[1]
+            rows = torch.arange(G.shape[0], device=slots.device) if act is None else act
+            flat = (rows[:, None] * (cap * cap) + slots * cap)[:, :, None] + slots[:, None, :]
+            GL = G.view(-1).index_select(0, flat.view(-1)).view(kb, L, L)
+        block = (order, pad, padded, GL, count.tolist() if kb > 1 and L >= self.PER_OUTPUT else None)
         self._block = (act, live, block) if act is None else None
         return block
 
-    def _newton_direction(self, theta, g, damping, order, pad, padded, GL):
+    def _newton_direction(self, theta, g, damping, order, pad, padded, GL, counts):
         """The Newton step ``t`` in ``theta`` on the live coordinates ``order`` (rows: the outputs of ``theta``, ``g``),
         and what the line search needs: ``(thL, gL, t, slope)``."""
         alpha = self.alpha
@@ -431,21 +483,36 @@ class _FactorisedNewton:
         # X^T X / n + diag((alpha + g*s) / (2|theta|)), its negative entries (directions of negative curvature of
         # the factors, coefficients that want to grow) set to 0; a tiny ridge, and Levenberg-Marquardt's damping
         size = thL.abs().masked_fill(pad, 1.0) if padded else thL.abs()
-        diag = GL.diagonal(dim1=1, dim2=2)
+        H = GL  # factorised in place of the block's diagonal, restored below (no copy of the block)
+        diag = GL.diagonal(dim1=1, dim2=2).clone()
         extra = ((alpha + gL * s) / (2 * size)).clamp(min=0) + 1e-12 * diag.amax(1, keepdim=True) + 1e-300
         if damping is not None:
             extra = extra + damping[:, None] * diag
-        H = GL.clone()
         H.diagonal(dim1=1, dim2=2).add_(torch.where(pad, 1.0, extra) if padded else extra)
+        rhs = -(gL + alpha * s)
+        if counts is None:
+            t = self._cholesky_solve(H, rhs, diag)
+        else:  # each output's live block alone (its top-left corner: live first), not padded to the widest
+            t = torch.zeros_like(rhs)
+            for j, c in enumerate(counts):
+                if c:
+                    t[j, :c] = self._cholesky_solve(H[j, :c, :c].unsqueeze(0), rhs[j, :c].unsqueeze(0), diag[j, :c].unsqueeze(0))[0]
+        GL.diagonal(dim1=1, dim2=2).copy_(diag)
+        t = t.nan_to_num(0.0, 0.0, 0.0)
+        return thL, gL, t, -(rhs * t).sum(1)
+
+    @staticmethod
+    def _cholesky_solve(H, rhs, diag):
+        """``H^{-1} rhs`` for a batch of positive definite ``H`` (k, L, L) (``diag``: the Gram's diagonal, for the
+        ridge added where ``H`` is not positive definite in floating point; ``H`` may be changed)."""
         chol, info = torch.linalg.cholesky_ex(H)
         if bool(info.any()):  # not positive definite in floating point: a larger ridge for those outputs
             bump = torch.where((info > 0)[:, None], 1e-8 * diag.amax(1, keepdim=True) + 1e-300, 0.0)
             H.diagonal(dim1=1, dim2=2).add_(bump)
             chol, _ = torch.linalg.cholesky_ex(H)
-        rhs = -(gL + alpha * s)
-        t = torch.cholesky_solve(rhs.unsqueeze(2), chol).squeeze(2)
-        t = t.nan_to_num(0.0, 0.0, 0.0)
-        return thL, gL, t, -(rhs * t).sum(1)
+        # two triangular solves: several times faster than cholesky_solve on a batch
+        t = torch.linalg.solve_triangular(chol, rhs.unsqueeze(2), upper=False)
+        return torch.linalg.solve_triangular(chol.mT, t, upper=True).squeeze(2)
 
     def _line_search(self, thL, gL, GL, t, slope):
         """Armijo backtracking on the lasso objective along ``theta + eta*t``, each coefficient stopped at zero where
@@ -515,12 +582,12 @@ class _FactorisedNewton:
             if n_act:
                 self._ensure_gram(live)
                 act = None if n_act == k else torch.nonzero(rows_live).squeeze(1)
-                order, pad, padded, GL = self._live_block(live, act)
+                order, pad, padded, GL, counts = self._live_block(live, act)
                 th, g = (theta, self.g) if act is None else (theta[act], self.g[act])
                 damping = None
                 if self._damped:
                     damping = self.damping if act is None else self.damping[act]
-                thL, gL, t, slope = self._newton_direction(th, g, damping, order, pad, padded, GL)
+                thL, gL, t, slope = self._newton_direction(th, g, damping, order, pad, padded, GL, counts)
                 best, accepted, eta = self._line_search(thL, gL, GL, t, slope)
                 if self._damped or not bool((eta >= 1).all()):
                     # Levenberg-Marquardt: a step the line search had to cut (a near-singular or indefinite model)
@@ -552,8 +619,11 @@ class _FactorisedNewton:
                 stalled |= failed & ((U == 0) == (self.U == 0)).all(1)
                 some_stalled = bool(stalled.any())
             self.U, self.W = U, W
-            self.R = self.cols.residual(U * W)
-            self.g = self.cols.grad(self.R)
+            if everyone:
+                self.R = self.cols.residual(U * W)
+                self.g = self.cols.grad(self.R)
+            else:  # only the outputs that moved
+                self.R, self.g = self.cols.update_rows(self.R, self.g, U * W, torch.nonzero(todo).squeeze(1).tolist())
 
 
 def _output_batches(k: int, n: int, d: int, budget: int = 1 << 26) -> list[slice]:
@@ -611,6 +681,9 @@ def _working_sets(cols, W, g, alpha, tol_abs, max_steps, min_size):
         nonzeros = min(int((solver.theta != 0).sum(1).max()) if m else 0, cols.n)
         p = min(d - m, max(min_size, 2 * nonzeros - m, nonzeros))
         score = (g.T.abs() - alpha).masked_fill(inside, -math.inf)
+        # no more than the violators outside (beyond the tolerance) of the output that has the most: once the sets
+        # hold the support, the last rounds add a few features, not another set's worth of inert ones
+        p = min(p, max(min_size, int((score > tol_abs).sum(1).max())))
         new = torch.topk(score, p, dim=1).indices  # (kb, p): the worst violators outside the sets
         inside.scatter_(1, new, True)
         idx = torch.cat([idx, new], 1)
