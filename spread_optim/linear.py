@@ -58,7 +58,10 @@ restricted to per-output working sets, with the KKT conditions on the full gradi
   The outputs are solved as a batch, split into several batches only when their sets' columns would exceed 2^26
   numbers: live blocks of ``PER_OUTPUT`` (64) coefficients or more are gathered and factorised one output at a
   time, each at its own size; narrower ones by batched Cholesky factorisations padded to the widest. An output
-  whose set is solved stops moving, and its residual and gradient are no longer recomputed.
+  whose set is solved stops moving, and its residual and gradient are no longer recomputed. One output with a
+  dense float64 ``X`` on the CPU runs the same solver in NumPy (``_working_set_lasso_numpy``: the same rounds,
+  steps and rules; LAPACK's Cholesky through SciPy when installed), where a small fit is bound by the cost of a
+  torch operation (several microseconds, ~200 per Newton step), not by its arithmetic.
 
 With ``working_set=False`` (and for :class:`SpreadGroupLasso`), the coefficients of all outputs are one tensor
 handed to ``SpreadOptimizer`` with base ``torch.optim.LBFGS`` (strong-Wolfe line search, 10 iterations per
@@ -698,6 +701,225 @@ def _working_sets(cols, W, g, alpha, tol_abs, max_steps, min_size):
 
 
 # ----------------------------------------------------------------------------------------------------
+# one output on the CPU in float64: the same solver in NumPy (a few microseconds per operation, not tens)
+
+
+def _cholesky_solver():
+    """``(factor, solve)`` for a symmetric matrix: LAPACK's ``dpotrf``/``dpotrs`` through SciPy when it is installed
+    (a few microseconds a call), else torch's on the same memory."""
+    try:
+        from scipy.linalg.lapack import dpotrf, dpotrs
+    except ImportError:  # pragma: no cover - SciPy comes with scikit-learn
+        def factor(H):
+            chol, info = torch.linalg.cholesky_ex(torch.from_numpy(H))
+            return chol, int(info)
+
+        def solve(chol, b):
+            t = torch.linalg.solve_triangular(chol, torch.from_numpy(b)[:, None], upper=False)
+            return torch.linalg.solve_triangular(chol.mT, t, upper=True)[:, 0].numpy()
+
+        return factor, solve
+
+    def factor(H):
+        chol, info = dpotrf(H.T, lower=1, clean=0, overwrite_a=1)  # H.T: Fortran order, the same symmetric H
+        return chol, info
+
+    def solve(chol, b):
+        return dpotrs(chol, b, lower=1)[0]
+
+    return factor, solve
+
+
+class _NumpyNewton:
+    """:class:`_FactorisedNewton` for one output, in NumPy float64: the same steps (the Hessian at balanced factors,
+    Levenberg-Marquardt damping, Armijo backtracking stopping coefficients at 0, spread's zero pass), the state held
+    as ``theta`` (the factors are balanced after every step: ``U = sign(theta) sqrt|theta|``, ``W = sqrt|theta|``,
+    dead where ``theta = 0``). ``Xt``: ``X^T`` (d, n), C-contiguous; ``y``: (n,)."""
+
+    ARMIJO, HALVINGS = _FactorisedNewton.ARMIJO, _FactorisedNewton.HALVINGS
+
+    def __init__(self, Xt: np.ndarray, y: np.ndarray, alpha: float):
+        self.Xt, self.y, self.alpha = Xt, y, alpha
+        self.n = Xt.shape[1]
+        self.idx = np.zeros(0, dtype=np.int64)
+        self._cols = np.empty((0, self.n))  # the sets' columns (a buffer with room to grow)
+        self.theta = np.zeros(0)
+        self.g = np.zeros(0)
+        self.sq = np.zeros(0)
+        self.R = y.copy()
+        self.slot_of = np.zeros(0, dtype=np.int64)
+        self._slot_cols = np.empty((0, self.n))
+        self._gram = np.zeros((0, 0))
+        self.E = 0
+        self.damping = 0.0
+        self.steps = 0
+        self._factor, self._solve = _cholesky_solver()
+        self._block = None
+
+    @property
+    def Xw(self) -> np.ndarray:
+        return self._cols[:self.idx.size]
+
+    def append(self, new: np.ndarray) -> None:
+        m, p = self.idx.size, new.size
+        if m + p > self._cols.shape[0]:
+            cols = np.empty((min(self.Xt.shape[0], max(2 * (m + p), 64)), self.n))
+            cols[:m] = self._cols[:m]
+            self._cols = cols
+        np.take(self.Xt, new, axis=0, out=self._cols[m:m + p])
+        fresh = self._cols[m:m + p]
+        self.idx = np.concatenate([self.idx, new])
+        self.sq = np.concatenate([self.sq, np.einsum("ij,ij->i", fresh, fresh) / self.n])
+        self.theta = np.concatenate([self.theta, np.zeros(p)])
+        self.g = np.concatenate([self.g, fresh @ self.R / -self.n])
+        self.slot_of = np.concatenate([self.slot_of, np.full(p, -1, dtype=np.int64)])
+
+    def _ensure_gram(self, live_pos: np.ndarray) -> None:
+        pos = live_pos[self.slot_of[live_pos] < 0]
+        P, E = pos.size, self.E
+        if P == 0:
+            return
+        if E + P > self._gram.shape[0]:
+            room = max(E + P + (E + P) // 2, 64)
+            gram, cols = np.zeros((room, room)), np.empty((room, self.n))
+            gram[:E, :E], cols[:E] = self._gram[:E, :E], self._slot_cols[:E]
+            self._gram, self._slot_cols = gram, cols
+        self._slot_cols[E:E + P] = self.Xw[pos]
+        B = self._slot_cols[E:E + P] @ self._slot_cols[:E + P].T / self.n
+        self._gram[E:E + P, :E + P] = B
+        self._gram[:E, E:E + P] = B[:, :E].T
+        self.slot_of[pos] = E + np.arange(P)
+        self.E = E + P
+
+    def _live_block(self, live_pos: np.ndarray) -> np.ndarray:
+        if self._block is not None and np.array_equal(self._block[0], live_pos):
+            return self._block[1]
+        slots = self.slot_of[live_pos]
+        GL = self._gram[np.ix_(slots, slots)]
+        self._block = (live_pos, GL)
+        return GL
+
+    def _direction(self, thL, gL, GL):
+        alpha = self.alpha
+        s = np.sign(thL)
+        diag = GL.diagonal().copy()
+        extra = np.maximum((alpha + gL * s) / (2 * np.abs(thL)), 0.0) + 1e-12 * diag.max() + 1e-300
+        if self.damping:
+            extra += self.damping * diag
+        H = GL.copy()
+        H.flat[::H.shape[0] + 1] += extra
+        chol, info = self._factor(H)
+        if info > 0:  # not positive definite in floating point: a larger ridge
+            H = GL.copy()
+            H.flat[::H.shape[0] + 1] += extra + (1e-8 * diag.max() + 1e-300)
+            chol, info = self._factor(H)
+        rhs = -(gL + alpha * s)
+        t = np.nan_to_num(self._solve(chol, rhs), nan=0.0, posinf=0.0, neginf=0.0)
+        return t, -float(rhs @ t)
+
+    def _line_search(self, thL, gL, GL, t, slope):
+        """Armijo backtracking (as :meth:`_FactorisedNewton._line_search`, one halving at a time); returns
+        ``(point, accepted, eta)``."""
+        l1 = np.abs(thL).sum()
+        eta = 1.0
+        for _ in range(self.HALVINGS):
+            trial = thL + eta * t
+            trial[trial * thL < 0] = 0.0
+            D = trial - thL
+            change = float((gL + 0.5 * (GL @ D)) @ D) + self.alpha * (np.abs(trial).sum() - l1)
+            if change <= self.ARMIJO * slope * eta:
+                return trial, True, eta
+            eta *= 0.5
+        return thL, False, 2.0 ** -self.HALVINGS
+
+    def solve(self, tol: float, max_steps: int):
+        """Newton steps until the set's KKT residual is at most ``tol`` (as :meth:`_FactorisedNewton.solve`);
+        returns ``(kkt, stalled)``."""
+        alpha = self.alpha
+        lr = 1.0 / max(float(self.sq.sum()), np.finfo(np.float64).tiny)
+        self._block = None
+        first = True
+        while True:
+            theta, g = self.theta, self.g
+            kkt = _kkt_numpy(theta, g, alpha)
+            if self.steps >= max_steps or kkt <= tol:
+                return kkt, False
+            dead = theta == 0
+            revive = dead & (np.abs(g) > alpha)
+            revive_only = first and bool(revive.any())
+            first = False
+            new_theta, failed = theta.copy(), False
+            live_pos = np.flatnonzero(~dead)
+            if not revive_only:
+                self.steps += 1
+                if live_pos.size:
+                    self._ensure_gram(live_pos)
+                    GL = self._live_block(live_pos)
+                    thL, gL = theta[live_pos], g[live_pos]
+                    t, slope = self._direction(thL, gL, GL)
+                    best, accepted, eta = self._line_search(thL, gL, GL, t, slope)
+                    if self.damping or eta < 1:  # Levenberg-Marquardt, as in _FactorisedNewton.solve
+                        lam = self.damping
+                        lam = lam / 10 if accepted and eta >= 1 else (max(10 * lam, 1e-6) if eta < 0.25 else lam)
+                        self.damping = lam = 0.0 if lam < 1e-6 else lam
+                        failed = not accepted and lam >= 1e6
+                    new_theta[live_pos] = best
+            # spread's zero pass: a coefficient the step stopped at 0 stays there (snapped); a dead one is held unless
+            # |g| > alpha, which revives it by a proximal-gradient step
+            new_theta[revive] = -np.sign(g[revive]) * (lr * (np.abs(g[revive]) - alpha))
+            stalled = failed and np.array_equal(new_theta == 0, dead)
+            self.theta = new_theta
+            self.R = self.y - self.Xw.T @ new_theta
+            self.g = self.Xw @ self.R / -self.n
+            if stalled:
+                return _kkt_numpy(self.theta, self.g, alpha), True
+
+
+def _numpy_path(X, Y) -> bool:
+    """Whether the fit runs :func:`_working_set_lasso_numpy`: one output, a dense float64 ``X`` on the CPU (where
+    the per-operation cost of torch, not the arithmetic, bounds a small fit)."""
+    return Y.shape[1] == 1 and isinstance(X, torch.Tensor) and X.device.type == "cpu" and X.dtype == torch.float64
+
+
+def _kkt_numpy(theta: np.ndarray, g: np.ndarray, alpha: float) -> float:
+    """The largest violation of the lasso's optimality conditions (as :func:`_kkt_rows`, one output)."""
+    if theta.size == 0:
+        return 0.0
+    return float(np.where(theta == 0, np.maximum(np.abs(g) - alpha, 0.0), np.abs(g + alpha * np.sign(theta))).max())
+
+
+def _working_set_lasso_numpy(Xt: np.ndarray, y: np.ndarray, xty: np.ndarray, alpha, tol_abs, max_steps, min_size=10):
+    """:func:`_working_set_lasso` for one output in NumPy float64 (``Xt``: ``X^T`` (d, n) C-contiguous, ``y`` (n,),
+    ``xty = X^T y / n``): the same rounds (:func:`_working_sets`). Returns ``(w (d,), kkt, steps, rounds)``."""
+    d = Xt.shape[0]
+    solver = _NumpyNewton(Xt, y, alpha)
+    w, g = np.zeros(d), -xty
+    inside = np.zeros(d, dtype=bool)
+    rounds, stalled = 0, False
+    while True:
+        kkt = _kkt_numpy(w, g, alpha)
+        score = np.abs(g) - alpha
+        score[inside] = -math.inf
+        outside = max(float(score.max()), 0.0)
+        m = solver.idx.size
+        if kkt <= tol_abs or solver.steps >= max_steps or rounds >= max_steps or m >= d or (outside <= tol_abs and stalled):
+            return w, kkt, solver.steps, rounds
+        nonzeros = min(int(np.count_nonzero(solver.theta)), solver.n)
+        p = min(d - m, max(min_size, 2 * nonzeros - m, nonzeros))
+        p = min(p, max(min_size, int((score > tol_abs).sum())))
+        new = np.argpartition(-score, p - 1)[:p] if p < d - m else np.flatnonzero(~inside)
+        new = new[np.argsort(-score[new], kind="stable")]  # the worst first, as torch.topk
+        inside[new] = True
+        solver.append(new)
+        inner_tol = tol_abs if m + p >= d else max(tol_abs, 0.1 * outside)
+        _, stalled = solver.solve(inner_tol, max_steps)
+        rounds += 1
+        w = np.zeros(d)
+        w[solver.idx] = solver.theta
+        g = Xt @ solver.R / -solver.n
+
+
+# ----------------------------------------------------------------------------------------------------
 # estimators
 
 
@@ -845,7 +1067,13 @@ class SpreadLasso(_SpreadLinear):
         n, d = X.shape
         alpha, max_iter = params["alpha"], params["max_iter"]
         tol_abs = params["tol"] * float(XtY.abs().max())
-        if working_set and alpha > 0:  # alpha = 0: every feature is in, a working set would only add rounds
+        if working_set and alpha > 0 and _numpy_path(X, Y):  # one output, dense, float64 on the CPU
+            with torch.no_grad():
+                w, kkt, steps, rounds = _working_set_lasso_numpy(
+                    X.T.contiguous().numpy(), Y[:, 0].contiguous().numpy(), XtY[:, 0].contiguous().numpy(), alpha, tol_abs,
+                    max_iter)
+            W = torch.from_numpy(w)[:, None]
+        elif working_set and alpha > 0:  # alpha = 0: every feature is in, a working set would only add rounds
             W, kkt, steps, rounds = _working_set_lasso(X, Y, XtY, alpha, tol_abs, max_iter)
         else:
             W0 = torch.zeros(d, Y.shape[1], dtype=XtY.dtype, device=XtY.device)

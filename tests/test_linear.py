@@ -308,3 +308,35 @@ def test_lasso_many_outputs_wide_live_sets(monkeypatch, per_output):
         obj, obj_ref = (lasso_objective(X, Y[:, j], m.coef_[j], m.intercept_[j], alpha) for m in (model, ref))
         assert obj - obj_ref <= 1e-9 * obj_ref
     assert np.abs(model.coef_ - ref.coef_).max() < 1e-4
+
+
+@pytest.mark.parametrize("seed, frac", [(24, 0.1), (25, 0.01)])
+def test_lasso_single_output_numpy_path_is_the_torch_solver(monkeypatch, seed, frac):
+    """One output, dense float64 on the CPU: the NumPy copy of the solver (``_working_set_lasso_numpy``) takes the
+    steps of the torch one and ends at scikit-learn's support and objective; a 2-D ``y`` with one column, float32
+    and sparse ``X`` take the torch path."""
+    import spread_optim.linear as linear
+
+    X, y = correlated(n=60, d=400, seed=seed)
+    Xc, yc = X - X.mean(0), y - y.mean()
+    alpha = frac * np.abs(Xc.T @ yc).max() / len(y)
+    ref = sklearn_lasso(X, y, alpha)
+    calls = []
+    original = linear._working_set_lasso_numpy
+    monkeypatch.setattr(linear, "_working_set_lasso_numpy", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fast = SpreadLasso(alpha=alpha, tol=1e-9).fit(X, y)
+    assert calls == [1]
+    monkeypatch.setattr(linear, "_numpy_path", lambda X, Y: False)
+    slow = SpreadLasso(alpha=alpha, tol=1e-9).fit(X, y)
+    assert calls == [1]
+    for model in (fast, slow):
+        assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
+        obj, obj_ref = (lasso_objective(X, y, m.coef_, m.intercept_, alpha) for m in (model, ref))
+        assert obj - obj_ref <= 1e-9 * obj_ref
+        assert np.abs(model.coef_ - ref.coef_).max() < 1e-5 and abs(model.intercept_ - ref.intercept_) < 1e-5
+        assert model.kkt_residual_ <= 1e-9 * np.abs(Xc.T @ yc).max() / len(y)
+    assert np.abs(fast.coef_ - slow.coef_).max() < 1e-8
+    assert fast.n_rounds_ == slow.n_rounds_ and abs(fast.n_iter_ - slow.n_iter_) <= 1
+    monkeypatch.undo()
+    assert not linear._numpy_path(torch.zeros(3, 2), torch.zeros(3, 1))  # float32
+    assert not linear._numpy_path(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64))
