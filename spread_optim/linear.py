@@ -58,10 +58,13 @@ restricted to per-output working sets, with the KKT conditions on the full gradi
   The outputs are solved as a batch, split into several batches only when their sets' columns would exceed 2^26
   numbers: live blocks of ``PER_OUTPUT`` (64) coefficients or more are gathered and factorised one output at a
   time, each at its own size; narrower ones by batched Cholesky factorisations padded to the widest. An output
-  whose set is solved stops moving, and its residual and gradient are no longer recomputed. One output with a
-  dense float64 ``X`` on the CPU runs the same solver in NumPy (``_working_set_lasso_numpy``: the same rounds,
-  steps and rules; LAPACK's Cholesky through SciPy when installed), where a small fit is bound by the cost of a
-  torch operation (several microseconds, ~200 per Newton step), not by its arithmetic.
+  whose set is solved stops moving, and its residual and gradient are no longer recomputed.
+* A dense float64 ``X`` on the CPU runs the same solver in NumPy (``_working_set_lasso_numpy``: the same steps
+  and rules; LAPACK's Cholesky through SciPy when installed): a small fit is bound by the cost of an operation
+  (a torch operation costs several microseconds, ~200 per Newton step), not by its arithmetic. There each output
+  has its own working set (grown by its own rule, not the widest output's) and its own Newton solve on its own
+  live block, one output after the other; the rounds are shared by the outputs of a batch (one product ``X^T R``
+  checks every feature of the outputs that moved), and an output that meets the tolerance leaves them.
 
 With ``working_set=False`` (and for :class:`SpreadGroupLasso`), the coefficients of all outputs are one tensor
 handed to ``SpreadOptimizer`` with base ``torch.optim.LBFGS`` (strong-Wolfe line search, 10 iterations per
@@ -876,9 +879,9 @@ class _NumpyNewton:
 
 
 def _numpy_path(X, Y) -> bool:
-    """Whether the fit runs :func:`_working_set_lasso_numpy`: one output, a dense float64 ``X`` on the CPU (where
-    the per-operation cost of torch, not the arithmetic, bounds a small fit)."""
-    return Y.shape[1] == 1 and isinstance(X, torch.Tensor) and X.device.type == "cpu" and X.dtype == torch.float64
+    """Whether the fit runs :func:`_working_set_lasso_numpy`: a dense float64 ``X`` on the CPU (where the per-operation
+    cost of torch, not the arithmetic, bounds a small fit, and per-output solves need no padding)."""
+    return isinstance(X, torch.Tensor) and X.device.type == "cpu" and X.dtype == torch.float64
 
 
 def _kkt_numpy(theta: np.ndarray, g: np.ndarray, alpha: float) -> float:
@@ -888,35 +891,61 @@ def _kkt_numpy(theta: np.ndarray, g: np.ndarray, alpha: float) -> float:
     return float(np.where(theta == 0, np.maximum(np.abs(g) - alpha, 0.0), np.abs(g + alpha * np.sign(theta))).max())
 
 
-def _working_set_lasso_numpy(Xt: np.ndarray, y: np.ndarray, xty: np.ndarray, alpha, tol_abs, max_steps, min_size=10):
-    """:func:`_working_set_lasso` for one output in NumPy float64 (``Xt``: ``X^T`` (d, n) C-contiguous, ``y`` (n,),
-    ``xty = X^T y / n``): the same rounds (:func:`_working_sets`). Returns ``(w (d,), kkt, steps, rounds)``."""
-    d = Xt.shape[0]
-    solver = _NumpyNewton(Xt, y, alpha)
-    w, g = np.zeros(d), -xty
-    inside = np.zeros(d, dtype=bool)
-    rounds, stalled = 0, False
-    while True:
-        kkt = _kkt_numpy(w, g, alpha)
-        score = np.abs(g) - alpha
-        score[inside] = -math.inf
-        outside = max(float(score.max()), 0.0)
-        m = solver.idx.size
-        if kkt <= tol_abs or solver.steps >= max_steps or rounds >= max_steps or m >= d or (outside <= tol_abs and stalled):
-            return w, kkt, solver.steps, rounds
-        nonzeros = min(int(np.count_nonzero(solver.theta)), solver.n)
-        p = min(d - m, max(min_size, 2 * nonzeros - m, nonzeros))
-        p = min(p, max(min_size, int((score > tol_abs).sum())))
-        new = np.argpartition(-score, p - 1)[:p] if p < d - m else np.flatnonzero(~inside)
-        new = new[np.argsort(-score[new], kind="stable")]  # the worst first, as torch.topk
-        inside[new] = True
-        solver.append(new)
-        inner_tol = tol_abs if m + p >= d else max(tol_abs, 0.1 * outside)
-        _, stalled = solver.solve(inner_tol, max_steps)
+def _working_set_lasso_numpy(Xt: np.ndarray, Yt: np.ndarray, XtY: np.ndarray, alpha, tol_abs, max_steps, min_size=10):
+    """:func:`_working_set_lasso` in NumPy float64 (``Xt``: ``X^T`` (d, n) C-contiguous, ``Yt``: ``Y^T`` (k, n),
+    ``XtY = X^T Y / n`` (d, k)). Returns ``(W (d, k), kkt, steps, rounds)``. The outputs are solved in the batches of
+    :func:`_output_batches`; the rounds of a batch are shared (one product ``X^T R`` checks all its outputs), each
+    output's set and solve its own (:func:`_numpy_rounds`)."""
+    n, k = Xt.shape[1], Yt.shape[0]
+    W, G = np.zeros(XtY.shape), -XtY
+    steps = rounds = 0
+    for part in _output_batches(k, n, Xt.shape[0]):
+        W[:, part], G[:, part], s, r = _numpy_rounds(Xt, Yt[part], G[:, part], alpha, tol_abs, max_steps, min_size)
+        steps, rounds = max(steps, s), max(rounds, r)
+    kkt = max((_kkt_numpy(W[:, j], G[:, j], alpha) for j in range(k)), default=0.0)
+    return W, kkt, steps, rounds
+
+
+def _numpy_rounds(Xt, Yt, G, alpha, tol_abs, max_steps, min_size):
+    """The working-set rounds of :func:`_working_sets` for a batch of outputs, each with its own set (no padding to
+    the widest) and its own solve (:class:`_NumpyNewton`); an output stops taking part once it meets ``tol_abs``
+    (or its set is every feature, or it stalled with no violator outside). Returns ``(W, G, steps, rounds)``."""
+    d, n = Xt.shape
+    k = Yt.shape[0]
+    solvers = [_NumpyNewton(Xt, Yt[j], alpha) for j in range(k)]
+    W, G = np.zeros((d, k)), G.copy()
+    inside = np.zeros((k, d), dtype=bool)
+    stalled = np.zeros(k, dtype=bool)
+    rounds = 0
+    while rounds < max_steps:
+        moved = []
+        for j, solver in enumerate(solvers):
+            g = G[:, j]
+            kkt = _kkt_numpy(W[:, j], g, alpha)
+            score = np.abs(g) - alpha
+            score[inside[j]] = -math.inf
+            outside = max(float(score.max()), 0.0)
+            m = solver.idx.size
+            if kkt <= tol_abs or solver.steps >= max_steps or m >= d or (outside <= tol_abs and stalled[j]):
+                continue
+            # (a solution has at most n nonzeros: more are an inner solve stopped early, not a reason to grow faster)
+            nonzeros = min(int(np.count_nonzero(solver.theta)), n)
+            p = min(d - m, max(min_size, 2 * nonzeros - m, nonzeros), max(min_size, int((score > tol_abs).sum())))
+            new = np.argpartition(-score, p - 1)[:p] if p < d - m else np.flatnonzero(~inside[j])
+            new = new[np.argsort(-score[new], kind="stable")]  # the worst first, as torch.topk
+            inside[j, new] = True
+            solver.append(new)
+            inner_tol = tol_abs if m + p >= d else max(tol_abs, 0.1 * outside)
+            stalled[j] = solver.solve(inner_tol, max_steps)[1]
+            W[:, j] = 0.0
+            W[solver.idx, j] = solver.theta
+            moved.append(j)
+        if not moved:
+            break
         rounds += 1
-        w = np.zeros(d)
-        w[solver.idx] = solver.theta
-        g = Xt @ solver.R / -solver.n
+        # one product checks every feature of the outputs that moved
+        G[:, moved] = Xt @ np.stack([solvers[j].R for j in moved], 1) / -n
+    return W, G, max((s.steps for s in solvers), default=0), rounds
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1067,12 +1096,11 @@ class SpreadLasso(_SpreadLinear):
         n, d = X.shape
         alpha, max_iter = params["alpha"], params["max_iter"]
         tol_abs = params["tol"] * float(XtY.abs().max())
-        if working_set and alpha > 0 and _numpy_path(X, Y):  # one output, dense, float64 on the CPU
+        if working_set and alpha > 0 and _numpy_path(X, Y):  # dense, float64, on the CPU
             with torch.no_grad():
-                w, kkt, steps, rounds = _working_set_lasso_numpy(
-                    X.T.contiguous().numpy(), Y[:, 0].contiguous().numpy(), XtY[:, 0].contiguous().numpy(), alpha, tol_abs,
-                    max_iter)
-            W = torch.from_numpy(w)[:, None]
+                W, kkt, steps, rounds = _working_set_lasso_numpy(
+                    X.T.contiguous().numpy(), Y.T.contiguous().numpy(), XtY.numpy(), alpha, tol_abs, max_iter)
+            W = torch.from_numpy(W)
         elif working_set and alpha > 0:  # alpha = 0: every feature is in, a working set would only add rounds
             W, kkt, steps, rounds = _working_set_lasso(X, Y, XtY, alpha, tol_abs, max_iter)
         else:

@@ -31,12 +31,23 @@ def correlated(n=50, d=80, outputs=1, seed=0, offset=1.0):
     return X, (Y[:, 0] if outputs == 1 else Y)
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def path(request, monkeypatch):
+    """The working-set solver's two implementations: NumPy (dense float64 on the CPU, the default there) and torch
+    (float32, sparse ``X``, GPUs; forced here by turning the NumPy path off)."""
+    import spread_optim.linear as linear
+
+    if request.param == "torch":
+        monkeypatch.setattr(linear, "_numpy_path", lambda X, Y: False)
+    return request.param
+
+
 def sklearn_lasso(X, y, alpha, fit_intercept=True):
     return Lasso(alpha=alpha, fit_intercept=fit_intercept, tol=1e-14, max_iter=10**6).fit(X, y)
 
 
 @pytest.mark.parametrize("working_set", [True, False])
-def test_lasso_matches_sklearn(working_set):
+def test_lasso_matches_sklearn(working_set, path):
     X, y = correlated(seed=1)
     ref = sklearn_lasso(X, y, 0.1)
     model = SpreadLasso(alpha=0.1, tol=1e-7, working_set=working_set).fit(X, y)
@@ -49,7 +60,7 @@ def test_lasso_matches_sklearn(working_set):
 
 
 @pytest.mark.parametrize("working_set", [True, False])
-def test_lasso_multi_output_is_one_lasso_per_output(working_set):
+def test_lasso_multi_output_is_one_lasso_per_output(working_set, path):
     X, Y = correlated(n=60, d=40, outputs=3, seed=2)
     ref = sklearn_lasso(X, Y, 0.15)
     model = SpreadLasso(alpha=0.15, tol=1e-7, working_set=working_set).fit(X, Y)
@@ -180,7 +191,7 @@ def lasso_objective(X, y, coef, intercept, alpha):
     return (r * r).sum() / (2 * len(y)) + alpha * np.abs(coef).sum()
 
 
-def test_lasso_many_active_coefficients():
+def test_lasso_many_active_coefficients(path):
     """``alpha = 0.01 alpha_max`` with ``d > n``: nearly ``n`` nonzeros, where the factorised curvature ``~2|theta|``
     stalls first-order steps; the Newton steps reach scikit-learn's objective and support."""
     X, y = correlated(n=40, d=150, seed=11)
@@ -207,7 +218,7 @@ def test_lasso_sparse_x_multi_output_matches_sklearn():
     assert np.abs(model.intercept_ - ref.intercept_).max() < COEF_TOL
 
 
-def test_lasso_outputs_of_very_different_sparsity(monkeypatch):
+def test_lasso_outputs_of_very_different_sparsity(monkeypatch, path):
     """Outputs solved together are padded to the widest live set: an output whose solution is 0 beside dense ones,
     in one batch and one output per batch, both as scikit-learn's."""
     import spread_optim.linear as linear
@@ -269,7 +280,7 @@ def test_newton_line_search_batched_is_sequential_backtracking():
     assert bool(accepted[0]) and float(eta[0]) == 1.0 and not bool(accepted[-1])
 
 
-def test_lasso_many_rounds_revives_new_members_first():
+def test_lasso_many_rounds_revives_new_members_first(path):
     """Sets that grow over many rounds (``d >> n``, ``alpha = 0.02 alpha_max``, two outputs): each round's new members
     that violate ``|g| <= alpha`` are revived before its first Newton step. Exact support and objective as
     scikit-learn's."""
@@ -287,7 +298,7 @@ def test_lasso_many_rounds_revives_new_members_first():
 
 
 @pytest.mark.parametrize("per_output", [64, 10**9])
-def test_lasso_many_outputs_wide_live_sets(monkeypatch, per_output):
+def test_lasso_many_outputs_wide_live_sets(monkeypatch, per_output, path):
     """Several outputs with ~40-90 nonzeros each (``d > n``, ``alpha = 0.01 alpha_max``): the sets grow by no more
     than the worst output's violators once they hold the support; live blocks are factorised one output at a time
     at their own sizes (``PER_OUTPUT``; or batched, padded to the widest), and only the outputs not yet converged
@@ -312,9 +323,8 @@ def test_lasso_many_outputs_wide_live_sets(monkeypatch, per_output):
 
 @pytest.mark.parametrize("seed, frac", [(24, 0.1), (25, 0.01)])
 def test_lasso_single_output_numpy_path_is_the_torch_solver(monkeypatch, seed, frac):
-    """One output, dense float64 on the CPU: the NumPy copy of the solver (``_working_set_lasso_numpy``) takes the
-    steps of the torch one and ends at scikit-learn's support and objective; a 2-D ``y`` with one column, float32
-    and sparse ``X`` take the torch path."""
+    """Dense float64 on the CPU: the NumPy copy of the solver (``_working_set_lasso_numpy``) takes the steps of the
+    torch one and ends at scikit-learn's support and objective; float32 takes the torch path."""
     import spread_optim.linear as linear
 
     X, y = correlated(n=60, d=400, seed=seed)
@@ -339,4 +349,4 @@ def test_lasso_single_output_numpy_path_is_the_torch_solver(monkeypatch, seed, f
     assert fast.n_rounds_ == slow.n_rounds_ and abs(fast.n_iter_ - slow.n_iter_) <= 1
     monkeypatch.undo()
     assert not linear._numpy_path(torch.zeros(3, 2), torch.zeros(3, 1))  # float32
-    assert not linear._numpy_path(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64))
+    assert linear._numpy_path(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64))
