@@ -794,13 +794,22 @@ class _NumpyNewton:
         self.slot_of[pos] = E + np.arange(P)
         self.E = E + P
 
-    def _live_block(self, live_pos: np.ndarray) -> np.ndarray:
+    def _live_block(self, live_pos: np.ndarray):
+        """``(order, GL)``: the live positions in slot order and their Gram block (a view of the slots' Gram where
+        they are consecutive slots, as when no coordinate has died; else two ``take``s). Reused while the live
+        coordinates do not change."""
         if self._block is not None and np.array_equal(self._block[0], live_pos):
             return self._block[1]
         slots = self.slot_of[live_pos]
-        GL = self._gram[np.ix_(slots, slots)]
-        self._block = (live_pos, GL)
-        return GL
+        perm = np.argsort(slots, kind="stable")
+        order, slots = live_pos[perm], slots[perm]
+        first, L = int(slots[0]), slots.size
+        if int(slots[-1]) - first == L - 1:
+            GL = self._gram[first:first + L, first:first + L]
+        else:
+            GL = self._gram.take(slots, 0).take(slots, 1)
+        self._block = (live_pos, (order, GL))
+        return order, GL
 
     def _direction(self, thL, gL, GL):
         alpha = self.alpha
@@ -857,7 +866,7 @@ class _NumpyNewton:
                 self.steps += 1
                 if live_pos.size:
                     self._ensure_gram(live_pos)
-                    GL = self._live_block(live_pos)
+                    live_pos, GL = self._live_block(live_pos)
                     thL, gL = theta[live_pos], g[live_pos]
                     t, slope = self._direction(thL, gL, GL)
                     best, accepted, eta = self._line_search(thL, gL, GL, t, slope)
