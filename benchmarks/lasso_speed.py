@@ -151,7 +151,7 @@ SWEEPS = {  # name -> (fit, tolerances from loose to tight)
     "celer": (per_output(celer_model), [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10]),
     "skglm": (per_output(skglm_model), [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10]),
     "scikit-learn": (sklearn_fit, [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10]),
-    "SpreadLasso": (spread_fit, [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8]),
+    "SpreadLasso": (spread_fit, [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10]),
 }
 
 

@@ -44,16 +44,27 @@ restricted to per-output working sets, with the KKT conditions on the full gradi
   becomes live, and kept for the fit.
 * Exact zeros: between steps, spread's zero pass (``kernels/reference.py``, ``element_zero_pass``) snaps the
   coefficients the step stopped at 0 and holds a dead one (``U = W = 0``, a saddle of ``F``) unless
-  ``|g| > alpha``, which revives it by a proximal-gradient step of size ``1/trace(X_S^T X_S / n)``.
+  ``|g| > alpha``, which revives it by a proximal-gradient step of size ``1/trace(X_S^T X_S / n)``. A round's
+  solve starts with this pass alone (no Newton step) where the sets' new members violate ``|g| <= alpha``, so its
+  first Newton step already moves them (a Newton step on the last round's live set alone would be wasted).
 * Working sets. For each output the set starts with the 10 features that violate ``|g_i| <= alpha`` the most;
   each round adds the worst violators outside (at least 10, at least the widest output's nonzeros, and enough
-  for the sets to hold twice those),
+  for the sets to hold twice those, but no more than the most violators beyond the tolerance of one output: once
+  the sets hold the support, the last rounds add a few features),
   solves the sets to a KKT residual of ``max(tol * alpha_max, 0.1 * the largest violation outside)``, and checks
   every feature of every output with one product ``X^T R``; the rounds end when the largest violation of the
   lasso's optimality conditions over all ``d`` features (``kkt_residual_``) is at most ``tol * alpha_max``, with
   ``alpha_max = max |X^T Y| / n`` (so ``tol`` is scale free; it is not scikit-learn's duality-gap ``tol``).
-  The outputs are solved as a batch (batched Cholesky factorisations, padded to the widest live set), split
-  into several batches only when their sets' columns would exceed 2^26 numbers.
+  The outputs are solved as a batch, split into several batches only when their sets' columns would exceed 2^26
+  numbers: live blocks of ``PER_OUTPUT`` (64) coefficients or more are gathered and factorised one output at a
+  time, each at its own size; narrower ones by batched Cholesky factorisations padded to the widest. An output
+  whose set is solved stops moving, and its residual and gradient are no longer recomputed.
+* A dense float64 ``X`` on the CPU runs the same solver in NumPy (``_working_set_lasso_numpy``: the same steps
+  and rules; LAPACK's Cholesky through SciPy when installed): a small fit is bound by the cost of an operation
+  (a torch operation costs several microseconds, ~200 per Newton step), not by its arithmetic. There each output
+  has its own working set (grown by its own rule, not the widest output's) and its own Newton solve on its own
+  live block, one output after the other; the rounds are shared by the outputs of a batch (one product ``X^T R``
+  checks every feature of the outputs that moved), and an output that meets the tolerance leaves them.
 
 With ``working_set=False`` (and for :class:`SpreadGroupLasso`), the coefficients of all outputs are one tensor
 handed to ``SpreadOptimizer`` with base ``torch.optim.LBFGS`` (strong-Wolfe line search, 10 iterations per
@@ -236,13 +247,23 @@ class _DenseColumns:
     def __init__(self, Xt: torch.Tensor, Yt: torch.Tensor):
         self.Xt, self.Y = Xt, Yt
         self.n = Xt.shape[1]
-        self.Xw = Xt.new_zeros(Yt.shape[0], 0, self.n)
+        self._buffer = Xt.new_zeros(Yt.shape[0], 0, self.n)  # room for the sets to grow into, without copies
+        self.Xw = self._buffer
+        self._slots = None  # the columns of the Gram's slots (slot_gram)
 
     def append(self, new: torch.Tensor) -> torch.Tensor:
         """Add the features ``new`` (k, p) to the sets; returns their squared norms / n (the Gram's diagonal)."""
         k, p = new.shape
-        cols = self.Xt[new.reshape(-1)].reshape(k, p, self.n)
-        self.Xw = torch.cat([self.Xw, cols], 1)
+        m = self.Xw.shape[1]
+        if m + p > self._buffer.shape[1]:  # grow the buffer (at least twice, at most d columns): few copies in all
+            room = min(self.Xt.shape[0], max(2 * (m + p), 64))
+            buffer = self.Xt.new_empty(k, max(room, m + p), self.n)
+            buffer[:, :m] = self.Xw
+            self._buffer = buffer
+        cols = self._buffer[:, m:m + p]
+        torch.index_select(self.Xt, 0, new.reshape(-1), out=cols.view(k * p, self.n)) if k == 1 else cols.copy_(
+            self.Xt[new.reshape(-1)].reshape(k, p, self.n))
+        self.Xw = self._buffer[:, :m + p]
         return cols.pow(2).sum(2) / self.n
 
     def residual(self, theta: torch.Tensor) -> torch.Tensor:
@@ -251,12 +272,39 @@ class _DenseColumns:
 
     def grad(self, R: torch.Tensor) -> torch.Tensor:
         """The data term's gradient on the sets, ``-X_ws^T R / n`` (k, m)."""
-        return torch.bmm(self.Xw, R.unsqueeze(2)).squeeze(2) / -self.n
+        return torch.bmm(R.unsqueeze(1), self.Xw.transpose(1, 2)).squeeze(1) / -self.n  # 2x faster than Xw @ R
+
+    def update_rows(self, R: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, rows: list):
+        """``(R, g)`` with the rows ``rows`` (outputs) recomputed for ``theta`` (the others are kept): one product
+        per output, not a batched one over outputs that did not move."""
+        R, g = R.clone(), g.clone()
+        for j in rows:
+            R[j] = self.Y[j] - torch.mv(self.Xw[j].T, theta[j])
+            g[j] = torch.mv(self.Xw[j], R[j]) / -self.n
+        return R, g
 
     def gram(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``X_a^T X_b / n`` (k, P, Q) for working-set positions ``rows`` (k, P) and ``cols`` (k, Q)."""
         batch = torch.arange(rows.shape[0], device=rows.device)[:, None]
         return torch.bmm(self.Xw[batch, rows], self.Xw[batch, cols].transpose(1, 2)) / self.n
+
+    def slot_gram(self, pos: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
+        """The Gram rows of new slots: ``gram(pos, [slot_pos, pos])``, the columns of the earlier slots kept in a buffer
+        in slot order (taken once, not again at every call)."""
+        k, P = pos.shape
+        E = slot_pos.shape[1]
+        if self._slots is None or E + P > self._slots.shape[1]:
+            room = min(max(2 * (E + P), 64), self.Xw.shape[1] + P)
+            buffer = self.Xt.new_empty(k, max(room, E + P), self.n)
+            if E:
+                buffer[:, :E] = self._slots[:, :E] if self._slots is not None else self.Xw[self._batch(k), slot_pos]
+            self._slots = buffer
+        new = self._slots[:, E:E + P]
+        new.copy_(self.Xw[self._batch(k), pos])
+        return torch.bmm(new, self._slots[:, :E + P].transpose(1, 2)) / self.n
+
+    def _batch(self, k: int) -> torch.Tensor:
+        return torch.arange(k, device=self.Xt.device)[:, None]
 
     def full_grad(self, R: torch.Tensor) -> torch.Tensor:
         """The data term's gradient over every feature, ``-X^T R / n`` (d, k)."""
@@ -300,6 +348,13 @@ class _SparseColumns:
             G = G - mr[:, :, None] * mc[:, None, :]
         return G
 
+    def slot_gram(self, pos: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
+        return self.gram(pos, torch.cat([slot_pos, pos], 1))
+
+    def update_rows(self, R: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, rows: list):
+        R = self.residual(theta)
+        return R, self.grad(R)
+
     def full_grad(self, R: torch.Tensor) -> torch.Tensor:
         return (self.X.T @ R.T) / -self.n
 
@@ -317,11 +372,15 @@ class _FactorisedNewton:
     steps on the live (nonzero) factors with spread's exact-zero pass between steps (module docstring, "Solver").
 
     The Gram entries of the live coordinates are computed once, when a coordinate first becomes live, and kept
-    for the whole fit (``Ge`` (k, E, E) over "slots"; ``slot_of`` (k, m): a coordinate's slot or -1).
+    for the whole fit (``_gram`` (k, 1 + E, 1 + E) and more, over "slots" 1..E; ``slot_of`` (k, m): a coordinate's slot or -1).
     """
 
     #: Armijo's sufficient-decrease constant and the most halvings of a step
     ARMIJO, HALVINGS = 1e-4, 30
+    #: step sizes of the line search evaluated together
+    CANDIDATES = 8
+    #: live blocks at least this wide are gathered and factorised one output at a time (each its own size)
+    PER_OUTPUT = 64
 
     def __init__(self, columns, alpha: float):
         self.cols, self.alpha, self.kappa = columns, alpha, alpha / 2
@@ -335,7 +394,10 @@ class _FactorisedNewton:
         self.sq = Y.new_zeros(k, 0)  # the Gram's diagonal on the sets
         self.slot_of = torch.zeros(k, 0, dtype=torch.long, device=Y.device)
         self.slot_pos = torch.zeros(k, 0, dtype=torch.long, device=Y.device)
-        self.Ge = Y.new_zeros(k, 0, 0)
+        # the Gram entries of the slots, in a buffer with room to grow (k, cap, cap); slot 0 is all zeros (what the
+        # padding of a live block reads), the E slots in use are 1..E
+        self._gram = Y.new_zeros(k, 1, 1)
+        self.E = 0
         self.damping = Y.new_zeros(k)  # Levenberg-Marquardt's lambda per output, 0 while Newton steps succeed
         self._damped = False
         self._block = None  # the last live block (see _live_block)
@@ -361,21 +423,25 @@ class _FactorisedNewton:
         P = int(count.max())
         if P == 0:
             return
-        k, E = self.Ge.shape[0], self.Ge.shape[1]
+        k, E = self._gram.shape[0], self.E
         pos = torch.argsort((~new).to(torch.int8), dim=1, stable=True)[:, :P]  # the new ones first
         valid = torch.arange(P, device=pos.device)[None, :] < count[:, None]
         pos = torch.where(valid, pos, pos[:, :1])  # padding repeats the first (its Gram rows are never read)
-        B = self.cols.gram(pos, torch.cat([self.slot_pos, pos], 1))  # (k, P, E + P)
-        Ge = self.Ge.new_zeros(k, E + P, E + P)
-        Ge[:, :E, :E] = self.Ge
-        Ge[:, E:, :] = B
-        Ge[:, :E, E:] = B[:, :, :E].transpose(1, 2)
-        self.Ge = Ge
+        B = self.cols.slot_gram(pos, self.slot_pos)  # (k, P, E + P): against the slots and the new ones
+        size = 1 + E + P
+        if size > self._gram.shape[1]:  # grow the buffer (by half at least): few copies of the old entries
+            room = max(size + size // 2, 64)
+            buffer = self._gram.new_zeros(k, room, room)
+            buffer[:, :1 + E, :1 + E] = self._gram[:, :1 + E, :1 + E]
+            self._gram = buffer
+        self._gram[:, 1 + E:size, 1:size] = B
+        self._gram[:, 1:1 + E, 1 + E:size] = B[:, :, :E].transpose(1, 2)
+        self.E = E + P
         self.slot_pos = torch.cat([self.slot_pos, pos], 1)
-        slots = E + torch.arange(P, device=pos.device)[None, :].expand(k, P)
+        slots = 1 + E + torch.arange(P, device=pos.device)[None, :].expand(k, P)
         # padding entries (repeats of the first new coordinate, or of position 0 where there is none) write the same
         # value as the entry they repeat, so the scatter is well defined
-        first = torch.where(count[:, None] > 0, E, torch.gather(self.slot_of, 1, pos[:, :1]))
+        first = torch.where(count[:, None] > 0, 1 + E, torch.gather(self.slot_of, 1, pos[:, :1]))
         self.slot_of.scatter_(1, pos, torch.where(valid, slots, first))
 
     def _live_block(self, live: torch.Tensor, act):
@@ -391,18 +457,27 @@ class _FactorisedNewton:
         pad = torch.arange(L, device=order.device)[None, :] >= count[:, None]
         padded = bool(pad.any())
         slot_of = self.slot_of if act is None else self.slot_of[act]
-        Ge = self.Ge if act is None else self.Ge[act]
         slots = torch.gather(slot_of, 1, order)
         if padded:
-            slots = slots.masked_fill(pad, 0)
-        GL = Ge[torch.arange(Ge.shape[0], device=order.device)[:, None, None], slots[:, :, None], slots[:, None, :]]
-        if padded:
-            GL = GL.masked_fill(pad[:, :, None] | pad[:, None, :], 0.0)
-        block = (order, pad, padded, GL)
+            slots = slots.masked_fill(pad, 0)  # slot 0: zeros
+        G, kb = self._gram, slots.shape[0]
+        if kb == 1:  # two index_selects are several times faster than one 3-D advanced index
+            i = 0 if act is None else int(act[0])
+            GL = G[i].index_select(0, slots[0]).index_select(1, slots[0]).unsqueeze(0)
+        elif L >= self.PER_OUTPUT:  # one output at a time (faster than one index_select of a flat index)
+            GL = G.new_empty(kb, L, L)
+            for j, i in enumerate(range(kb) if act is None else act.tolist()):
+                torch.index_select(G[i].index_select(0, slots[j]), 1, slots[j], out=GL[j])
+        else:  # one index_select on the flat buffer (half the time of two gathers)
+            cap = G.shape[1]
+            rows = torch.arange(G.shape[0], device=slots.device) if act is None else act
+            flat = (rows[:, None] * (cap * cap) + slots * cap)[:, :, None] + slots[:, None, :]
+            GL = G.view(-1).index_select(0, flat.view(-1)).view(kb, L, L)
+        block = (order, pad, padded, GL, count.tolist() if kb > 1 and L >= self.PER_OUTPUT else None)
         self._block = (act, live, block) if act is None else None
         return block
 
-    def _newton_direction(self, theta, g, damping, order, pad, padded, GL):
+    def _newton_direction(self, theta, g, damping, order, pad, padded, GL, counts):
         """The Newton step ``t`` in ``theta`` on the live coordinates ``order`` (rows: the outputs of ``theta``, ``g``),
         and what the line search needs: ``(thL, gL, t, slope)``."""
         alpha = self.alpha
@@ -414,43 +489,67 @@ class _FactorisedNewton:
         # X^T X / n + diag((alpha + g*s) / (2|theta|)), its negative entries (directions of negative curvature of
         # the factors, coefficients that want to grow) set to 0; a tiny ridge, and Levenberg-Marquardt's damping
         size = thL.abs().masked_fill(pad, 1.0) if padded else thL.abs()
-        diag = GL.diagonal(dim1=1, dim2=2)
+        H = GL  # factorised in place of the block's diagonal, restored below (no copy of the block)
+        diag = GL.diagonal(dim1=1, dim2=2).clone()
         extra = ((alpha + gL * s) / (2 * size)).clamp(min=0) + 1e-12 * diag.amax(1, keepdim=True) + 1e-300
         if damping is not None:
             extra = extra + damping[:, None] * diag
-        H = GL.clone()
         H.diagonal(dim1=1, dim2=2).add_(torch.where(pad, 1.0, extra) if padded else extra)
+        rhs = -(gL + alpha * s)
+        if counts is None:
+            t = self._cholesky_solve(H, rhs, diag)
+        else:  # each output's live block alone (its top-left corner: live first), not padded to the widest
+            t = torch.zeros_like(rhs)
+            for j, c in enumerate(counts):
+                if c:
+                    t[j, :c] = self._cholesky_solve(H[j, :c, :c].unsqueeze(0), rhs[j, :c].unsqueeze(0), diag[j, :c].unsqueeze(0))[0]
+        GL.diagonal(dim1=1, dim2=2).copy_(diag)
+        t = t.nan_to_num(0.0, 0.0, 0.0)
+        return thL, gL, t, -(rhs * t).sum(1)
+
+    @staticmethod
+    def _cholesky_solve(H, rhs, diag):
+        """``H^{-1} rhs`` for a batch of positive definite ``H`` (k, L, L) (``diag``: the Gram's diagonal, for the
+        ridge added where ``H`` is not positive definite in floating point; ``H`` may be changed)."""
         chol, info = torch.linalg.cholesky_ex(H)
         if bool(info.any()):  # not positive definite in floating point: a larger ridge for those outputs
             bump = torch.where((info > 0)[:, None], 1e-8 * diag.amax(1, keepdim=True) + 1e-300, 0.0)
             H.diagonal(dim1=1, dim2=2).add_(bump)
             chol, _ = torch.linalg.cholesky_ex(H)
-        rhs = -(gL + alpha * s)
-        t = torch.cholesky_solve(rhs.unsqueeze(2), chol).squeeze(2)
-        t = t.nan_to_num(0.0, 0.0, 0.0)
-        return thL, gL, t, -(rhs * t).sum(1)
+        # two triangular solves: several times faster than cholesky_solve on a batch
+        t = torch.linalg.solve_triangular(chol, rhs.unsqueeze(2), upper=False)
+        return torch.linalg.solve_triangular(chol.mT, t, upper=True).squeeze(2)
 
     def _line_search(self, thL, gL, GL, t, slope):
         """Armijo backtracking on the lasso objective along ``theta + eta*t``, each coefficient stopped at zero where
         it would cross it (the factors' path through the saddle); returns the accepted points, which rows accepted
         one, and the etas. The objective's change is exact for the quadratic data term:
-        ``g.D + D^T G D / 2 + alpha*(|theta + D|_1 - |theta|_1)``."""
+        ``g.D + D^T G D / 2 + alpha*(|theta + D|_1 - |theta|_1)``. The halvings ``eta = 1, 1/2, ..., 2^-(H-1)`` are
+        tried ``CANDIDATES`` at a time (one batched product each), the largest accepted ``eta`` winning: the same
+        point as trying them one by one, in a few torch operations."""
         k = thL.shape[0]
-        eta = thL.new_ones(k)
         accepted = torch.zeros(k, dtype=torch.bool, device=thL.device)
+        eta = thL.new_full((k,), 2.0 ** -self.HALVINGS)  # a row that accepts no eta ends as after H halvings
         best = thL
-        l1 = thL.abs().sum(1)
-        for _ in range(self.HALVINGS):
-            trial = torch.addcmul(thL, eta[:, None], t)
-            trial = trial.masked_fill(trial * thL < 0, 0.0)
-            D = trial - thL
-            change = ((gL + 0.5 * torch.bmm(GL, D.unsqueeze(2)).squeeze(2)) * D).sum(1) + self.alpha * (trial.abs().sum(1) - l1)
-            ok = (change <= self.ARMIJO * eta * slope) & ~accepted
-            best = torch.where(ok[:, None], trial, best)
-            accepted |= ok
-            if bool(accepted.all()):
-                break
-            eta = torch.where(accepted, eta, eta / 2)
+        th, g = thL.unsqueeze(1), gL.unsqueeze(1)
+        l1 = thL.abs().sum(1, keepdim=True)
+        for start in range(0, self.HALVINGS, self.CANDIDATES):
+            count = min(self.CANDIDATES, self.HALVINGS - start)
+            etas = torch.pow(0.5, torch.arange(start, start + count, device=thL.device, dtype=thL.dtype))
+            trial = torch.addcmul(th, etas[None, :, None], t.unsqueeze(1))  # (k, count, L)
+            trial = trial.masked_fill(trial * th < 0, 0.0)
+            D = trial - th
+            change = ((g + 0.5 * torch.bmm(D, GL)) * D).sum(2) + self.alpha * (trial.abs().sum(2) - l1)
+            ok = change <= (self.ARMIJO * slope)[:, None] * etas
+            row_ok = ok.any(1) & ~accepted
+            if bool(row_ok.any()):
+                first = ok.to(torch.int8).argmax(1)  # the largest accepted eta
+                pick = trial[torch.arange(k, device=thL.device), first]
+                best = torch.where(row_ok[:, None], pick, best)
+                eta = torch.where(row_ok, etas[first], eta)
+                accepted |= row_ok
+                if bool(accepted.all()):
+                    break
         return best, accepted, eta
 
     def solve(self, tol: float, max_steps: int):
@@ -464,6 +563,7 @@ class _FactorisedNewton:
         # little, as the next Newton step gives a revived coordinate its full step)
         lr = 1.0 / self.sq.sum(1, keepdim=True).clamp(min=torch.finfo(self.sq.dtype).tiny)
         self._block = None
+        first = True
         while True:
             theta = self.U * self.W
             kkt = _kkt_rows(theta, self.g, alpha)
@@ -473,22 +573,27 @@ class _FactorisedNewton:
             n_todo = int(todo.sum())
             if self.steps >= max_steps or n_todo == 0:
                 return kkt, stalled & (kkt > tol)
-            self.steps += 1
             everyone = n_todo == k
             dead = ref.element_dead(self.U, self.W)
+            # the first pass of a solve revives the sets' new members that violate |g| <= alpha by the zero pass
+            # alone: a Newton step on the old live set (solved in the last round) would leave them to the next step
+            revive_only = first and bool((dead & (self.g.abs() > alpha)).any())
+            first = False
+            if not revive_only:
+                self.steps += 1
             live = ~dead if everyone else ~dead & todo[:, None]
             rows_live = live.any(1)
-            n_act = int(rows_live.sum())
+            n_act = 0 if revive_only else int(rows_live.sum())
             new_theta, failed = theta, None
             if n_act:
                 self._ensure_gram(live)
                 act = None if n_act == k else torch.nonzero(rows_live).squeeze(1)
-                order, pad, padded, GL = self._live_block(live, act)
+                order, pad, padded, GL, counts = self._live_block(live, act)
                 th, g = (theta, self.g) if act is None else (theta[act], self.g[act])
                 damping = None
                 if self._damped:
                     damping = self.damping if act is None else self.damping[act]
-                thL, gL, t, slope = self._newton_direction(th, g, damping, order, pad, padded, GL)
+                thL, gL, t, slope = self._newton_direction(th, g, damping, order, pad, padded, GL, counts)
                 best, accepted, eta = self._line_search(thL, gL, GL, t, slope)
                 if self._damped or not bool((eta >= 1).all()):
                     # Levenberg-Marquardt: a step the line search had to cut (a near-singular or indefinite model)
@@ -520,8 +625,11 @@ class _FactorisedNewton:
                 stalled |= failed & ((U == 0) == (self.U == 0)).all(1)
                 some_stalled = bool(stalled.any())
             self.U, self.W = U, W
-            self.R = self.cols.residual(U * W)
-            self.g = self.cols.grad(self.R)
+            if everyone:
+                self.R = self.cols.residual(U * W)
+                self.g = self.cols.grad(self.R)
+            else:  # only the outputs that moved
+                self.R, self.g = self.cols.update_rows(self.R, self.g, U * W, torch.nonzero(todo).squeeze(1).tolist())
 
 
 def _output_batches(k: int, n: int, d: int, budget: int = 1 << 26) -> list[slice]:
@@ -579,6 +687,9 @@ def _working_sets(cols, W, g, alpha, tol_abs, max_steps, min_size):
         nonzeros = min(int((solver.theta != 0).sum(1).max()) if m else 0, cols.n)
         p = min(d - m, max(min_size, 2 * nonzeros - m, nonzeros))
         score = (g.T.abs() - alpha).masked_fill(inside, -math.inf)
+        # no more than the violators outside (beyond the tolerance) of the output that has the most: once the sets
+        # hold the support, the last rounds add a few features, not another set's worth of inert ones
+        p = min(p, max(min_size, int((score > tol_abs).sum(1).max())))
         new = torch.topk(score, p, dim=1).indices  # (kb, p): the worst violators outside the sets
         inside.scatter_(1, new, True)
         idx = torch.cat([idx, new], 1)
@@ -590,6 +701,260 @@ def _working_sets(cols, W, g, alpha, tol_abs, max_steps, min_size):
         rounds += 1
         W = torch.zeros_like(W).scatter_(0, idx.T, solver.theta.T)
         g = cols.full_grad(solver.R)
+
+
+# ----------------------------------------------------------------------------------------------------
+# one output on the CPU in float64: the same solver in NumPy (a few microseconds per operation, not tens)
+
+
+def _cholesky_solver():
+    """``(factor, solve)`` for a symmetric matrix: LAPACK's ``dpotrf``/``dpotrs`` through SciPy when it is installed
+    (a few microseconds a call), else torch's on the same memory."""
+    try:
+        from scipy.linalg.lapack import dpotrf, dpotrs
+    except ImportError:  # pragma: no cover - SciPy comes with scikit-learn
+        def factor(H):
+            chol, info = torch.linalg.cholesky_ex(torch.from_numpy(H))
+            return chol, int(info)
+
+        def solve(chol, b):
+            t = torch.linalg.solve_triangular(chol, torch.from_numpy(b)[:, None], upper=False)
+            return torch.linalg.solve_triangular(chol.mT, t, upper=True)[:, 0].numpy()
+
+        return factor, solve
+
+    def factor(H):
+        chol, info = dpotrf(H.T, lower=1, clean=0, overwrite_a=1)  # H.T: Fortran order, the same symmetric H
+        return chol, info
+
+    def solve(chol, b):
+        return dpotrs(chol, b, lower=1)[0]
+
+    return factor, solve
+
+
+class _NumpyNewton:
+    """:class:`_FactorisedNewton` for one output, in NumPy float64: the same steps (the Hessian at balanced factors,
+    Levenberg-Marquardt damping, Armijo backtracking stopping coefficients at 0, spread's zero pass), the state held
+    as ``theta`` (the factors are balanced after every step: ``U = sign(theta) sqrt|theta|``, ``W = sqrt|theta|``,
+    dead where ``theta = 0``). ``Xt``: ``X^T`` (d, n), C-contiguous; ``y``: (n,)."""
+
+    ARMIJO, HALVINGS = _FactorisedNewton.ARMIJO, _FactorisedNewton.HALVINGS
+
+    def __init__(self, Xt: np.ndarray, y: np.ndarray, alpha: float):
+        self.Xt, self.y, self.alpha = Xt, y, alpha
+        self.n = Xt.shape[1]
+        self.idx = np.zeros(0, dtype=np.int64)
+        self._cols = np.empty((0, self.n))  # the sets' columns (a buffer with room to grow)
+        self.theta = np.zeros(0)
+        self.g = np.zeros(0)
+        self.sq = np.zeros(0)
+        self.R = y.copy()
+        self.slot_of = np.zeros(0, dtype=np.int64)
+        self._slot_cols = np.empty((0, self.n))
+        self._gram = np.zeros((0, 0))
+        self.E = 0
+        self.damping = 0.0
+        self.steps = 0
+        self._factor, self._solve = _cholesky_solver()
+        self._block = None
+
+    @property
+    def Xw(self) -> np.ndarray:
+        return self._cols[:self.idx.size]
+
+    def append(self, new: np.ndarray) -> None:
+        m, p = self.idx.size, new.size
+        if m + p > self._cols.shape[0]:
+            cols = np.empty((min(self.Xt.shape[0], max(2 * (m + p), 64)), self.n))
+            cols[:m] = self._cols[:m]
+            self._cols = cols
+        np.take(self.Xt, new, axis=0, out=self._cols[m:m + p])
+        fresh = self._cols[m:m + p]
+        self.idx = np.concatenate([self.idx, new])
+        self.sq = np.concatenate([self.sq, np.einsum("ij,ij->i", fresh, fresh) / self.n])
+        self.theta = np.concatenate([self.theta, np.zeros(p)])
+        self.g = np.concatenate([self.g, fresh @ self.R / -self.n])
+        self.slot_of = np.concatenate([self.slot_of, np.full(p, -1, dtype=np.int64)])
+
+    def _ensure_gram(self, live_pos: np.ndarray) -> None:
+        pos = live_pos[self.slot_of[live_pos] < 0]
+        P, E = pos.size, self.E
+        if P == 0:
+            return
+        if E + P > self._gram.shape[0]:
+            room = max(E + P + (E + P) // 2, 64)
+            gram, cols = np.zeros((room, room)), np.empty((room, self.n))
+            gram[:E, :E], cols[:E] = self._gram[:E, :E], self._slot_cols[:E]
+            self._gram, self._slot_cols = gram, cols
+        self._slot_cols[E:E + P] = self.Xw[pos]
+        B = self._slot_cols[E:E + P] @ self._slot_cols[:E + P].T / self.n
+        self._gram[E:E + P, :E + P] = B
+        self._gram[:E, E:E + P] = B[:, :E].T
+        self.slot_of[pos] = E + np.arange(P)
+        self.E = E + P
+
+    def _live_block(self, live_pos: np.ndarray):
+        """``(order, GL)``: the live positions in slot order and their Gram block (a view of the slots' Gram where
+        they are consecutive slots, as when no coordinate has died; else two ``take``s). Reused while the live
+        coordinates do not change."""
+        if self._block is not None and np.array_equal(self._block[0], live_pos):
+            return self._block[1]
+        slots = self.slot_of[live_pos]
+        perm = np.argsort(slots, kind="stable")
+        order, slots = live_pos[perm], slots[perm]
+        first, L = int(slots[0]), slots.size
+        if int(slots[-1]) - first == L - 1:
+            GL = self._gram[first:first + L, first:first + L]
+        else:
+            GL = self._gram.take(slots, 0).take(slots, 1)
+        self._block = (live_pos, (order, GL))
+        return order, GL
+
+    def _direction(self, thL, gL, GL):
+        alpha = self.alpha
+        s = np.sign(thL)
+        diag = GL.diagonal().copy()
+        extra = np.maximum((alpha + gL * s) / (2 * np.abs(thL)), 0.0) + 1e-12 * diag.max() + 1e-300
+        if self.damping:
+            extra += self.damping * diag
+        H = GL.copy()
+        H.flat[::H.shape[0] + 1] += extra
+        chol, info = self._factor(H)
+        if info > 0:  # not positive definite in floating point: a larger ridge
+            H = GL.copy()
+            H.flat[::H.shape[0] + 1] += extra + (1e-8 * diag.max() + 1e-300)
+            chol, info = self._factor(H)
+        rhs = -(gL + alpha * s)
+        t = np.nan_to_num(self._solve(chol, rhs), nan=0.0, posinf=0.0, neginf=0.0)
+        return t, -float(rhs @ t)
+
+    def _line_search(self, thL, gL, GL, t, slope):
+        """Armijo backtracking (as :meth:`_FactorisedNewton._line_search`, one halving at a time); returns
+        ``(point, accepted, eta)``."""
+        l1 = np.abs(thL).sum()
+        eta = 1.0
+        for _ in range(self.HALVINGS):
+            trial = thL + eta * t
+            trial[trial * thL < 0] = 0.0
+            D = trial - thL
+            change = float((gL + 0.5 * (GL @ D)) @ D) + self.alpha * (np.abs(trial).sum() - l1)
+            if change <= self.ARMIJO * slope * eta:
+                return trial, True, eta
+            eta *= 0.5
+        return thL, False, 2.0 ** -self.HALVINGS
+
+    def solve(self, tol: float, max_steps: int):
+        """Newton steps until the set's KKT residual is at most ``tol`` (as :meth:`_FactorisedNewton.solve`);
+        returns ``(kkt, stalled)``."""
+        alpha = self.alpha
+        lr = 1.0 / max(float(self.sq.sum()), np.finfo(np.float64).tiny)
+        self._block = None
+        first = True
+        while True:
+            theta, g = self.theta, self.g
+            kkt = _kkt_numpy(theta, g, alpha)
+            if self.steps >= max_steps or kkt <= tol:
+                return kkt, False
+            dead = theta == 0
+            revive = dead & (np.abs(g) > alpha)
+            revive_only = first and bool(revive.any())
+            first = False
+            new_theta, failed = theta.copy(), False
+            live_pos = np.flatnonzero(~dead)
+            if not revive_only:
+                self.steps += 1
+                if live_pos.size:
+                    self._ensure_gram(live_pos)
+                    live_pos, GL = self._live_block(live_pos)
+                    thL, gL = theta[live_pos], g[live_pos]
+                    t, slope = self._direction(thL, gL, GL)
+                    best, accepted, eta = self._line_search(thL, gL, GL, t, slope)
+                    if self.damping or eta < 1:  # Levenberg-Marquardt, as in _FactorisedNewton.solve
+                        lam = self.damping
+                        lam = lam / 10 if accepted and eta >= 1 else (max(10 * lam, 1e-6) if eta < 0.25 else lam)
+                        self.damping = lam = 0.0 if lam < 1e-6 else lam
+                        failed = not accepted and lam >= 1e6
+                    new_theta[live_pos] = best
+            # spread's zero pass: a coefficient the step stopped at 0 stays there (snapped); a dead one is held unless
+            # |g| > alpha, which revives it by a proximal-gradient step
+            new_theta[revive] = -np.sign(g[revive]) * (lr * (np.abs(g[revive]) - alpha))
+            stalled = failed and np.array_equal(new_theta == 0, dead)
+            self.theta = new_theta
+            self.R = self.y - self.Xw.T @ new_theta
+            self.g = self.Xw @ self.R / -self.n
+            if stalled:
+                return _kkt_numpy(self.theta, self.g, alpha), True
+
+
+def _numpy_path(X, Y) -> bool:
+    """Whether the fit runs :func:`_working_set_lasso_numpy`: a dense float64 ``X`` on the CPU (where the per-operation
+    cost of torch, not the arithmetic, bounds a small fit, and per-output solves need no padding)."""
+    return isinstance(X, torch.Tensor) and X.device.type == "cpu" and X.dtype == torch.float64
+
+
+def _kkt_numpy(theta: np.ndarray, g: np.ndarray, alpha: float) -> float:
+    """The largest violation of the lasso's optimality conditions (as :func:`_kkt_rows`, one output)."""
+    if theta.size == 0:
+        return 0.0
+    return float(np.where(theta == 0, np.maximum(np.abs(g) - alpha, 0.0), np.abs(g + alpha * np.sign(theta))).max())
+
+
+def _working_set_lasso_numpy(Xt: np.ndarray, Yt: np.ndarray, XtY: np.ndarray, alpha, tol_abs, max_steps, min_size=10):
+    """:func:`_working_set_lasso` in NumPy float64 (``Xt``: ``X^T`` (d, n) C-contiguous, ``Yt``: ``Y^T`` (k, n),
+    ``XtY = X^T Y / n`` (d, k)). Returns ``(W (d, k), kkt, steps, rounds)``. The outputs are solved in the batches of
+    :func:`_output_batches`; the rounds of a batch are shared (one product ``X^T R`` checks all its outputs), each
+    output's set and solve its own (:func:`_numpy_rounds`)."""
+    n, k = Xt.shape[1], Yt.shape[0]
+    W, G = np.zeros(XtY.shape), -XtY
+    steps = rounds = 0
+    for part in _output_batches(k, n, Xt.shape[0]):
+        W[:, part], G[:, part], s, r = _numpy_rounds(Xt, Yt[part], G[:, part], alpha, tol_abs, max_steps, min_size)
+        steps, rounds = max(steps, s), max(rounds, r)
+    kkt = max((_kkt_numpy(W[:, j], G[:, j], alpha) for j in range(k)), default=0.0)
+    return W, kkt, steps, rounds
+
+
+def _numpy_rounds(Xt, Yt, G, alpha, tol_abs, max_steps, min_size):
+    """The working-set rounds of :func:`_working_sets` for a batch of outputs, each with its own set (no padding to
+    the widest) and its own solve (:class:`_NumpyNewton`); an output stops taking part once it meets ``tol_abs``
+    (or its set is every feature, or it stalled with no violator outside). Returns ``(W, G, steps, rounds)``."""
+    d, n = Xt.shape
+    k = Yt.shape[0]
+    solvers = [_NumpyNewton(Xt, Yt[j], alpha) for j in range(k)]
+    W, G = np.zeros((d, k)), G.copy()
+    inside = np.zeros((k, d), dtype=bool)
+    stalled = np.zeros(k, dtype=bool)
+    rounds = 0
+    while rounds < max_steps:
+        moved = []
+        for j, solver in enumerate(solvers):
+            g = G[:, j]
+            kkt = _kkt_numpy(W[:, j], g, alpha)
+            score = np.abs(g) - alpha
+            score[inside[j]] = -math.inf
+            outside = max(float(score.max()), 0.0)
+            m = solver.idx.size
+            if kkt <= tol_abs or solver.steps >= max_steps or m >= d or (outside <= tol_abs and stalled[j]):
+                continue
+            # (a solution has at most n nonzeros: more are an inner solve stopped early, not a reason to grow faster)
+            nonzeros = min(int(np.count_nonzero(solver.theta)), n)
+            p = min(d - m, max(min_size, 2 * nonzeros - m, nonzeros), max(min_size, int((score > tol_abs).sum())))
+            new = np.argpartition(-score, p - 1)[:p] if p < d - m else np.flatnonzero(~inside[j])
+            new = new[np.argsort(-score[new], kind="stable")]  # the worst first, as torch.topk
+            inside[j, new] = True
+            solver.append(new)
+            inner_tol = tol_abs if m + p >= d else max(tol_abs, 0.1 * outside)
+            stalled[j] = solver.solve(inner_tol, max_steps)[1]
+            W[:, j] = 0.0
+            W[solver.idx, j] = solver.theta
+            moved.append(j)
+        if not moved:
+            break
+        rounds += 1
+        # one product checks every feature of the outputs that moved
+        G[:, moved] = Xt @ np.stack([solvers[j].R for j in moved], 1) / -n
+    return W, G, max((s.steps for s in solvers), default=0), rounds
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -740,7 +1105,12 @@ class SpreadLasso(_SpreadLinear):
         n, d = X.shape
         alpha, max_iter = params["alpha"], params["max_iter"]
         tol_abs = params["tol"] * float(XtY.abs().max())
-        if working_set and alpha > 0:  # alpha = 0: every feature is in, a working set would only add rounds
+        if working_set and alpha > 0 and _numpy_path(X, Y):  # dense, float64, on the CPU
+            with torch.no_grad():
+                W, kkt, steps, rounds = _working_set_lasso_numpy(
+                    X.T.contiguous().numpy(), Y.T.contiguous().numpy(), XtY.numpy(), alpha, tol_abs, max_iter)
+            W = torch.from_numpy(W)
+        elif working_set and alpha > 0:  # alpha = 0: every feature is in, a working set would only add rounds
             W, kkt, steps, rounds = _working_set_lasso(X, Y, XtY, alpha, tol_abs, max_iter)
         else:
             W0 = torch.zeros(d, Y.shape[1], dtype=XtY.dtype, device=XtY.device)

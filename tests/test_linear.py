@@ -31,12 +31,23 @@ def correlated(n=50, d=80, outputs=1, seed=0, offset=1.0):
     return X, (Y[:, 0] if outputs == 1 else Y)
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def path(request, monkeypatch):
+    """The working-set solver's two implementations: NumPy (dense float64 on the CPU, the default there) and torch
+    (float32, sparse ``X``, GPUs; forced here by turning the NumPy path off)."""
+    import spread_optim.linear as linear
+
+    if request.param == "torch":
+        monkeypatch.setattr(linear, "_numpy_path", lambda X, Y: False)
+    return request.param
+
+
 def sklearn_lasso(X, y, alpha, fit_intercept=True):
     return Lasso(alpha=alpha, fit_intercept=fit_intercept, tol=1e-14, max_iter=10**6).fit(X, y)
 
 
 @pytest.mark.parametrize("working_set", [True, False])
-def test_lasso_matches_sklearn(working_set):
+def test_lasso_matches_sklearn(working_set, path):
     X, y = correlated(seed=1)
     ref = sklearn_lasso(X, y, 0.1)
     model = SpreadLasso(alpha=0.1, tol=1e-7, working_set=working_set).fit(X, y)
@@ -49,7 +60,7 @@ def test_lasso_matches_sklearn(working_set):
 
 
 @pytest.mark.parametrize("working_set", [True, False])
-def test_lasso_multi_output_is_one_lasso_per_output(working_set):
+def test_lasso_multi_output_is_one_lasso_per_output(working_set, path):
     X, Y = correlated(n=60, d=40, outputs=3, seed=2)
     ref = sklearn_lasso(X, Y, 0.15)
     model = SpreadLasso(alpha=0.15, tol=1e-7, working_set=working_set).fit(X, Y)
@@ -180,7 +191,7 @@ def lasso_objective(X, y, coef, intercept, alpha):
     return (r * r).sum() / (2 * len(y)) + alpha * np.abs(coef).sum()
 
 
-def test_lasso_many_active_coefficients():
+def test_lasso_many_active_coefficients(path):
     """``alpha = 0.01 alpha_max`` with ``d > n``: nearly ``n`` nonzeros, where the factorised curvature ``~2|theta|``
     stalls first-order steps; the Newton steps reach scikit-learn's objective and support."""
     X, y = correlated(n=40, d=150, seed=11)
@@ -207,7 +218,7 @@ def test_lasso_sparse_x_multi_output_matches_sklearn():
     assert np.abs(model.intercept_ - ref.intercept_).max() < COEF_TOL
 
 
-def test_lasso_outputs_of_very_different_sparsity(monkeypatch):
+def test_lasso_outputs_of_very_different_sparsity(monkeypatch, path):
     """Outputs solved together are padded to the widest live set: an output whose solution is 0 beside dense ones,
     in one batch and one output per batch, both as scikit-learn's."""
     import spread_optim.linear as linear
@@ -223,3 +234,119 @@ def test_lasso_outputs_of_very_different_sparsity(monkeypatch):
     for model in (together, apart):
         assert np.abs(model.coef_ - ref.coef_).max() < COEF_TOL
         assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
+
+
+def test_newton_line_search_batched_is_sequential_backtracking():
+    """The line search tries its halvings several at a time: the point, the acceptance and the step size are those
+    of plain Armijo backtracking (one halving at a time, each coefficient stopped at zero), row by row."""
+    from spread_optim.linear import _FactorisedNewton
+
+    rng = np.random.default_rng(21)
+    k, L, alpha = 5, 12, 0.3
+    A = torch.as_tensor(rng.standard_normal((k, 30, L)))
+    GL = A.transpose(1, 2) @ A / 30
+    thL = torch.as_tensor(rng.standard_normal((k, L)))
+    gL = torch.as_tensor(rng.standard_normal((k, L)))
+    scale = torch.as_tensor([1.0, 10.0, 1e3, 1e6, 1e12])[:, None]  # from a full step to one no halving accepts
+    t = torch.as_tensor(rng.standard_normal((k, L))) * scale
+    slope = -(gL * t).sum(1).abs()
+    # row 0: t is the minimiser of the sign-fixed quadratic (no sign change): the full step is accepted
+    s0 = torch.sign(thL[0])
+    t[0] = -0.1 * thL[0]
+    gL[0] = -alpha * s0 - GL[0] @ t[0]
+    slope[0] = ((gL[0] + alpha * s0) * t[0]).sum()
+    solver = _FactorisedNewton.__new__(_FactorisedNewton)
+    solver.alpha = alpha
+    best, accepted, eta = solver._line_search(thL, gL, GL, t, slope)
+
+    def objective_change(row, trial):
+        D = trial - thL[row]
+        return float(gL[row] @ D + 0.5 * D @ GL[row] @ D + alpha * (trial.abs().sum() - thL[row].abs().sum()))
+
+    for row in range(k):
+        step, want = 1.0, None
+        for _ in range(_FactorisedNewton.HALVINGS):
+            trial = thL[row] + step * t[row]
+            trial = torch.where(trial * thL[row] < 0, 0.0, trial)
+            if objective_change(row, trial) <= _FactorisedNewton.ARMIJO * step * float(slope[row]):
+                want = trial
+                break
+            step /= 2
+        assert bool(accepted[row]) == (want is not None)
+        if want is None:
+            assert torch.equal(best[row], thL[row]) and float(eta[row]) == 2.0 ** -_FactorisedNewton.HALVINGS
+        else:
+            assert float(eta[row]) == step and torch.allclose(best[row], want, rtol=0, atol=1e-15)
+    assert bool(accepted[0]) and float(eta[0]) == 1.0 and not bool(accepted[-1])
+
+
+def test_lasso_many_rounds_revives_new_members_first(path):
+    """Sets that grow over many rounds (``d >> n``, ``alpha = 0.02 alpha_max``, two outputs): each round's new members
+    that violate ``|g| <= alpha`` are revived before its first Newton step. Exact support and objective as
+    scikit-learn's."""
+    X, Y = correlated(n=60, d=400, outputs=2, seed=22)
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    alpha = 0.02 * np.abs(Xc.T @ Yc).max() / len(Y)
+    ref = sklearn_lasso(X, Y, alpha)
+    model = SpreadLasso(alpha=alpha, tol=1e-9).fit(X, Y)
+    assert model.n_rounds_ >= 3 and (ref.coef_ != 0).sum() > 30
+    assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
+    for j in range(2):
+        obj, obj_ref = (lasso_objective(X, Y[:, j], m.coef_[j], m.intercept_[j], alpha) for m in (model, ref))
+        assert obj - obj_ref <= 1e-9 * obj_ref
+    assert np.abs(model.coef_ - ref.coef_).max() < 1e-4
+
+
+@pytest.mark.parametrize("per_output", [64, 10**9])
+def test_lasso_many_outputs_wide_live_sets(monkeypatch, per_output, path):
+    """Several outputs with ~40-90 nonzeros each (``d > n``, ``alpha = 0.01 alpha_max``): the sets grow by no more
+    than the worst output's violators once they hold the support; live blocks are factorised one output at a time
+    at their own sizes (``PER_OUTPUT``; or batched, padded to the widest), and only the outputs not yet converged
+    are recomputed. Supports and objectives as scikit-learn's, with either factorisation."""
+    import spread_optim.linear as linear
+
+    monkeypatch.setattr(linear._FactorisedNewton, "PER_OUTPUT", per_output)
+    X, Y = correlated(n=120, d=300, outputs=4, seed=23)
+    Y[:, 3] = X[:, :60] @ np.linspace(-1, 1, 60) + 0.3 * np.random.default_rng(23).standard_normal(120)
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    alpha = 0.01 * np.abs(Xc.T @ Yc).max() / len(Y)
+    ref = sklearn_lasso(X, Y, alpha)
+    model = SpreadLasso(alpha=alpha, tol=1e-9).fit(X, Y)
+    nonzeros = (ref.coef_ != 0).sum(1)
+    assert nonzeros.min() > 30 and nonzeros.max() > 64 and model.n_rounds_ >= 3
+    assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
+    for j in range(4):
+        obj, obj_ref = (lasso_objective(X, Y[:, j], m.coef_[j], m.intercept_[j], alpha) for m in (model, ref))
+        assert obj - obj_ref <= 1e-9 * obj_ref
+    assert np.abs(model.coef_ - ref.coef_).max() < 1e-4
+
+
+@pytest.mark.parametrize("seed, frac", [(24, 0.1), (25, 0.01)])
+def test_lasso_single_output_numpy_path_is_the_torch_solver(monkeypatch, seed, frac):
+    """Dense float64 on the CPU: the NumPy copy of the solver (``_working_set_lasso_numpy``) takes the steps of the
+    torch one and ends at scikit-learn's support and objective; float32 takes the torch path."""
+    import spread_optim.linear as linear
+
+    X, y = correlated(n=60, d=400, seed=seed)
+    Xc, yc = X - X.mean(0), y - y.mean()
+    alpha = frac * np.abs(Xc.T @ yc).max() / len(y)
+    ref = sklearn_lasso(X, y, alpha)
+    calls = []
+    original = linear._working_set_lasso_numpy
+    monkeypatch.setattr(linear, "_working_set_lasso_numpy", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fast = SpreadLasso(alpha=alpha, tol=1e-9).fit(X, y)
+    assert calls == [1]
+    monkeypatch.setattr(linear, "_numpy_path", lambda X, Y: False)
+    slow = SpreadLasso(alpha=alpha, tol=1e-9).fit(X, y)
+    assert calls == [1]
+    for model in (fast, slow):
+        assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
+        obj, obj_ref = (lasso_objective(X, y, m.coef_, m.intercept_, alpha) for m in (model, ref))
+        assert obj - obj_ref <= 1e-9 * obj_ref
+        assert np.abs(model.coef_ - ref.coef_).max() < 1e-5 and abs(model.intercept_ - ref.intercept_) < 1e-5
+        assert model.kkt_residual_ <= 1e-9 * np.abs(Xc.T @ yc).max() / len(y)
+    assert np.abs(fast.coef_ - slow.coef_).max() < 1e-8
+    assert fast.n_rounds_ == slow.n_rounds_ and abs(fast.n_iter_ - slow.n_iter_) <= 1
+    monkeypatch.undo()
+    assert not linear._numpy_path(torch.zeros(3, 2), torch.zeros(3, 1))  # float32
+    assert linear._numpy_path(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64))
