@@ -321,6 +321,31 @@ def test_lasso_many_outputs_wide_live_sets(monkeypatch, per_output, path):
     assert np.abs(model.coef_ - ref.coef_).max() < 1e-4
 
 
+def test_lasso_numpy_path_without_scipy_uses_torch_cholesky(monkeypatch):
+    """SciPy is optional at run time: without it the NumPy path factorises with torch (same memory), and the fit
+    still ends at scikit-learn's support and objective."""
+    import sys
+
+    import spread_optim.linear as linear
+
+    monkeypatch.setitem(sys.modules, "scipy.linalg.lapack", None)  # `from scipy.linalg.lapack import ...` fails
+    factor, solve = linear._cholesky_solver()
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((7, 7))
+    H, b = A @ A.T + 7 * np.eye(7), rng.standard_normal(7)
+    chol, info = factor(H.copy())
+    assert info == 0 and np.allclose(solve(chol, b), np.linalg.solve(H, b), rtol=1e-10, atol=1e-12)
+    assert factor(-np.eye(3))[1] > 0  # not positive definite: reported, as LAPACK's info does
+    X, y = correlated(n=60, d=300, seed=26)
+    Xc, yc = X - X.mean(0), y - y.mean()
+    alpha = 0.05 * np.abs(Xc.T @ yc).max() / len(y)
+    ref = sklearn_lasso(X, y, alpha)
+    model = SpreadLasso(alpha=alpha, tol=1e-9).fit(X, y)
+    assert np.array_equal(model.coef_ != 0, ref.coef_ != 0)
+    obj, obj_ref = (lasso_objective(X, y, m.coef_, m.intercept_, alpha) for m in (model, ref))
+    assert obj - obj_ref <= 1e-9 * obj_ref
+
+
 @pytest.mark.parametrize("seed, frac", [(24, 0.1), (25, 0.01)])
 def test_lasso_single_output_numpy_path_is_the_torch_solver(monkeypatch, seed, frac):
     """Dense float64 on the CPU: the NumPy copy of the solver (``_working_set_lasso_numpy``) takes the steps of the
