@@ -53,12 +53,15 @@ class Pack:
 def nonfinite_probe(g: torch.Tensor) -> torch.Tensor:
     """A scalar that is 0 when every entry of ``g`` is finite and NaN otherwise, in one pass over ``g`` and without
     a bool temporary (on CPU ``isfinite(g).all()`` costs about 10x): ``min*0 + max*0`` (NaN propagates through
-    ``aminmax``, and ``inf*0`` is NaN; finite extremes, however large, give 0); ``sum(g*0)`` for a small tensor
-    (fewer calls)."""
-    if g.numel() <= CHUNK:
-        return g.mul(0).sum()
+    ``aminmax``, and ``inf*0`` is NaN; finite extremes, however large, give 0). ``aminmax`` is the fastest probe at
+    every size measured (64 to 1M elements; ``sum(g*0)`` costs 1.1-3x)."""
     low, high = torch.aminmax(g)
     return low.mul(0).add_(high.mul(0))
+
+
+#: gradients of at most this many elements are probed together (:func:`nonfinite_probes`): one call beats one
+#: ``aminmax`` each up to about this size, and loses above it (``torch._foreach_norm`` is slow on larger tensors)
+PROBE_TOGETHER_MAX = 512
 
 
 def nonfinite_probes(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -249,3 +249,17 @@ ENTRY(element, f32, float)
 ENTRY(element, f64, double)
 ENTRY(rows, f32, float)
 ENTRY(rows, f64, double)
+
+/* 1 when one of the n entries is an inf or a NaN (its exponent bits all set), else 0: the optimizer's
+   non-finite-gradient check, one read of the gradient (integer compares: vectorised, no float traps). */
+int64_t spread_nonfinite_f32(int64_t n, const uint32_t *restrict x) {
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= (x[i] & 0x7f800000u) == 0x7f800000u;
+    return bad;
+}
+
+int64_t spread_nonfinite_f64(int64_t n, const uint64_t *restrict x) {
+    uint64_t bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= (x[i] & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+    return (int64_t)bad;
+}

@@ -31,7 +31,7 @@ import torch
 
 from spread_optim import _fused
 from spread_optim.distributed import LOCAL, is_dtensor, is_sharded, like, local, local_rows, vector_like
-from spread_optim.kernels import cpu
+from spread_optim.kernels import cpu, native
 from spread_optim.kernels import reference as ref
 from spread_optim.structure import GroupStructure
 
@@ -106,12 +106,7 @@ class Kind:
             if g.is_complex():
                 raise TypeError(f"{self.where}: complex gradients are not supported in a sparse group")
             out.append((p, g))
-        small = [i for i, (_, g) in enumerate(out) if g.device.type == "cpu" and 0 < g.numel() <= cpu.CHUNK]
-        chosen = set(small)
-        for i, probe in zip(small, cpu.nonfinite_probes([out[i][1] for i in small])):
-            out[i] = (out[i][0], probe)
-        return [(p, probe) if i in chosen else (p, cpu.nonfinite_probe(probe) if probe.device.type == "cpu" else (~torch.isfinite(probe)).sum())
-                for i, (p, probe) in enumerate(out)]
+        return list(zip([p for p, _ in out], _probes([g for _, g in out])))
 
     # the sums a kind needs from other ranks: none unless its groups span shards (Grouped overrides these)
     @property
@@ -528,6 +523,27 @@ def _reusable(buffer: torch.Tensor | None, like_: torch.Tensor) -> torch.Tensor 
     if buffer is None or like_.numel() < cpu.CHUNK or buffer.shape != like_.shape or buffer.dtype != like_.dtype:
         return None
     return buffer if buffer.device == like_.device and buffer.is_contiguous() else None
+
+
+def _probes(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:meth:`Kind.nonfinite`'s probes: a float32/float64 CPU gradient is read by the native check when it is built
+    (:func:`native.nonfinite`, the fastest), tiny ones otherwise in one foreach call, others by ``aminmax``; a
+    GPU gradient counts its non-finite entries on the device."""
+    use_native = native.unavailable() is None
+    out: list = [None] * len(grads)
+    tiny = []
+    for i, g in enumerate(grads):
+        if g.device.type != "cpu":
+            out[i] = (~torch.isfinite(g)).sum()
+        elif use_native and g.dtype in native.DTYPES and g.is_contiguous():
+            out[i] = torch.tensor(float("nan") if native.nonfinite(g) else 0.0)
+        elif 0 < g.numel() <= cpu.PROBE_TOGETHER_MAX:
+            tiny.append(i)
+        else:
+            out[i] = cpu.nonfinite_probe(g)
+    for i, probe in zip(tiny, cpu.nonfinite_probes([grads[i] for i in tiny])):
+        out[i] = probe
+    return out
 
 
 def make_kind(group: dict, index: int, state, path: str, comm=LOCAL, scratch=None, structures=None) -> Kind:

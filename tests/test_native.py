@@ -220,3 +220,17 @@ def test_torch_compile_of_the_step_runs_the_native_loops_eagerly(sparsity):
     assert opt._paths == ["compiled"] and torch.equal(p, q)
     assert sparsity == "row" or bool((p == 0).any())  # (element: exact zeros made inside the compiled region)
     assert torch._dynamo.explain(opt.step)().graph_count == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nonfinite_check_equals_isfinite(dtype):
+    """The native non-finite check against ``torch.isfinite``: NaN, +-inf, huge, subnormal and zero entries, at every
+    position of a ragged length (vector body and tail)."""
+    info = torch.finfo(dtype)
+    specials = [float("nan"), float("inf"), float("-inf"), info.max, -info.max, info.tiny / 4, -0.0, 0.0]
+    for n in (1, 17, 1000):
+        for value in specials:
+            for position in {0, n // 2, n - 1}:
+                g = torch.randn(n, dtype=dtype)
+                g[position] = value
+                assert native.nonfinite(g) == (not bool(torch.isfinite(g).all())), (n, value, position)
