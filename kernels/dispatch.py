@@ -171,9 +171,8 @@ def choose(
 ) -> Choice:
     """The implementation of one sparse param group (module docstring). ``params``: its parameters;
     ``tensors``: those and their factors; ``options``: the param group; ``one_dtype``: its kind's kernels need
-    one parameter dtype; ``shared``: its parameters share factors; ``layout``: ``"element"``, ``"row"`` (every parameter row-sparse
-    with its own ``u``) or None. Raises for ``fused=True`` when no fused path
-    can run."""
+    one parameter dtype; ``shared``: its parameters share factors; ``layout``: ``"element"``, ``"row"`` (every
+    parameter row-sparse with its own ``u``) or None. Raises for ``fused=True`` when no fused path can run."""
     global _warned
     if options.get("depth", 2) != 2:  # depth-k factors: the PyTorch path only (see _deep_choice)
         return _deep_choice(params, tensors, options, base_cls=base_cls, one_dtype=one_dtype, shared=shared,

@@ -246,11 +246,9 @@ def _compiled_run(kind: str, args: tuple, values: list[float], extra: tuple, fla
     expected), the same function runs eagerly."""
     global _warned_recompile
     step = compiled.element_step if kind == "element" else compiled.grouped_step
-    layout = flags.get("groups", "element")
-    if dispatch.cpu_engine(layout, args[0], args[1], args[2], flags) == "native":
-        changed = (native.element_step if kind == "element" else native.rows_step)(*args, values, **flags)
-        if changed:
-            step(*args, torch.tensor(values, dtype=torch.float64), *extra, **flags, adopt=True)
+    if dispatch.cpu_engine(flags.get("groups", "element"), args[0], args[1], args[2], flags) == "native":
+        if (native.element_step if kind == "element" else native.rows_step)(*args, values, **flags):
+            _adopt(kind, args, values, extra, flags)
         return
     hyper = torch.tensor(values, dtype=torch.float64)
     try:
@@ -263,7 +261,14 @@ def _compiled_run(kind: str, args: tuple, values: list[float], extra: tuple, fla
                           stacklevel=dispatch.user_stacklevel())
         changed = int(step(*args, hyper, *extra, **flags))
     if changed:
-        step(*args, hyper, *extra, **flags, adopt=True)
+        _adopt(kind, args, values, extra, flags)
+
+
+def _adopt(kind: str, args: tuple, values: list[float], extra: tuple, flags: dict) -> None:
+    """After a one-pass step left the entries (groups) whose weights were written outside the optimizer as they
+    were: the spec's step, eagerly, with adoption, which steps just those (see :mod:`spread_optim.kernels.compiled`)."""
+    step = compiled.element_step if kind == "element" else compiled.grouped_step
+    step(*args, torch.tensor(values, dtype=torch.float64), *extra, **flags, adopt=True)
 
 
 def _canonical(kind: str, g, p, factor, W, state_factor, state_W) -> tuple[tuple, Callable[[], None] | None]:
@@ -305,7 +310,7 @@ def _compiled_step(kind: str, base_cls: type, group: dict, params, state, grad_s
     flags = _compiled_flags(rule, group, grad_scale)
     factor = "U" if kind == "element" else "u"
     width = 3 if rule.adam else 1
-    batches: dict = {}  # (native kernel, dtype, first): the tensors the native loops step in one call
+    batches: dict = {}  # (dtype, first): the tensors the native loops step in one call
     live = [p for p in params if p.grad is not None]
     leaves = [[state[p]["base"][factor], state[p]["base"]["W"]] for p in live]
     created = [rule.states(leaf_states, [state[p][factor], state[p]["W"]]) for p, leaf_states in zip(live, leaves)]
@@ -323,20 +328,18 @@ def _compiled_step(kind: str, base_cls: type, group: dict, params, state, grad_s
         tensors = (g, p.detach(), st[factor], st["W"], tuple(slots[0][:width]), tuple(slots[1][:width]))
         if (dispatch.cpu_engine(layout, g, p, st[factor], step_flags) == "native"
                 and all(t is None or t.is_contiguous() for t in (*tensors[:4], *tensors[4], *tensors[5]))):
-            batches.setdefault((kind, p.dtype, step_flags["first"]), []).append((tensors, values, layout, extra, step_flags))
+            batches.setdefault((p.dtype, step_flags["first"]), []).append((tensors, values, layout, extra, step_flags))
             continue
         args, write_back = _canonical(layout, *tensors)
         _compiled_run(kind, args, values, extra, step_flags)
         if write_back is not None:
             write_back()
-    for (kind_, _, _), entries in batches.items():
-        left = native.batch_step("element" if kind_ == "element" else "rows", [(*tensors, values) for tensors, values, *_ in entries],
+    for entries in batches.values():
+        left = native.batch_step("element" if kind == "element" else "rows", [(*tensors, values) for tensors, values, *_ in entries],
                                  **entries[0][4])
-        step = compiled.element_step if kind_ == "element" else compiled.grouped_step
         for (tensors, values, layout, extra, step_flags), changed in zip(entries, left):
-            if changed:  # weights written outside the optimizer: adopted and stepped eagerly, the rest untouched
-                args, _ = _canonical(layout, *tensors)
-                step(*args, torch.tensor(values, dtype=torch.float64), *extra, **step_flags, adopt=True)
+            if changed:
+                _adopt(kind, _canonical(layout, *tensors)[0], values, extra, step_flags)
 
 
 def compiled_element(base_cls: type, group: dict, params, state, grad_scale, found_inf) -> None:
