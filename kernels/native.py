@@ -62,6 +62,8 @@ def _library() -> ctypes.CDLL | str:
     cc = _compiler()
     if cc is None:
         return "no C compiler found (set CC, or install cc, gcc or clang)"
+    if not SOURCE.is_file():
+        return f"the native loops' source is missing from the installation ({SOURCE})"
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"native_step_{key}.so"

@@ -234,3 +234,19 @@ def test_nonfinite_check_equals_isfinite(dtype):
                 g = torch.randn(n, dtype=dtype)
                 g[position] = value
                 assert native.nonfinite(g) == (not bool(torch.isfinite(g).all())), (n, value, position)
+
+
+def test_the_source_ships_with_the_package_and_its_absence_is_a_reason(monkeypatch, tmp_path):
+    """The C source is package data (a wheel carries it: the loops are built on the user's machine); an
+    installation without it reports why the native loops are off instead of failing."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "*.c" in pyproject["tool"]["setuptools"]["package-data"]["spread_optim.kernels"]
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "missing.c")
+    native._library.cache_clear()
+    try:
+        assert "source is missing" in native.unavailable()
+    finally:
+        native._library.cache_clear()
