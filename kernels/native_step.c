@@ -7,14 +7,16 @@
    come as doubles, as the spec's float64 `hyper`, and are rounded to the factors' type where the spec's
    0-dimensional float64 tensors meet the factors (a float32 operation with the scalar cast to float32). Sums over a
    row are taken in 16 interleaved partial sums, as vectorised code does (the spec's order differs: the row kernel
-   agrees with it to rounding, the element kernel bit for bit).
+   agrees with it to rounding; the element kernel equals the spec compiled by inductor bit for bit, and the eager
+   spec to an ulp of eager PyTorch's vectorised float32 square root).
 
    g is the loss gradient, divided by the grad scale (`scaled`) and negated (`maximize`) on the way in. An entry
    (row) whose weight no longer equals its factors' product was written outside the optimizer: it is left exactly
    as it is and counted, and the caller adopts it. Every other one takes the spec's step:
      element: dU = g*W + 2k*U, dW = g*U + 2k*W;
      rows:    du = sum_row g*W + 2k*u, dW = 2k*W + u*g;
-   the base rule (torch's SGD or Adam) moves the factors; the exact-zero pass (hold, revive, snap); theta. */
+   the base rule (torch's SGD or Adam) moves the factors; the exact-zero pass (hold, revive, snap); theta.
+   Last, the optimizer's non-finite-gradient check (spread_nonfinite_*). */
 
 #include <math.h>
 #include <stdint.h>
