@@ -115,24 +115,85 @@ def _code(rule: str, momentum: bool) -> int:
     return _RULES["adam"] if rule == "adam" else _RULES["sgd_momentum"] if momentum else _RULES["sgd"]
 
 
+#: a step of at least this many elements is split across torch's CPU threads (``torch.get_num_threads()``): each
+#: runs the C loop on its share without the GIL; below it one thread is faster
+PARALLEL_MIN = 1 << 18
+#: which of the ten pointers of a rows item point at one value per row (the group factor ``u`` and its states)
+_PER_ROW = (2, 4, 5, 6)
+_pool: list = []  # [ThreadPoolExecutor, (its size, the process it belongs to)]
+
+
 def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = False, nesterov: bool = False,
                momentum: bool = False, first: bool = False, maximize: bool = False, scaled: bool = False, **_) -> list[int]:
     """Many tensors of one dtype in one call (``kernel``: ``"element"`` or ``"rows"``): ``items`` are the
     arguments of :func:`element_step` / :func:`rows_step` without the flags, ``(g, p, factor, W, state_factor,
-    state_W, hyper)``; returns what each of those calls would return."""
-    sizes, ptrs, h = array("q"), array("q"), array("d")  # (flat C arrays, built faster than ctypes arrays)
-    for g, p, factor, W, state_factor, state_W, hyper in items:
-        sizes.extend((p.numel(), 1) if kernel == "element" else (p.shape[0], p[0].numel()))
-        ptrs.extend((g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr()))
+    state_W, hyper)``; returns what each of those calls would return. A large step is cut into equal shares of
+    entries (rows), one per torch CPU thread; every entry (row) is stepped once, by the same loop, so the numbers do
+    not depend on the thread count."""
+    records = []  # (item, entries or rows, width, ten pointers, hyper)
+    for i, (g, p, factor, W, state_factor, state_W, hyper) in enumerate(items):
+        n, width = (p.numel(), 1) if kernel == "element" else (p.shape[0], p[0].numel())
+        ptrs = [g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr()]
         for states in (state_factor, state_W):
-            ptrs.extend(0 if t is None else t.data_ptr() for t in [*states, None, None, None][:3])
-        h.extend(hyper)
-    count = len(items)
-    changed = array("q", bytes(8 * count))
+            ptrs += [0 if t is None else t.data_ptr() for t in [*states, None, None, None][:3]]
+        records.append((i, n, width, ptrs, hyper))
+    threads = torch.get_num_threads()
+    total = sum(n * width for _, n, width, _, _ in records)
+    itemsize = items[0][1].element_size()
+    shares = _shares(records, threads, total, itemsize, kernel) if threads > 1 and total >= PARALLEL_MIN else [records]
     fn = getattr(_library(), f"spread_{kernel}_batch_{DTYPES[items[0][1].dtype]}")
-    fn(count, sizes.buffer_info()[0], ptrs.buffer_info()[0], h.buffer_info()[0], _code(rule, momentum), int(amsgrad),
-       int(nesterov), int(first), int(maximize), int(scaled), changed.buffer_info()[0])
-    return list(changed)
+    flags = (_code(rule, momentum), int(amsgrad), int(nesterov), int(first), int(maximize), int(scaled))
+
+    def run(share) -> array:
+        sizes, ptrs, h = array("q"), array("q"), array("d")  # (flat C arrays, built faster than ctypes arrays)
+        for _, n, width, pointers, hyper in share:
+            sizes.extend((n, width))
+            ptrs.extend(pointers)
+            h.extend(hyper)
+        changed = array("q", bytes(8 * len(share)))
+        fn(len(share), sizes.buffer_info()[0], ptrs.buffer_info()[0], h.buffer_info()[0], *flags, changed.buffer_info()[0])
+        return changed
+
+    results = [run(shares[0])] if len(shares) == 1 else list(_executor(len(shares)).map(run, shares))
+    left = [0] * len(items)
+    for share, changed in zip(shares, results):
+        for (i, *_), c in zip(share, changed):
+            left[i] += c
+    return left
+
+
+def _shares(records: list, threads: int, total: int, itemsize: int, kernel: str) -> list[list]:
+    """``records`` cut into ``threads`` shares of about equal entries, a tensor split where a share ends (pointers
+    moved by the entries, or rows, before the cut)."""
+    target = -(-total // threads)
+    shares, share, room = [], [], target
+    for i, n, width, ptrs, hyper in records:
+        done = 0
+        while done < n:
+            take = min(n - done, max(1, room // width))
+            moved = [0 if q == 0 else q + itemsize * done * (1 if kernel == "rows" and k in _PER_ROW else width)
+                     for k, q in enumerate(ptrs)]
+            share.append((i, take, width, moved, hyper))
+            done += take
+            room -= take * width
+            if room <= 0 and len(shares) < threads - 1:
+                shares.append(share)
+                share, room = [], target
+    if share:
+        shares.append(share)
+    return shares
+
+
+def _executor(workers: int):
+    """The pool of the shares' threads, made again for another size or in a forked child (whose copy of the pool
+    has no threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not _pool or _pool[1] != (workers, os.getpid()):
+        if _pool and _pool[1][1] == os.getpid():
+            _pool[0].shutdown(wait=False)
+        _pool[:] = [ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spread_native"), (workers, os.getpid())]
+    return _pool[0]
 
 
 def _call(kernel: str, n: int, width: int, g, p, factor, W, state_factor, state_W, hyper: list[float], *, rule: str,

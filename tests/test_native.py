@@ -250,3 +250,54 @@ def test_the_source_ships_with_the_package_and_its_absence_is_a_reason(monkeypat
         assert "source is missing" in native.unavailable()
     finally:
         native._library.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", ["element", "rows"])
+def test_a_step_split_across_threads_equals_one_thread(kernel, monkeypatch):
+    """A large step is cut into one share per torch CPU thread, tensors split where a share ends: the same numbers
+    and the same counts of written weights as one call (forced here on small tensors)."""
+    monkeypatch.setattr(native, "PARALLEL_MIN", 1)
+    shapes = [(1000,), (37,), (2003,)] if kernel == "element" else [(40, 7), (3, 64), (61, 5)]
+    values = list(HYPER.values())
+    runs = []
+    for threads in (1, 3):
+        items = []
+        for k, shape in enumerate(shapes):
+            if kernel == "element":
+                args = _problem(shape[0], torch.float32, "adam", True, False, False, 1.0, seed=k)
+            else:
+                args = _rows_problem(*shape, torch.float32, "adam", True, False, 1.0)
+            items.append((*args, values))
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            left = native.batch_step(kernel, items, rule="adam", amsgrad=True)
+        finally:
+            torch.set_num_threads(previous)
+        runs.append((left, [t.clone() for item in items for t in _tensors(list(item[:6]))]))
+    assert runs[0][0] == runs[1][0] and all(c > 0 for c in runs[0][0])  # (each tensor has written weights)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_the_threads_pool_is_made_again_in_a_forked_child(monkeypatch):
+    """A process forked after a threaded step (a DataLoader worker, say) gets a pool of its own: its copy of the
+    parent's has no threads, and using it would hang."""
+    import os
+
+    monkeypatch.setattr(native, "PARALLEL_MIN", 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        items = [(*_problem(64, torch.float32, "adam", False, False, False, 1.0), list(HYPER.values()))]
+        native.batch_step("element", items, rule="adam")  # makes the parent's pool
+        pid = os.fork()
+        if pid == 0:  # the child: a threaded step must finish
+            try:
+                native.batch_step("element", items, rule="adam")
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        torch.set_num_threads(previous)
