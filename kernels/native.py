@@ -79,13 +79,10 @@ def _library() -> ctypes.CDLL | str:
         lib = ctypes.CDLL(str(target))
     except OSError as error:
         return f"the native CPU step could not be built or loaded ({type(error).__name__}: {error})"
-    for kernel in ("element", "rows"):
-        for suffix in DTYPES.values():
-            fn = getattr(lib, f"spread_{kernel}_{suffix}")
-            fn.restype = ctypes.c_int64
-            fn.argtypes = [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 11, *[ctypes.c_int] * 6]
-            check = getattr(lib, f"spread_nonfinite_{suffix}")
-            check.restype, check.argtypes = ctypes.c_int64, [ctypes.c_int64, ctypes.c_void_p]
+    for suffix in DTYPES.values():
+        check = getattr(lib, f"spread_nonfinite_{suffix}")
+        check.restype, check.argtypes = ctypes.c_int64, [ctypes.c_int64, ctypes.c_void_p]
+        for kernel in ("element", "rows"):
             batch = getattr(lib, f"spread_{kernel}_batch_{suffix}")
             batch.restype = None
             batch.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3, *[ctypes.c_int] * 6, ctypes.c_void_p]
@@ -99,10 +96,6 @@ def unavailable() -> str | None:
         return "turned off by SPREAD_OPTIM_NATIVE=0"
     lib = _library()
     return lib if isinstance(lib, str) else None
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def nonfinite(g: torch.Tensor) -> bool:
@@ -132,7 +125,7 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
     not depend on the thread count."""
     records = []  # (item, entries or rows, width, ten pointers, hyper)
     for i, (g, p, factor, W, state_factor, state_W, hyper) in enumerate(items):
-        n, width = (p.numel(), 1) if kernel == "element" else (p.shape[0], p[0].numel())
+        n, width = (p.numel(), 1) if kernel == "element" else (p.shape[0], p[0].numel() if p.shape[0] else 0)
         ptrs = [g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr()]
         for states in (state_factor, state_W):
             ptrs += [0 if t is None else t.data_ptr() for t in [*states, None, None, None][:3]]
@@ -196,26 +189,14 @@ def _executor(workers: int):
     return _pool[0]
 
 
-def _call(kernel: str, n: int, width: int, g, p, factor, W, state_factor, state_W, hyper: list[float], *, rule: str,
-          amsgrad: bool = False, nesterov: bool = False, momentum: bool = False, first: bool = False,
-          maximize: bool = False, scaled: bool = False) -> int:
-    code = _code(rule, momentum)
-    sf = [*state_factor, None, None, None][:3]
-    sw = [*state_W, None, None, None][:3]
-    h = (ctypes.c_double * len(hyper))(*hyper)
-    fn = getattr(_library(), f"spread_{kernel}_{DTYPES[p.dtype]}")
-    return int(fn(n, width, _ptr(g), _ptr(p), _ptr(factor), _ptr(W), *map(_ptr, sf), *map(_ptr, sw), ctypes.addressof(h),
-                  code, int(amsgrad), int(nesterov), int(first), int(maximize), int(scaled)))
-
-
 def element_step(g, p, U, W, state_U, state_W, hyper: list[float], *, rule: str, amsgrad: bool = False,
                  nesterov: bool = False, momentum: bool = False, first: bool = False, maximize: bool = False,
                  scaled: bool = False, **_) -> int:
     """:func:`spread_optim.kernels.compiled.element_step` (``adopt=False``) on contiguous tensors of one dtype
     (``g`` of ``p``'s dtype; states as there, ``None`` for the ones the rule lacks); returns how many entries it left
     for adoption. ``hyper``: the numbers of :data:`.compiled.HYPER`."""
-    return _call("element", p.numel(), 1, g, p, U, W, state_U, state_W, hyper, rule=rule, amsgrad=amsgrad,
-                 nesterov=nesterov, momentum=momentum, first=first, maximize=maximize, scaled=scaled)
+    return batch_step("element", [(g, p, U, W, state_U, state_W, hyper)], rule=rule, amsgrad=amsgrad,
+                      nesterov=nesterov, momentum=momentum, first=first, maximize=maximize, scaled=scaled)[0]
 
 
 def rows_step(g, p, u, W, state_u, state_W, hyper: list[float], *, rule: str, amsgrad: bool = False,
@@ -224,5 +205,5 @@ def rows_step(g, p, u, W, state_u, state_W, hyper: list[float], *, rule: str, am
     """:func:`spread_optim.kernels.compiled.grouped_step` with ``groups="row"`` (``adopt=False``): ``g``, ``p``,
     ``W`` and its states contiguous ``(rows, width)``, ``u`` and its states ``(rows,)``, one dtype; returns how many
     rows it left for adoption."""
-    return _call("rows", p.shape[0], p[0].numel() if p.shape[0] else 0, g, p, u, W, state_u, state_W, hyper, rule=rule,
-                 amsgrad=amsgrad, nesterov=nesterov, momentum=momentum, first=first, maximize=maximize, scaled=scaled)
+    return batch_step("rows", [(g, p, u, W, state_u, state_W, hyper)], rule=rule, amsgrad=amsgrad,
+                      nesterov=nesterov, momentum=momentum, first=first, maximize=maximize, scaled=scaled)[0]

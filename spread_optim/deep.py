@@ -150,13 +150,8 @@ class DeepGrouped(_Deep, Grouped):
         return []
 
     def set_factor_grads(self, reduced=(), skip_W: bool = False) -> None:
-        for members in self.sets:
+        for _, members, u, Ws, structures, grads in self._sets_with_grads():
             st0 = self.state[members[0]]
-            u, Ws, structures = self._locals(members)
-            grads, live = self._grads(members)
-            if not live:
-                self._drop_grads(members)
-                continue
             du, dWs = ref.deep_group_factor_grads(self._filled(grads, Ws), u, Ws, structures, self.kappa)
             st0["u"].grad = du
             for p, dW, g in zip(members, dWs, grads):

@@ -434,13 +434,8 @@ class Grouped(Kind):
         """``reduced``: :meth:`grad_sums` summed over ranks; ``skip_W``: the ``W`` of spanning sets were moved
         already (:meth:`set_W_grads_first`): only their ``u`` gets a gradient."""
         gW = dict(zip([k for k in range(len(self.sets)) if self.spans[k]], reduced))
-        for k, members in enumerate(self.sets):
+        for k, members, u, Ws, structures, grads in self._sets_with_grads():
             st0 = self.state[members[0]]
-            u, Ws, structures = self._locals(members)
-            grads, live = self._grads(members)
-            if not live:
-                self._drop_grads(members)
-                continue
             if skip_W and self.spans[k]:
                 st0["u"].grad = like(gW[k] + 2 * self.kappa * u, st0["u"])
                 for p in members:
@@ -450,6 +445,16 @@ class Grouped(Kind):
             st0["u"].grad = like(du, st0["u"])
             for p, dW, g in zip(members, dWs, grads):
                 self.state[p]["W"].grad = None if g is None else like(dW, self.state[p]["W"])
+
+    def _sets_with_grads(self):
+        """``(k, members, u, Ws, structures, grads)`` of each share set that has a gradient; a set without one has
+        its factors' gradients dropped (it does not move)."""
+        for k, members in enumerate(self.sets):
+            grads, live = self._grads(members)
+            if not live:
+                self._drop_grads(members)
+                continue
+            yield (k, members, *self._locals(members), grads)
 
     def _finish_inputs(self, theta_old: Theta, spanning_only: bool = False):
         for k, members in enumerate(self.sets):
