@@ -71,6 +71,13 @@ def kernels() -> dict:
     return _kernels
 
 
+def settings() -> tuple:
+    """What :func:`choose` reads besides its arguments and this process's installation: an optimizer may reuse its
+    choices while these stay the same (the switches ``SPREAD_OPTIM_NATIVE`` and ``TRITON_INTERPRET``,
+    :data:`COMPILE_MIN_NUMEL`)."""
+    return os.environ.get("SPREAD_OPTIM_NATIVE"), os.environ.get("TRITON_INTERPRET"), COMPILE_MIN_NUMEL
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -152,15 +159,24 @@ def native_takes(params: Sequence[torch.Tensor], base_cls: type, layout: str | N
             and all(p.device.type == "cpu" and p.dtype in native.DTYPES for p in params) and native.unavailable() is None)
 
 
-def cpu_engine(layout: str, g: torch.Tensor, p: torch.Tensor, factor: torch.Tensor, flags: dict) -> str:
+def native_ready(rule: str) -> bool:
+    """Whether the native loops can step a group under ``rule`` (``"sgd"``, ``"adam"``) on this machine (asked once per
+    group and step: :func:`cpu_engine` then only looks at each tensor)."""
+    from spread_optim.kernels import native
+
+    return rule in ("sgd", "adam") and native.unavailable() is None
+
+
+def cpu_engine(layout: str, g: torch.Tensor, p: torch.Tensor, factor: torch.Tensor, flags: dict, ready: bool | None = None) -> str:
     """Which engine runs the compiled CPU step of one tensor (canonical, contiguous views; ``layout``: ``"element"``
     or the grouped layout, ``"row"``, ``"column"``, ``"ids"``): ``"native"`` (:mod:`.native`: element or row
     sparsity, ``g``, ``p`` and the factors of one float32/float64 dtype, SGD or Adam) or ``"inductor"``
-    (:mod:`.compiled`, everything else)."""
+    (:mod:`.compiled`, everything else). ``ready``: :func:`native_ready` of ``flags["rule"]``, when already asked."""
     from spread_optim.kernels import native
 
-    if (layout in NATIVE_LAYOUTS and p.dtype in native.DTYPES and g.dtype == p.dtype == factor.dtype
-            and flags["rule"] in ("sgd", "adam") and native.unavailable() is None):
+    if ready is None:
+        ready = native_ready(flags["rule"])
+    if ready and layout in NATIVE_LAYOUTS and p.dtype in native.DTYPES and g.dtype == p.dtype == factor.dtype:
         return "native"
     return "inductor"
 

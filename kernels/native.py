@@ -79,9 +79,11 @@ def _library() -> ctypes.CDLL | str:
         lib = ctypes.CDLL(str(target))
     except OSError as error:
         return f"the native CPU step could not be built or loaded ({type(error).__name__}: {error})"
+    lib.spread_nonfinite_batch.restype = ctypes.c_int64
+    lib.spread_nonfinite_batch.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3]
+    lib.spread_count_steps.restype = None
+    lib.spread_count_steps.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3]
     for suffix in DTYPES.values():
-        check = getattr(lib, f"spread_nonfinite_{suffix}")
-        check.restype, check.argtypes = ctypes.c_int64, [ctypes.c_int64, ctypes.c_void_p]
         for kernel in ("element", "rows"):
             batch = getattr(lib, f"spread_{kernel}_batch_{suffix}")
             batch.restype = None
@@ -98,10 +100,32 @@ def unavailable() -> str | None:
     return lib if isinstance(lib, str) else None
 
 
-def nonfinite(g: torch.Tensor) -> bool:
-    """Whether a contiguous float32/float64 CPU tensor holds an inf or a NaN (one read, about twice as fast as
-    ``torch.aminmax`` out of cache)."""
-    return bool(getattr(_library(), f"spread_nonfinite_{DTYPES[g.dtype]}")(g.numel(), g.data_ptr()))
+def nonfinite(grads: list[torch.Tensor]) -> list[int]:
+    """For each contiguous float32/float64 CPU tensor, 1 when it holds an inf or a NaN, else 0: one read of each, in
+    one call (about twice as fast as ``torch.aminmax`` out of cache)."""
+    sizes, ptrs = array("q"), array("q")
+    for g in grads:
+        sizes.extend((g.numel(), g.element_size()))
+        ptrs.append(g.data_ptr())
+    bad = array("q", bytes(8 * len(grads)))
+    if grads:
+        _library().spread_nonfinite_batch(len(grads), sizes.buffer_info()[0], ptrs.buffer_info()[0], bad.buffer_info()[0])
+    return bad.tolist()
+
+
+def count_steps(steps: list[torch.Tensor]) -> list[float] | None:
+    """Advance torch's step counters (0-dimensional float32/float64 CPU tensors) by one in place, in one call, and
+    return the new counts; None, with nothing advanced, when one of them is not such a tensor."""
+    sizes, ptrs = array("q"), array("q")
+    for s in steps:
+        if s.dtype not in DTYPES or not s.is_cpu or s.ndim:
+            return None
+        sizes.append(s.element_size())
+        ptrs.append(s.data_ptr())
+    out = array("d", bytes(8 * len(steps)))
+    if steps:
+        _library().spread_count_steps(len(steps), sizes.buffer_info()[0], ptrs.buffer_info()[0], out.buffer_info()[0])
+    return out.tolist()
 
 
 def _code(rule: str, momentum: bool) -> int:
@@ -123,22 +147,30 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
     state_W, hyper)``; returns what each of those calls would return. A large step is cut into equal shares of
     entries (rows), one per torch CPU thread; every entry (row) is stepped once, by the same loop, so the numbers do
     not depend on the thread count."""
-    records = []  # (item, entries or rows, width, ten pointers, hyper)
-    for i, (g, p, factor, W, state_factor, state_W, hyper) in enumerate(items):
-        n, width = (p.numel(), 1) if kernel == "element" else (p.shape[0], p[0].numel() if p.shape[0] else 0)
-        ptrs = [g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr()]
-        for states in (state_factor, state_W):
-            ptrs += [0 if t is None else t.data_ptr() for t in [*states, None, None, None][:3]]
-        records.append((i, n, width, ptrs, hyper))
-    threads = torch.get_num_threads()
-    total = sum(n * width for _, n, width, _, _ in records)
-    itemsize = items[0][1].element_size()
-    shares = _shares(records, threads, total, itemsize, kernel) if threads > 1 and total >= PARALLEL_MIN else [records]
     fn = getattr(_library(), f"spread_{kernel}_batch_{DTYPES[items[0][1].dtype]}")
     flags = (_code(rule, momentum), int(amsgrad), int(nesterov), int(first), int(maximize), int(scaled))
+    sizes, ptrs, h = array("q"), array("q"), array("d")  # (flat C arrays, built faster than ctypes arrays)
+    for g, p, factor, W, state_factor, state_W, hyper in items:
+        if kernel == "element":
+            sizes.extend((p.numel(), 1))
+        else:
+            sizes.extend((p.shape[0], p.numel() // p.shape[0] if p.shape[0] else 0))
+        ptrs.extend((g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr()))
+        for states in (state_factor, state_W):
+            ptrs.extend([0 if t is None else t.data_ptr() for t in states] + [0] * (3 - len(states)))
+        h.extend(hyper)
+    count = len(items)
+    threads = torch.get_num_threads()
+    total = sum(sizes[2 * i] * sizes[2 * i + 1] for i in range(count)) if threads > 1 else 0
+    if total < PARALLEL_MIN:
+        changed = array("q", bytes(8 * count))
+        fn(count, sizes.buffer_info()[0], ptrs.buffer_info()[0], h.buffer_info()[0], *flags, changed.buffer_info()[0])
+        return changed.tolist()
+    records = [(i, sizes[2 * i], sizes[2 * i + 1], ptrs[10 * i:10 * i + 10], h[13 * i:13 * i + 13]) for i in range(count)]
+    shares = _shares(records, threads, total, items[0][1].element_size(), kernel)
 
     def run(share) -> array:
-        sizes, ptrs, h = array("q"), array("q"), array("d")  # (flat C arrays, built faster than ctypes arrays)
+        sizes, ptrs, h = array("q"), array("q"), array("d")
         for _, n, width, pointers, hyper in share:
             sizes.extend((n, width))
             ptrs.extend(pointers)
@@ -147,9 +179,8 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
         fn(len(share), sizes.buffer_info()[0], ptrs.buffer_info()[0], h.buffer_info()[0], *flags, changed.buffer_info()[0])
         return changed
 
-    results = [run(shares[0])] if len(shares) == 1 else list(_executor(len(shares)).map(run, shares))
-    left = [0] * len(items)
-    for share, changed in zip(shares, results):
+    left = [0] * count
+    for share, changed in zip(shares, _executor(len(shares)).map(run, shares)):
         for (i, *_), c in zip(share, changed):
             left[i] += c
     return left

@@ -39,6 +39,21 @@ enum { SGD = 0, SGD_MOMENTUM = 1, ADAM = 2 };  /* rules */
     gsq[l] += gj * gj; w1sq[l] += w1 * w1; osq[l] += t_old * t_old; wold[l] += w1 * t_old;                         \
 }
 
+/* While sweep (b) moves row r (in cache, compute-bound), the lines of row r+1 that its sweeps read are fetched: the
+   memory then works while the row is computed (row r+1's first sweep no longer waits on it), which took the row
+   kernel on ResNet-18's tensors from 1.8x to 1.4x torch's fused Adam step (benchmarks/native_step.py). */
+#define PREFETCH_NEXT_ROW(real) {                                                                                  \
+    const int64_t q = o + width + j0;                                                                              \
+    for (int64_t b = 0; b < (int64_t)(LANES * sizeof(real)); b += 64) {                                            \
+        __builtin_prefetch((const char *)(grad + q) + b, 0, 3);                                                    \
+        __builtin_prefetch((const char *)(p + q) + b, 0, 3);                                                       \
+        __builtin_prefetch((const char *)(W + q) + b, 0, 3);                                                       \
+        if (rule != SGD) __builtin_prefetch((const char *)(sW0 + q) + b, 0, 3);                                    \
+        if (rule == ADAM) __builtin_prefetch((const char *)(sW1 + q) + b, 0, 3);                                   \
+        if (amsgrad) __builtin_prefetch((const char *)(sW2 + q) + b, 0, 3);                                        \
+    }                                                                                                              \
+}
+
 #define DEFINE_KERNELS(real, suffix, SQRT, FABS)                                                                   \
 typedef struct { real k2, lr, thr, scale, c1, b2, c2, eps, ss[2], bc[2], mom, cd, sign; } consts_##suffix;         \
                                                                                                                    \
@@ -170,6 +185,7 @@ static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(        
         real gsq[LANES] = {0}, w1sq[LANES] = {0}, osq[LANES] = {0}, wold[LANES] = {0};                             \
         for (int64_t j0 = 0; j0 < width; j0 += LANES) {                                                            \
             if (j0 < body) {                                                                                       \
+                PREFETCH_NEXT_ROW(real)                                                                            \
                 for (int l = 0; l < LANES; l++)                                                                    \
                     ROW_MOVE(real, suffix, j0 + l, l)                                                                    \
             } else {                                                                                               \
@@ -254,14 +270,44 @@ ENTRY(rows, f64, double)
 
 /* 1 when one of the n entries is an inf or a NaN (its exponent bits all set), else 0: the optimizer's
    non-finite-gradient check, one read of the gradient (integer compares: vectorised, no float traps). */
+#define CHECK_BLOCK 256   /* entries per block; the block CHECK_AHEAD bytes ahead is fetched meanwhile (~10% faster) */
+#define CHECK_AHEAD 16384
 int64_t spread_nonfinite_f32(int64_t n, const uint32_t *restrict x) {
     uint32_t bad = 0;
-    for (int64_t i = 0; i < n; i++) bad |= (x[i] & 0x7f800000u) == 0x7f800000u;
+    for (int64_t i0 = 0; i0 < n; i0 += CHECK_BLOCK) {
+        for (int b = 0; b < CHECK_BLOCK * 4; b += 64) __builtin_prefetch((const char *)(x + i0) + CHECK_AHEAD + b, 0, 0);
+        const int64_t end = i0 + CHECK_BLOCK < n ? i0 + CHECK_BLOCK : n;
+        for (int64_t i = i0; i < end; i++) bad |= (x[i] & 0x7f800000u) == 0x7f800000u;
+    }
     return bad;
 }
 
 int64_t spread_nonfinite_f64(int64_t n, const uint64_t *restrict x) {
     uint64_t bad = 0;
-    for (int64_t i = 0; i < n; i++) bad |= (x[i] & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+    for (int64_t i0 = 0; i0 < n; i0 += CHECK_BLOCK) {
+        for (int b = 0; b < CHECK_BLOCK * 8; b += 64) __builtin_prefetch((const char *)(x + i0) + CHECK_AHEAD + b, 0, 0);
+        const int64_t end = i0 + CHECK_BLOCK < n ? i0 + CHECK_BLOCK : n;
+        for (int64_t i = i0; i < end; i++) bad |= (x[i] & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+    }
     return (int64_t)bad;
+}
+
+/* The check of `count` tensors in one call: tensor i has sizes[2i] entries of sizes[2i+1] bytes (4: float32,
+   8: float64) at ptrs[i]; bad[i] receives its check. Returns how many hold an inf or a NaN. */
+int64_t spread_nonfinite_batch(int64_t count, const int64_t *sizes, const void *const *ptrs, int64_t *bad) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; i++) {
+        bad[i] = sizes[2 * i + 1] == 8 ? spread_nonfinite_f64(sizes[2 * i], ptrs[i]) : spread_nonfinite_f32(sizes[2 * i], ptrs[i]);
+        total += bad[i];
+    }
+    return total;
+}
+
+/* Adam's step counters, torch's 0-dimensional tensors: counter i at ptrs[i] (sizes[i] bytes: 4, float32, or 8,
+   float64) is advanced by one, as torch's add does in its own type; out[i] receives the new count. */
+void spread_count_steps(int64_t count, const int64_t *sizes, void *const *ptrs, double *out) {
+    for (int64_t i = 0; i < count; i++) {
+        if (sizes[i] == 8) { double *s = ptrs[i]; *s += 1.0; out[i] = *s; }
+        else { float *s = ptrs[i]; *s += 1.0f; out[i] = (double)*s; }
+    }
 }

@@ -456,8 +456,9 @@ def deep_split(t: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]
     ``W = t / prod_j U_j = sign(t) * m * 2**ceil(e/k)`` (the exponents sum to ``e``: Hermite's identity). Every
     factor is within a factor ``2**((k-1)/k) < 2`` of ``|t|^(1/k)`` (the balanced point).
 
-    Exactness: the product of powers of two is a power of two (exact, within the normal range for any finite
-    ``t``, subnormals included), dividing by it is exact (``W`` is a normal number), and
+    Exactness: the product of powers of two is a power of two, exact (for the smallest float32 subnormals at
+    ``k >= 7`` it is itself subnormal, ``2**-127``: still exact, so it is multiplied out, not built from its bits),
+    dividing by it is exact (``W`` is a normal number), and
     :func:`element_product` multiplies ``W`` by powers of two whose every partial product lies between ``|W|`` and
     ``|t|``, so ``element_product(*deep_split(t, k)) == t`` bit for bit. Zeros give all factors ``0`` (the dead
     point). At ``k = 2`` this is :func:`balanced_split` with the roles swapped (``U = b``, ``W = a``).
@@ -466,7 +467,7 @@ def deep_split(t: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]
     exps = deep_exponents(exponent(t), depth)
     zero = torch.zeros((), dtype=t.dtype, device=t.device)
     U = torch.stack([torch.where(nonzero, power_of_two(c, t.dtype), zero) for c in exps])
-    scale = power_of_two(sum(exps), t.dtype)
+    scale = deep_scale(U)
     W = torch.where(nonzero, t / torch.where(nonzero, scale, torch.ones_like(scale)), zero)
     return U, W
 
@@ -538,7 +539,7 @@ def deep_init_group(thetas: Sequence[torch.Tensor], structures: Sequence[GroupSt
     exps = deep_exponents(exponent(norms), depth)
     zero = torch.zeros((), dtype=ts[0].dtype, device=ts[0].device)
     u = torch.stack([torch.where(nonzero, power_of_two(c, ts[0].dtype), zero) for c in exps])
-    scale = torch.where(nonzero, power_of_two(sum(exps), ts[0].dtype), zero)
+    scale = torch.where(nonzero, deep_scale(u), zero)  # (multiplied out: exact, subnormal ones too, see deep_split)
     inv = torch.where(nonzero, 1.0 / torch.where(nonzero, scale, torch.ones_like(scale)), zero)
     Ws = [t * s.expand(inv) for t, s in zip(ts, structures)]
     P = deep_scale(u)

@@ -40,9 +40,9 @@ def _adam_state(st: dict, leaf: torch.Tensor, amsgrad: bool, steps_on_device: bo
         st["exp_avg_sq"] = torch.zeros_like(leaf, memory_format=torch.preserve_format)
     if amsgrad and "max_exp_avg_sq" not in st:
         st["max_exp_avg_sq"] = torch.zeros_like(leaf, memory_format=torch.preserve_format)
-    wanted = leaf.device if steps_on_device else torch.device("cpu")
-    if st["step"].device != wanted:  # e.g. a checkpoint of the other path
-        st["step"] = st["step"].to(wanted, dtype=torch.float32 if steps_on_device else st["step"].dtype)
+    step = st["step"]
+    if not (step.is_cpu and leaf.is_cpu) and step.device != (leaf.device if steps_on_device else torch.device("cpu")):
+        st["step"] = step.to(leaf.device if steps_on_device else "cpu", dtype=torch.float32 if steps_on_device else step.dtype)  # e.g. a checkpoint of the other path
     return [st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq") if amsgrad else None]
 
 
@@ -222,20 +222,17 @@ def _hypers(rule: _Rule, group: dict, leaves: list[list[dict]], grad_scale) -> l
         tail = [0.0, 0.0, 0.0, float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)), scale]
         return [head + [lr, 1.0, lr, 1.0] + tail for _ in leaves]
     steps = [st["step"] for pair in leaves for st in pair]
-    if steps:
-        torch._foreach_add_(steps, 1)
+    counts = native.count_steps(steps) if native.unavailable() is None else None  # (one call, no dispatch per tensor)
+    if counts is None:
+        if steps:
+            torch._foreach_add_(steps, 1)
+        counts = [float(n) for n in steps]
     tail = [rule.beta1, rule.beta2, float(group["eps"]), 0.0, 0.0, scale]
     sizes: dict = {}  # step count -> (step size, sqrt(bias correction 2)): a model's tensors mostly share one
-    out = []
-    for pair in leaves:
-        row = list(head)
-        for st in pair:
-            n = float(st["step"])
-            if n not in sizes:
-                sizes[n] = ref.adam_step_sizes(n, lr, rule.beta1, rule.beta2)
-            row += sizes[n]
-        out.append(row + tail)
-    return out
+    for n in counts:
+        if n not in sizes:
+            sizes[n] = ref.adam_step_sizes(n, lr, rule.beta1, rule.beta2)
+    return [head + [*sizes[counts[2 * i]], *sizes[counts[2 * i + 1]]] + tail for i in range(len(leaves))]
 
 
 def _compiled_run(kind: str, args: tuple, values: list[float], extra: tuple, flags: dict) -> None:
@@ -246,7 +243,7 @@ def _compiled_run(kind: str, args: tuple, values: list[float], extra: tuple, fla
     expected), the same function runs eagerly."""
     global _warned_recompile
     step = compiled.element_step if kind == "element" else compiled.grouped_step
-    if dispatch.cpu_engine(flags.get("groups", "element"), args[0], args[1], args[2], flags) == "native":
+    if dispatch.cpu_engine(flags.get("groups", "element"), args[0], args[1], args[2], flags, dispatch.native_ready(flags["rule"])) == "native":
         if (native.element_step if kind == "element" else native.rows_step)(*args, values, **flags):
             _adopt(kind, args, values, extra, flags)
         return
@@ -308,38 +305,44 @@ def _compiled_step(kind: str, base_cls: type, group: dict, params, state, grad_s
         return  # a step GradScaler skips: nothing moves, step counters included
     rule = _Rule(base_cls, group, torch.device("cpu"))
     flags = _compiled_flags(rule, group, grad_scale)
+    ready = dispatch.native_ready(rule.name)
     factor = "U" if kind == "element" else "u"
     width = 3 if rule.adam else 1
     batches: dict = {}  # (dtype, first): the tensors the native loops step in one call
     live = [p for p in params if p.grad is not None]
-    leaves = [[state[p]["base"][factor], state[p]["base"]["W"]] for p in live]
-    created = [rule.states(leaf_states, [state[p][factor], state[p]["W"]]) for p, leaf_states in zip(live, leaves)]
-    for p, (slots, firsts), values in zip(live, created, _hypers(rule, group, leaves, grad_scale)):
-        st = state[p]
+    sts = [state[p] for p in live]
+    leaves = [[st["base"][factor], st["base"]["W"]] for st in sts]
+    created = [rule.states(leaf_states, [st[factor], st["W"]]) for st, leaf_states in zip(sts, leaves)]
+    for p, st, (slots, firsts), values in zip(live, sts, created, _hypers(rule, group, leaves, grad_scale)):
         if p.numel() == 0:
             continue  # (the step counts advance, as torch's own step on an empty tensor)
-        step_flags = {**flags, "first": bool(firsts[0])}
-        layout, extra = "element", ()
-        if kind == "grouped":
-            layout, extra = structures[p].kind, (structures[p].ids,)
-            step_flags["groups"] = layout
+        layout, extra = ("element", ()) if kind == "element" else (structures[p].kind, (structures[p].ids,))
         # (a gradient swapped to another dtype under autograd's check is rounded to the factors', as the spec does)
         g = p.grad if p.grad.dtype == p.dtype else p.grad.to(st["W"].dtype)
-        tensors = (g, p.detach(), st[factor], st["W"], tuple(slots[0][:width]), tuple(slots[1][:width]))
-        if (dispatch.cpu_engine(layout, g, p, st[factor], step_flags) == "native"
-                and all(t is None or t.is_contiguous() for t in (*tensors[:4], *tensors[4], *tensors[5]))):
-            batches.setdefault((p.dtype, step_flags["first"]), []).append((tensors, values, layout, extra, step_flags))
+        f, W = st[factor], st["W"]
+        if dispatch.cpu_engine(layout, g, p, f, flags, ready) == "native" and _contiguous(g, p, f, W, *slots[0], *slots[1]):
+            batches.setdefault((p.dtype, bool(firsts[0])), []).append((g, p, f, W, slots[0], slots[1], values, layout, extra))
             continue
-        args, write_back = _canonical(layout, *tensors)
+        step_flags = {**flags, "first": bool(firsts[0])} if kind == "element" else {**flags, "first": bool(firsts[0]), "groups": layout}
+        args, write_back = _canonical(layout, g, p.detach(), f, W, tuple(slots[0][:width]), tuple(slots[1][:width]))
         _compiled_run(kind, args, values, extra, step_flags)
         if write_back is not None:
             write_back()
-    for entries in batches.values():
-        left = native.batch_step("element" if kind == "element" else "rows", [(*tensors, values) for tensors, values, *_ in entries],
-                                 **entries[0][4])
-        for (tensors, values, layout, extra, step_flags), changed in zip(entries, left):
+    for (_, first), entries in batches.items():
+        left = native.batch_step("element" if kind == "element" else "rows", [entry[:7] for entry in entries], **flags, first=first)
+        for (g, p, f, W, slots_f, slots_W, values, layout, extra), changed in zip(entries, left):
             if changed:
-                _adopt(kind, _canonical(layout, *tensors)[0], values, extra, step_flags)
+                step_flags = {**flags, "first": first} if kind == "element" else {**flags, "first": first, "groups": layout}
+                args = _canonical(layout, g, p.detach(), f, W, tuple(slots_f[:width]), tuple(slots_W[:width]))[0]
+                _adopt(kind, args, values, extra, step_flags)
+
+
+def _contiguous(*tensors) -> bool:
+    """Whether the tensors (None for a state the rule lacks) are all contiguous."""
+    for t in tensors:
+        if t is not None and not t.is_contiguous():
+            return False
+    return True
 
 
 def compiled_element(base_cls: type, group: dict, params, state, grad_scale, found_inf) -> None:

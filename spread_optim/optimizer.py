@@ -21,6 +21,7 @@ and ``load_state_dict()`` carry everything and a resumed run continues bit for b
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import torch
@@ -132,6 +133,7 @@ class SpreadOptimizer(Optimizer):
         self._dense_stepped: set[int] = set()  # ids of parameters stepped in a dense group (SGD keeps no state)
         self._created: list = []
         self._built_for: dict = {}  # param -> the sparsity its factors were built for (see _refactor_if_changed)
+        self._planned: tuple | None = None  # (key, kept, kinds): the last plan and what it read (see _reuse_plan)
 
     # ------------------------------------------------------------------------------------------------
     # pickling / deepcopy: the base instance, the caches and the plan are derived
@@ -249,6 +251,39 @@ class SpreadOptimizer(Optimizer):
         self._kinds, self._paths = kinds, paths
         return kinds
 
+    def _reuse_plan(self) -> list[Kind] | None:
+        """The last step's kinds when nothing the plan reads has changed since (the same groups with the same values,
+        the same parameters with the same shape, dtype, device and layout, the same state entries and factors, the
+        same :func:`dispatch.settings`): a step of a small model is then mostly its kernels. None otherwise (the full plan runs);
+        sharded parameters and steps under ``torch.compile`` always plan."""
+        if self._planned is None or dispatch.compiling():
+            return None
+        key, _, kinds = self._planned
+        return kinds if key == self._plan_key([]) else None
+
+    def _remember_plan(self, kinds: list[Kind]) -> None:
+        kept: list = []
+        self._planned = None if self._comm.distributed or dispatch.compiling() else (self._plan_key(kept), kept, kinds)
+
+    def _plan_key(self, kept: list) -> tuple:
+        """What :meth:`_plan` reads, as values and ids (the objects behind the ids go to ``kept``, which the cache keeps
+        alive, so that an id is not reused while it is compared)."""
+        state = self.state
+        entries = []
+        for group in self.param_groups:
+            params = group["params"]
+            kept += params
+            entries.append((id(group), tuple(group), tuple(v if type(v) in _ATOMS else _frozen(v, kept) for k, v in group.items() if k != "params")))
+            for p in params:
+                st = state.get(p)
+                entries.append((id(p), p.shape, p.dtype, p.device, p.is_contiguous(), id(st),
+                                tuple(map(id, st.values())) if st else ()))
+                if st:
+                    kept.append(st)
+                    kept += st.values()
+        kept.append(state)
+        return (id(state), dispatch.settings(), *entries)
+
     def _make_kind(self, group, index):
         comm = self._comm
         sharded = comm.distributed and any(is_dtensor(p) for p in group["params"])
@@ -333,6 +368,7 @@ class SpreadOptimizer(Optimizer):
         try:
             return self._step(closure)
         except BaseException:
+            self._planned = None
             for p in self._created:
                 if isinstance(p, int):
                     self._dense_stepped.discard(p)
@@ -341,7 +377,10 @@ class SpreadOptimizer(Optimizer):
             raise
 
     def _step(self, closure):
-        kinds = self._plan()
+        kinds = self._reuse_plan()
+        if kinds is None:
+            kinds = self._plan()
+            self._remember_plan(kinds)
         if closure is not None and per_parameter(self._base_cls):
             with torch.enable_grad():
                 loss = closure()
@@ -461,13 +500,15 @@ class SpreadOptimizer(Optimizer):
         """Sum the non-finite counts and every kind's parts over ranks in one round (identity in one process).
 
         ``flags``: a list of scalars or None; ``per_kind``: lists (one per kind) of lists of tensors. Returns the
-        reduced flags (unless None) and the reduced lists in the same nesting."""
-        parts = ([torch.stack([f.reshape(()).to(torch.float64) for f in flags])] if flags else [])
+        reduced flags (unless None: a tensor, or the list itself when every flag is a host int in one process) and the
+        reduced lists in the same nesting."""
+        on_host = bool(flags) and not self._comm.distributed and all(type(f) is int for f in flags)
+        parts = [] if not flags or on_host else [torch.stack([_as_tensor(f).reshape(()).to(torch.float64) for f in flags])]
         for lists in per_kind:
             for kind_parts in lists:
                 parts += kind_parts
         reduced = iter(self._comm.sum(parts))
-        out = [] if flags is None else [next(reduced) if flags else None]
+        out = [] if flags is None else [flags if on_host else next(reduced) if flags else None]
         for lists in per_kind:
             out.append([[next(reduced) for _ in kind_parts] for kind_parts in lists])
         return out
@@ -488,7 +529,8 @@ class SpreadOptimizer(Optimizer):
     def _raise_if_nonfinite(reduced, names) -> None:
         if not _any_nonfinite(reduced):
             return
-        bad = [names[i] for i in torch.nonzero(reduced != 0).flatten().tolist()]
+        indices = [i for i, f in enumerate(reduced) if f] if isinstance(reduced, list) else torch.nonzero(reduced != 0).flatten().tolist()
+        bad = [names[i] for i in indices]
         raise FloatingPointError(
             "non-finite gradient in " + ", ".join(f"{where} (parameter of shape {shape})" for where, shape in bad)
             + "; nothing was updated (use torch.amp.GradScaler or skip this batch)"
@@ -615,7 +657,30 @@ def _sparse_now(group) -> bool:
 
 
 def _any_nonfinite(reduced) -> bool:
+    """Whether reduced flags (a tensor, or a list of host ints) mark a non-finite gradient."""
+    if isinstance(reduced, list):
+        return any(reduced)
     return reduced is not None and bool((reduced != 0).any())
+
+
+_ATOMS = frozenset((float, int, bool, str, type(None)))  # param group values compared as they are
+
+
+def _frozen(value, kept: list):
+    """A param group's value as something ``==`` compares by value (numbers, strings, their lists and tuples), a
+    tensor by identity and version (an in-place change counts), anything else as never equal (no reuse)."""
+    if value is None or isinstance(value, (numbers.Number, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(_frozen(v, kept) for v in value)
+    if isinstance(value, torch.Tensor):
+        kept.append(value)
+        return "tensor", id(value), value._version
+    return object()
+
+
+def _as_tensor(flag) -> torch.Tensor:
+    return flag if isinstance(flag, torch.Tensor) else torch.tensor(float(flag))
 
 
 def _map_tensors(value, fn, key=None):

@@ -142,8 +142,11 @@ def test_split_is_exact_and_balanced(values, depth, double):
 def test_split_extremes():
     for dtype in (torch.float32, torch.float64):
         info = torch.finfo(dtype)
-        t = torch.tensor([info.max, -info.max, info.tiny, info.tiny * 2.0**-20, -info.tiny / 3, 1.0, -3.0, 0.0], dtype=dtype)
-        for depth in (3, 4, 5):
+        smallest = info.tiny * info.eps  # the smallest subnormal: at depth 7 in float32 the k-1 powers of two
+        # multiply to 2**-127, below the normal range (a found case: built from its bits, that product was 0)
+        t = torch.tensor([info.max, -info.max, info.tiny, info.tiny * 2.0**-20, -info.tiny / 3, smallest, -smallest,
+                          1.0, -3.0, 0.0], dtype=dtype)
+        for depth in (3, 4, 5, 6, 7, 8):
             assert torch.equal(ref.element_product(*ref.deep_split(t, depth)), t + 0.0)
 
 

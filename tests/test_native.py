@@ -233,7 +233,17 @@ def test_nonfinite_check_equals_isfinite(dtype):
             for position in {0, n // 2, n - 1}:
                 g = torch.randn(n, dtype=dtype)
                 g[position] = value
-                assert native.nonfinite(g) == (not bool(torch.isfinite(g).all())), (n, value, position)
+                assert native.nonfinite([g]) == [int(not bool(torch.isfinite(g).all()))], (n, value, position)
+
+
+def test_nonfinite_check_of_many_tensors_in_one_call():
+    """One call checks tensors of both dtypes and any length (empty ones too), each flag its own tensor's."""
+    grads = [torch.randn(n, dtype=dtype) for n, dtype in ((5, torch.float32), (0, torch.float64), (300, torch.float64),
+                                                          (64, torch.float32), (1, torch.float64))]
+    assert native.nonfinite(grads) == [0] * 5 and native.nonfinite([]) == []
+    grads[2][299] = float("inf")
+    grads[3][0] = float("nan")
+    assert native.nonfinite(grads) == [0, 0, 1, 1, 0]
 
 
 def test_the_source_ships_with_the_package_and_its_absence_is_a_reason(monkeypatch, tmp_path):
