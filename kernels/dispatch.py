@@ -38,6 +38,8 @@ from typing import Sequence
 
 import torch
 
+from spread_optim.kernels import native
+
 #: the base rules with a fused path (exact classes: a subclass may change the rule)
 FUSED_RULES = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
 _CPU_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -145,16 +147,14 @@ def why_not_compiled(params: Sequence[torch.Tensor], shared: bool, sharded: bool
     return compiled.unavailable()
 
 
-#: the layouts the native CPU loops step (:mod:`.native`): element sparsity, and one group factor per row
-NATIVE_LAYOUTS = ("element", "row")
+#: the layouts the native CPU loops step (:mod:`.native`): element sparsity, and one group factor per row or column
+NATIVE_LAYOUTS = ("element", "row", "column")
 
 
 def native_takes(params: Sequence[torch.Tensor], base_cls: type, layout: str | None) -> bool:
     """Whether the native CPU loops (:mod:`.native`) step every parameter of a sparse group: an element-sparse or
     row-sparse group (``layout``; each parameter with its own ``u``), float32 or float64 CPU tensors, torch's SGD,
     Adam or AdamW, and a C compiler to build them."""
-    from spread_optim.kernels import native
-
     return (layout in NATIVE_LAYOUTS and base_cls in FUSED_RULES and bool(params)
             and all(p.device.type == "cpu" and p.dtype in native.DTYPES for p in params) and native.unavailable() is None)
 
@@ -162,8 +162,6 @@ def native_takes(params: Sequence[torch.Tensor], base_cls: type, layout: str | N
 def native_ready(rule: str) -> bool:
     """Whether the native loops can step a group under ``rule`` (``"sgd"``, ``"adam"``) on this machine (asked once per
     group and step: :func:`cpu_engine` then only looks at each tensor)."""
-    from spread_optim.kernels import native
-
     return rule in ("sgd", "adam") and native.unavailable() is None
 
 
@@ -172,8 +170,6 @@ def cpu_engine(layout: str, g: torch.Tensor, p: torch.Tensor, factor: torch.Tens
     or the grouped layout, ``"row"``, ``"column"``, ``"ids"``): ``"native"`` (:mod:`.native`: element or row
     sparsity, ``g``, ``p`` and the factors of one float32/float64 dtype, SGD or Adam) or ``"inductor"``
     (:mod:`.compiled`, everything else). ``ready``: :func:`native_ready` of ``flags["rule"]``, when already asked."""
-    from spread_optim.kernels import native
-
     if ready is None:
         ready = native_ready(flags["rule"])
     if ready and layout in NATIVE_LAYOUTS and p.dtype in native.DTYPES and g.dtype == p.dtype == factor.dtype:

@@ -1,12 +1,15 @@
 r"""The CPU step in one pass over memory: ``native_step.c``, built on first use with the machine's C compiler and
-called through ``ctypes``. Two kernels, for float32 and float64 parameters under the SGD and Adam rules:
+called through ``ctypes``. Three kernels, for float32 and float64 parameters under the SGD and Adam rules:
 
 * :func:`element_step`: the spec's element step of one tensor (:func:`spread_optim.kernels.compiled.element_step`,
   composed of :mod:`.reference`), bit for bit: the factor gradients, the base rule, the exact-zero pass and theta
   in one loop;
 * :func:`rows_step`: the spec's row-sparse step (:func:`~spread_optim.kernels.compiled.grouped_step`, rows), each
-  row swept three times while it stays in cache (its sums first, since the zero pass needs the moved row's norms);
-  equal to the spec to rounding (its sums are taken in another order).
+  row swept three times while it stays in cache (its sums first, since the zero pass needs the moved row's norms),
+  the next row fetched meanwhile; equal to the spec to rounding (its sums are taken in another order);
+* :func:`columns_step`: the same for column sparsity (dim-1 slices, whose sums span every row): two passes over the
+  tensor (the sums; then the move, with a dead column's zero pass decided before it), and a third only along the
+  rare columns that snap to zero; equal to the spec to rounding.
 
 Entries (rows) whose weight no longer equals their factors' product were written outside the optimizer: both leave
 them as they are and count them, and the caller adopts them (as after the compiled step). Against the compiled step
@@ -40,6 +43,10 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-
 #: the parameter dtypes it steps (factors of the same dtype)
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _RULES = {"sgd": 0, "sgd_momentum": 1, "adam": 2}
+#: the loops: one factor per entry, per row (dim-0 slice), per column (dim-1 slice)
+KERNELS = ("element", "rows", "columns")
+#: the kernel of each layout of the compiled step (:func:`spread_optim.kernels.compiled.canonical`)
+KERNEL_OF = {"element": "element", "row": "rows", "column": "columns"}
 
 
 def _compiler() -> str | None:
@@ -84,7 +91,7 @@ def _library() -> ctypes.CDLL | str:
     lib.spread_count_steps.restype = None
     lib.spread_count_steps.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3]
     for suffix in DTYPES.values():
-        for kernel in ("element", "rows"):
+        for kernel in KERNELS:
             batch = getattr(lib, f"spread_{kernel}_batch_{suffix}")
             batch.restype = None
             batch.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3, *[ctypes.c_int] * 6, ctypes.c_void_p]
@@ -152,27 +159,30 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
     sizes, ptrs, h = array("q"), array("q"), array("d")  # (flat C arrays, built faster than ctypes arrays)
     for g, p, factor, W, state_factor, state_W, hyper in items:
         if kernel == "element":
-            sizes.extend((p.numel(), 1))
+            sizes.extend((p.numel(), 1, 1))
         else:
-            sizes.extend((p.shape[0], p.numel() // p.shape[0] if p.shape[0] else 0))
+            width = p.numel() // p.shape[0] if p.shape[0] else 0
+            sizes.extend((p.shape[0], width, width // p.shape[1] if kernel == "columns" and p.shape[1] else 1))
         ptrs.extend((g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr()))
         for states in (state_factor, state_W):
             ptrs.extend([0 if t is None else t.data_ptr() for t in states] + [0] * (3 - len(states)))
         h.extend(hyper)
     count = len(items)
     threads = torch.get_num_threads()
-    total = sum(sizes[2 * i] * sizes[2 * i + 1] for i in range(count)) if threads > 1 else 0
-    if total < PARALLEL_MIN:
+    total = sum(sizes[3 * i] * sizes[3 * i + 1] for i in range(count)) if threads > 1 and kernel != "columns" else 0
+    if total < PARALLEL_MIN:  # (a column's sums span all rows: a columns step is not cut)
         changed = array("q", bytes(8 * count))
         fn(count, sizes.buffer_info()[0], ptrs.buffer_info()[0], h.buffer_info()[0], *flags, changed.buffer_info()[0])
+        if min(changed, default=0) < 0:
+            raise MemoryError("the native columns step could not allocate its scratch memory; nothing was moved")
         return changed.tolist()
-    records = [(i, sizes[2 * i], sizes[2 * i + 1], ptrs[10 * i:10 * i + 10], h[13 * i:13 * i + 13]) for i in range(count)]
+    records = [(i, sizes[3 * i], sizes[3 * i + 1], ptrs[10 * i:10 * i + 10], h[13 * i:13 * i + 13]) for i in range(count)]
     shares = _shares(records, threads, total, items[0][1].element_size(), kernel)
 
     def run(share) -> array:
         sizes, ptrs, h = array("q"), array("q"), array("d")
         for _, n, width, pointers, hyper in share:
-            sizes.extend((n, width))
+            sizes.extend((n, width, 1))
             ptrs.extend(pointers)
             h.extend(hyper)
         changed = array("q", bytes(8 * len(share)))
@@ -237,4 +247,14 @@ def rows_step(g, p, u, W, state_u, state_W, hyper: list[float], *, rule: str, am
     ``W`` and its states contiguous ``(rows, width)``, ``u`` and its states ``(rows,)``, one dtype; returns how many
     rows it left for adoption."""
     return batch_step("rows", [(g, p, u, W, state_u, state_W, hyper)], rule=rule, amsgrad=amsgrad,
+                      nesterov=nesterov, momentum=momentum, first=first, maximize=maximize, scaled=scaled)[0]
+
+
+def columns_step(g, p, u, W, state_u, state_W, hyper: list[float], *, rule: str, amsgrad: bool = False,
+                 nesterov: bool = False, momentum: bool = False, first: bool = False, maximize: bool = False,
+                 scaled: bool = False, **_) -> int:
+    """:func:`spread_optim.kernels.compiled.grouped_step` with ``groups="column"`` (``adopt=False``): ``g``, ``p``,
+    ``W`` and its states contiguous ``(rows, columns, r)``, ``u`` and its states ``(columns,)``, one dtype; returns how
+    many columns it left for adoption."""
+    return batch_step("columns", [(g, p, u, W, state_u, state_W, hyper)], rule=rule, amsgrad=amsgrad,
                       nesterov=nesterov, momentum=momentum, first=first, maximize=maximize, scaled=scaled)[0]

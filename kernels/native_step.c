@@ -21,6 +21,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 enum { KAPPA, LR, THRESHOLD, STEP_SIZE_0, BC2_SQRT_0, STEP_SIZE_1, BC2_SQRT_1, BETA1, BETA2, EPS, MOMENTUM,
        DAMPENING, GRAD_SCALE };
@@ -90,11 +91,11 @@ static inline real rule_##suffix(int rule, int amsgrad, int nesterov, int first,
 }                                                                                                                  \
                                                                                                                    \
 static inline __attribute__((always_inline)) int64_t element_loop_##suffix(                                       \
-        int64_t n, int64_t width, const real *restrict grad, real *restrict p, real *restrict U, real *restrict W,\
-        real *restrict sU0, real *restrict sU1, real *restrict sU2, real *restrict sW0, real *restrict sW1,        \
+        int64_t n, int64_t width, int64_t inner, const real *restrict grad, real *restrict p, real *restrict U,     \
+        real *restrict W, real *restrict sU0, real *restrict sU1, real *restrict sU2, real *restrict sW0, real *restrict sW1,        \
         real *restrict sW2, const consts_##suffix *restrict c, int rule, int amsgrad, int nesterov, int first,     \
         int scaled) {                                                                                              \
-    (void)width;                                                                                                   \
+    (void)width; (void)inner;                                                                                      \
     int64_t changed = 0;                                                                                           \
     for (int64_t i = 0; i < n; i++) {                                                                              \
         const real g = grad_##suffix(grad[i], scaled, c);                                                          \
@@ -140,10 +141,11 @@ static inline real total_##suffix(const real *acc) {                            
    the sums of the zero pass (||g||^2, ||W_moved||^2, ||theta_old||^2, <W_moved, theta_old>); (c) the zero pass    \
    and theta. Returns the number of rows left for adoption. */                                                     \
 static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(                                          \
-        int64_t n, int64_t width, const real *restrict grad, real *restrict p, real *restrict u, real *restrict W, \
-        real *restrict su0, real *restrict su1, real *restrict su2, real *restrict sW0, real *restrict sW1,        \
-        real *restrict sW2, const consts_##suffix *restrict c, int rule, int amsgrad, int nesterov, int first,     \
-        int scaled) {                                                                                              \
+        int64_t n, int64_t width, int64_t inner, const real *restrict grad, real *restrict p, real *restrict u,     \
+        real *restrict W, real *restrict su0, real *restrict su1, real *restrict su2, real *restrict sW0,          \
+        real *restrict sW1, real *restrict sW2, const consts_##suffix *restrict c, int rule, int amsgrad,           \
+        int nesterov, int first, int scaled) {                                                                     \
+    (void)inner;                                                                                                   \
     int64_t changed = 0;                                                                                           \
     const int64_t body = width - width % LANES;                                                                    \
     for (int64_t r = 0; r < n; r++) {                                                                              \
@@ -214,15 +216,134 @@ static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(        
     return changed;                                                                                                \
 }
 
+#define DEFINE_COLUMNS(real, suffix, SQRT, FABS)                                                                     \
+/* columns: n rows of K = G*r entries (the canonical (rows, G, r) view, flattened to (n, K)); group j is entries     \
+   j*r .. j*r+r-1 of every row; u and its state one per group. A group's sums run over all rows, so the passes go    \
+   over the whole tensor:                                                                                            \
+   (a) per entry of a row, sums over the rows: the written test, ||W||^2, sum g*W, ||g||^2, ||theta_old||^2; then per \
+       group the base rule on u, and for a dead group its zero pass (hold or revive, decided before W moves);        \
+   (b) the base rule on W, the new W and theta (a live group tentatively kept), and the sums a live group's zero     \
+       pass needs (||W_moved||^2, <W_moved, theta_old>);                                                             \
+   (c) per live group the snap test; a snapped group (rare) is zeroed along its strided entries. A group with a      \
+       weight written outside the optimizer is saved after (a) and put back after (b), exactly as it was.            \
+   Returns the number of groups left for adoption. */                                                                \
+static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(                                          \
+        int64_t n, int64_t K, int64_t r, const real *restrict grad, real *restrict p, real *restrict u,              \
+        real *restrict W, real *restrict su0, real *restrict su1, real *restrict su2, real *restrict sW0,            \
+        real *restrict sW1, real *restrict sW2, const consts_##suffix *restrict c, int rule, int amsgrad,            \
+        int nesterov, int first, int scaled) {                                                                       \
+    if (n == 0 || K == 0 || r == 0) return 0;                                                                        \
+    const int64_t G = K / r;                                                                                         \
+    real *scratch = calloc((size_t)(9 * K + 3 * G), sizeof(real));                                                   \
+    int *diff = calloc((size_t)K, sizeof(int)), *mode = calloc((size_t)G, sizeof(int));                              \
+    if (!scratch || !diff || !mode) { free(scratch); free(diff); free(mode); return -1; }                            \
+    real *restrict uo = scratch, *restrict wsq = uo + K, *restrict gw = wsq + K, *restrict gsq = gw + K;             \
+    real *restrict osq = gsq + K, *restrict up = osq + K, *restrict dir = up + K, *restrict w1sq = dir + K;          \
+    real *restrict wold = w1sq + K, *restrict u1g = wold + K, *restrict excg = u1g + G, *restrict osqg = excg + G;   \
+    int *restrict diffs = diff;                                                                                      \
+    for (int64_t k = 0; k < K; k++) uo[k] = u[k / r];                                                                \
+    for (int64_t i = 0; i < n; i++) {                                       /* (a) */                                \
+        const real *restrict gi = grad + i * K, *restrict pi = p + i * K, *restrict wi = W + i * K;                  \
+        _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                       \
+            const real w = wi[k], gk = grad_##suffix(gi[k], scaled, c), t = uo[k] * w;                               \
+            diffs[k] |= t != pi[k];                                                                                  \
+            wsq[k] += w * w; gw[k] += gk * w; gsq[k] += gk * gk; osq[k] += t * t;                                    \
+        }                                                                                                            \
+    }                                                                                                                \
+    int64_t changed = 0;                                                                                             \
+    for (int64_t j = 0; j < G; j++) {                                                                                \
+        real Wsq = 0, GW = 0, Gsq = 0, Osq = 0;                                                                      \
+        int written = 0;                                                                                             \
+        for (int64_t k = j * r; k < j * r + r; k++) { Wsq += wsq[k]; GW += gw[k]; Gsq += gsq[k]; Osq += osq[k]; written |= diff[k]; } \
+        real up_j = 0, dir_j = 0;                                                                                    \
+        if (written) { mode[j] = 2; changed++; }                                                                     \
+        else {                                                                                                       \
+            const real uj = u[j];                                                                                    \
+            real a0 = rule != SGD ? su0[j] : 0, a1 = rule == ADAM ? su1[j] : 0, a2 = amsgrad ? su2[j] : 0;           \
+            const real u1 = rule_##suffix(rule, amsgrad, nesterov, first, 0, uj, GW + c->k2 * uj, &a0, &a1, &a2, c); \
+            if (rule != SGD) su0[j] = a0;                                                                            \
+            if (rule == ADAM) su1[j] = a1;                                                                           \
+            if (amsgrad) su2[j] = a2;                                                                                \
+            const real gnorm = SQRT(Gsq), excess = gnorm - c->k2;                                                    \
+            u1g[j] = u1; excg[j] = excess; osqg[j] = Osq;                                                            \
+            if ((uj == 0) & (Wsq == 0)) {  /* dead: held, or revived with one group proximal-gradient step */        \
+                const int revive = excess > 0;                                                                       \
+                const real s = SQRT(c->lr * (excess > 0 ? excess : 0));                                              \
+                mode[j] = 1;                                                                                         \
+                up_j = revive ? s : 0; dir_j = revive ? -s / gnorm : 0;                                              \
+            } else { mode[j] = 0; up_j = u1; }                                                                       \
+        }                                                                                                            \
+        for (int64_t k = j * r; k < j * r + r; k++) { up[k] = up_j; dir[k] = dir_j; wsq[k] = mode[j] == 0; }         \
+    }                                                                                                                \
+    real *saved = changed ? malloc(sizeof(real) * (size_t)(changed * n * r * 5)) : NULL;                             \
+    if (changed && !saved) { free(scratch); free(diff); free(mode); return -1; }                                     \
+    for (int64_t j = 0, s = 0; j < G; j++) {                                                                         \
+        if (mode[j] != 2) continue;                                                                                  \
+        for (int64_t i = 0; i < n; i++)                                                                              \
+            for (int64_t k = i * K + j * r; k < i * K + j * r + r; k++, s += 5) {                                    \
+                saved[s] = W[k]; saved[s + 1] = p[k];                                                                \
+                saved[s + 2] = rule != SGD ? sW0[k] : 0; saved[s + 3] = rule == ADAM ? sW1[k] : 0; saved[s + 4] = amsgrad ? sW2[k] : 0; \
+            }                                                                                                        \
+    }                                                                                                                \
+    real *restrict keep = wsq;  /* (reused: 1 where the entry's group is live, kept unless it snaps) */              \
+    for (int64_t i = 0; i < n; i++) {                                       /* (b) */                                \
+        const real *restrict gi = grad + i * K;                                                                      \
+        real *restrict wi = W + i * K, *restrict pi = p + i * K, *restrict m0 = sW0 + i * K, *restrict m1 = sW1 + i * K; \
+        real *restrict m2 = sW2 + i * K;                                                                             \
+        _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {  /* (no two arrays overlap: no runtime alias test) */ \
+            const real gk = grad_##suffix(gi[k], scaled, c), w = wi[k], t_old = uo[k] * w;                           \
+            real a0 = rule != SGD ? m0[k] : 0, a1 = rule == ADAM ? m1[k] : 0, a2 = amsgrad ? m2[k] : 0;              \
+            const real w1 = rule_##suffix(rule, amsgrad, nesterov, first, 1, w, c->k2 * w + uo[k] * gk, &a0, &a1, &a2, c); \
+            if (rule != SGD) m0[k] = a0;                                                                             \
+            if (rule == ADAM) m1[k] = a1;                                                                            \
+            if (amsgrad) m2[k] = a2;                                                                                 \
+            w1sq[k] += w1 * w1; wold[k] += w1 * t_old;                                                               \
+            const real w2 = (keep[k] != 0 ? w1 : 0) + gk * dir[k];                                                   \
+            wi[k] = w2;                                                                                              \
+            pi[k] = up[k] * w2;                                                                                      \
+        }                                                                                                            \
+    }                                                                                                                \
+    for (int64_t j = 0, s = 0; j < G; j++) {                                 /* (c) */                               \
+        if (mode[j] == 2) {                                                                                          \
+            for (int64_t i = 0; i < n; i++)                                                                          \
+                for (int64_t k = i * K + j * r; k < i * K + j * r + r; k++, s += 5) {                                \
+                    W[k] = saved[s]; p[k] = saved[s + 1];                                                            \
+                    if (rule != SGD) sW0[k] = saved[s + 2];                                                          \
+                    if (rule == ADAM) sW1[k] = saved[s + 3];                                                         \
+                    if (amsgrad) sW2[k] = saved[s + 4];                                                              \
+                }                                                                                                    \
+            continue;                                                                                                \
+        }                                                                                                            \
+        if (mode[j] == 1) { u[j] = up[j * r]; continue; }                                                            \
+        real W1sq = 0, Wold = 0;                                                                                     \
+        for (int64_t k = j * r; k < j * r + r; k++) { W1sq += w1sq[k]; Wold += wold[k]; }                            \
+        const real u1 = u1g[j], theta_norm = FABS(u1) * SQRT(W1sq);                                                  \
+        const int settled = (theta_norm <= SQRT(osqg[j])) | (excg[j] <= 0);                                          \
+        const int snap = ((theta_norm <= c->thr) & settled) | (u1 * Wold < 0);                                       \
+        if (!snap) { u[j] = u1; continue; }                                                                          \
+        u[j] = 0;                                                                                                    \
+        for (int64_t i = 0; i < n; i++)                                                                              \
+            for (int64_t k = i * K + j * r; k < i * K + j * r + r; k++) {                                            \
+                const real w2 = (real)0 + grad_##suffix(grad[k], scaled, c) * (real)0;                               \
+                W[k] = w2;                                                                                           \
+                p[k] = (real)0 * w2;                                                                                 \
+            }                                                                                                        \
+    }                                                                                                                \
+    free(saved); free(scratch); free(diff); free(mode);                                                              \
+    return changed;                                                                                                  \
+}
+
 DEFINE_KERNELS(float, f32, sqrtf, fabsf)
 DEFINE_KERNELS(double, f64, sqrt, fabs)
+DEFINE_COLUMNS(float, f32, sqrtf, fabsf)
+DEFINE_COLUMNS(double, f64, sqrt, fabs)
 
 /* One function per kernel and combination of flags, each loop specialised and vectorised by the compiler;
    `maximize` is a factor of -1 (an exact negation); `first`: the momentum buffer is created in this step. */
-#define ARGS(real) int64_t n, int64_t width, const real *restrict g, real *restrict p, real *restrict U,            \
+#define ARGS(real) int64_t n, int64_t width, int64_t inner, const real *restrict g, real *restrict p, real *restrict U,            \
     real *restrict W, real *restrict sU0, real *restrict sU1, real *restrict sU2, real *restrict sW0,               \
     real *restrict sW1, real *restrict sW2
-#define PASS n, width, g, p, U, W, sU0, sU1, sU2, sW0, sW1, sW2
+#define PASS n, width, inner, g, p, U, W, sU0, sU1, sU2, sW0, sW1, sW2
 #define LOOP(kernel, suffix, real, name, RULE, AMSGRAD, NESTEROV, FIRST, SCALED)                                  \
 static int64_t kernel##_##name##_##suffix(ARGS(real), const consts_##suffix *c) {                                 \
     return kernel##_loop_##suffix(PASS, c, RULE, AMSGRAD, NESTEROV, FIRST, SCALED);                                \
@@ -248,8 +369,8 @@ int64_t spread_##kernel##_##suffix(ARGS(real), const double *h, int rule, int am
     return (scaled ? kernel##_heavy_scaled_##suffix : kernel##_heavy_##suffix)(PASS, c);                           \
 }                                                                                                                  \
                                                                                                                    \
-/* `count` tensors in one call (a model's many small tensors cost one call): tensor i has sizes[2i] (entries or    \
-   rows) and sizes[2i+1] (row width), the ten pointers ptrs[10i..10i+9] (g, p, U, W, the factor's three states,   \
+/* `count` tensors in one call (a model's many small tensors cost one call): tensor i has sizes[3i] (entries or    \
+   rows), sizes[3i+1] (row width) and sizes[3i+2] (columns: entries per row and group), the ten pointers ptrs[10i..10i+9] (g, p, U, W, the factor's three states,   \
    W's three states; NULL where the rule keeps none), its hyperparameters h[13i..13i+12]; changed[i] receives     \
    what spread_<kernel>_<type> returns. */                                                                         \
 void spread_##kernel##_batch_##suffix(int64_t count, const int64_t *sizes, real *const *ptrs, const double *h,     \
@@ -257,9 +378,9 @@ void spread_##kernel##_batch_##suffix(int64_t count, const int64_t *sizes, real 
                                       int64_t *changed) {                                                          \
     for (int64_t i = 0; i < count; i++) {                                                                          \
         real *const *q = ptrs + 10 * i;                                                                            \
-        changed[i] = spread_##kernel##_##suffix(sizes[2 * i], sizes[2 * i + 1], q[0], q[1], q[2], q[3], q[4], q[5],\
-                                                q[6], q[7], q[8], q[9], h + 13 * i, rule, amsgrad, nesterov, first,\
-                                                maximize, scaled);                                                 \
+        changed[i] = spread_##kernel##_##suffix(sizes[3 * i], sizes[3 * i + 1], sizes[3 * i + 2], q[0], q[1], q[2],\
+                                                q[3], q[4], q[5], q[6], q[7], q[8], q[9], h + 13 * i, rule, amsgrad,\
+                                                nesterov, first, maximize, scaled);                                \
     }                                                                                                              \
 }
 
@@ -267,6 +388,8 @@ ENTRY(element, f32, float)
 ENTRY(element, f64, double)
 ENTRY(rows, f32, float)
 ENTRY(rows, f64, double)
+ENTRY(columns, f32, float)
+ENTRY(columns, f64, double)
 
 /* 1 when one of the n entries is an inf or a NaN (its exponent bits all set), else 0: the optimizer's
    non-finite-gradient check, one read of the gradient (integer compares: vectorised, no float traps). */

@@ -212,16 +212,16 @@ def _compiled_flags(rule: _Rule, group: dict, grad_scale) -> dict:
                 scaled=grad_scale is not None, scheme=group["init"])
 
 
-def _hypers(rule: _Rule, group: dict, leaves: list[list[dict]], grad_scale) -> list[list[float]]:
+def _hypers(rule: _Rule, group: dict, leaves: list[dict], grad_scale) -> list[list[float]]:
     """The float64 numbers of each tensor's step (:data:`spread_optim.kernels.compiled.HYPER`; ``leaves``: the base
-    states of each tensor's two factors); advances Adam's step counters (one call for the group)."""
+    states of the tensors' two factors, in pairs); advances Adam's step counters (one call for the group)."""
     lr = float(group["lr"])
     scale = float(grad_scale) if grad_scale is not None else 1.0
     head = [float(group["kappa"]), lr, float(group["zero_threshold"])]
     if not rule.adam:
-        tail = [0.0, 0.0, 0.0, float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)), scale]
-        return [head + [lr, 1.0, lr, 1.0] + tail for _ in leaves]
-    steps = [st["step"] for pair in leaves for st in pair]
+        row = head + [lr, 1.0, lr, 1.0] + [0.0, 0.0, 0.0, float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)), scale]
+        return [row] * (len(leaves) // 2)
+    steps = [st["step"] for st in leaves]
     counts = native.count_steps(steps) if native.unavailable() is None else None  # (one call, no dispatch per tensor)
     if counts is None:
         if steps:
@@ -232,7 +232,7 @@ def _hypers(rule: _Rule, group: dict, leaves: list[list[dict]], grad_scale) -> l
     for n in counts:
         if n not in sizes:
             sizes[n] = ref.adam_step_sizes(n, lr, rule.beta1, rule.beta2)
-    return [head + [*sizes[counts[2 * i]], *sizes[counts[2 * i + 1]]] + tail for i in range(len(leaves))]
+    return [head + [*sizes[counts[i]], *sizes[counts[i + 1]]] + tail for i in range(0, len(counts), 2)]
 
 
 def _compiled_run(kind: str, args: tuple, values: list[float], extra: tuple, flags: dict) -> None:
@@ -243,8 +243,9 @@ def _compiled_run(kind: str, args: tuple, values: list[float], extra: tuple, fla
     expected), the same function runs eagerly."""
     global _warned_recompile
     step = compiled.element_step if kind == "element" else compiled.grouped_step
-    if dispatch.cpu_engine(flags.get("groups", "element"), args[0], args[1], args[2], flags, dispatch.native_ready(flags["rule"])) == "native":
-        if (native.element_step if kind == "element" else native.rows_step)(*args, values, **flags):
+    layout = flags.get("groups", "element")
+    if dispatch.cpu_engine(layout, args[0], args[1], args[2], flags, dispatch.native_ready(flags["rule"])) == "native":
+        if native.batch_step(native.KERNEL_OF[layout], [(*args, values)], **flags)[0]:
             _adopt(kind, args, values, extra, flags)
         return
     hyper = torch.tensor(values, dtype=torch.float64)
@@ -311,25 +312,26 @@ def _compiled_step(kind: str, base_cls: type, group: dict, params, state, grad_s
     batches: dict = {}  # (dtype, first): the tensors the native loops step in one call
     live = [p for p in params if p.grad is not None]
     sts = [state[p] for p in live]
-    leaves = [[st["base"][factor], st["base"]["W"]] for st in sts]
-    created = [rule.states(leaf_states, [st[factor], st["W"]]) for st, leaf_states in zip(sts, leaves)]
-    for p, st, (slots, firsts), values in zip(live, sts, created, _hypers(rule, group, leaves, grad_scale)):
+    leaves = [leaf for st in sts for leaf in (st["base"][factor], st["base"]["W"])]  # (each tensor's two, in pairs)
+    factors = [t for st in sts for t in (st[factor], st["W"])]
+    slots, firsts = rule.states(leaves, factors)
+    for i, (p, values) in enumerate(zip(live, _hypers(rule, group, leaves, grad_scale))):
         if p.numel() == 0:
             continue  # (the step counts advance, as torch's own step on an empty tensor)
         layout, extra = ("element", ()) if kind == "element" else (structures[p].kind, (structures[p].ids,))
+        f, W, slots_f, slots_W, first = factors[2 * i], factors[2 * i + 1], slots[2 * i], slots[2 * i + 1], bool(firsts[2 * i])
         # (a gradient swapped to another dtype under autograd's check is rounded to the factors', as the spec does)
-        g = p.grad if p.grad.dtype == p.dtype else p.grad.to(st["W"].dtype)
-        f, W = st[factor], st["W"]
-        if dispatch.cpu_engine(layout, g, p, f, flags, ready) == "native" and _contiguous(g, p, f, W, *slots[0], *slots[1]):
-            batches.setdefault((p.dtype, bool(firsts[0])), []).append((g, p, f, W, slots[0], slots[1], values, layout, extra))
+        g = p.grad if p.grad.dtype == p.dtype else p.grad.to(W.dtype)
+        if dispatch.cpu_engine(layout, g, p, f, flags, ready) == "native" and _contiguous(g, p, f, W, *slots_f, *slots_W):
+            batches.setdefault((p.dtype, first, layout), []).append((g, p, f, W, slots_f, slots_W, values, layout, extra))
             continue
-        step_flags = {**flags, "first": bool(firsts[0])} if kind == "element" else {**flags, "first": bool(firsts[0]), "groups": layout}
-        args, write_back = _canonical(layout, g, p.detach(), f, W, tuple(slots[0][:width]), tuple(slots[1][:width]))
+        step_flags = {**flags, "first": first} if kind == "element" else {**flags, "first": first, "groups": layout}
+        args, write_back = _canonical(layout, g, p.detach(), f, W, tuple(slots_f[:width]), tuple(slots_W[:width]))
         _compiled_run(kind, args, values, extra, step_flags)
         if write_back is not None:
             write_back()
-    for (_, first), entries in batches.items():
-        left = native.batch_step("element" if kind == "element" else "rows", [entry[:7] for entry in entries], **flags, first=first)
+    for (_, first, layout), entries in batches.items():
+        left = native.batch_step(native.KERNEL_OF[layout], [entry[:7] for entry in entries], **flags, first=first)
         for (g, p, f, W, slots_f, slots_W, values, layout, extra), changed in zip(entries, left):
             if changed:
                 step_flags = {**flags, "first": first} if kind == "element" else {**flags, "first": first, "groups": layout}

@@ -620,24 +620,26 @@ def _on_device_check(kind: Kind) -> bool:
 
 
 def _layout(kind: Kind) -> str | None:
-    """The layout the dispatch may hand to the native CPU loops: ``"element"``, ``"row"`` (a group-sparse kind whose
-    parameters each have their own ``u``, one per row), else None."""
+    """The layout the dispatch may hand to the native CPU loops: ``"element"``, ``"row"`` or ``"column"`` (a
+    group-sparse kind whose parameters each have their own ``u``, one per row, resp. column), else None."""
     if isinstance(kind, Element):
         return "element"
-    if isinstance(kind, Grouped) and not kind.shared and all(s.kind == "row" for s in kind.structures.values()):
-        return "row"
+    if isinstance(kind, Grouped) and not kind.shared:
+        layouts = {s.kind for s in kind.structures.values()}
+        if len(layouts) == 1 and layouts <= {"row", "column"}:
+            return layouts.pop()
     return None
 
 
 @torch.compiler.disable
 def _native_everywhere(opt: "SpreadOptimizer") -> bool:
     """Whether every sparse group of ``opt`` (at least one) takes the native CPU loops when stepped eagerly: element
-    sparsity, or row sparsity with a ``u`` per parameter, at depth 2, of float32/float64 CPU parameters under SGD,
+    sparsity, or row or column sparsity with a ``u`` per parameter, at depth 2, of float32/float64 CPU parameters under SGD,
     Adam or AdamW, ``fused`` not False (decided eagerly: dynamo sees one opaque call)."""
     sparse = [g for g in opt.param_groups if _sparse_now(g)]
     return bool(sparse) and all(
         g.get("fused") is not False and g.get("depth", 2) == 2 and isinstance(g["sparsity"], str)
-        and (g["sparsity"] == "element" or g["sparsity"] == "row" and not g["share_groups"])
+        and (g["sparsity"] == "element" or g["sparsity"] in ("row", "column") and not g["share_groups"])
         and dispatch.native_takes(g["params"], opt._base_cls, g["sparsity"]) for g in sparse)
 
 

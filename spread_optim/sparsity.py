@@ -538,7 +538,7 @@ def _probes(grads: list[torch.Tensor]) -> list:
     out: list = [None] * len(grads)
     tiny, checked = [], []
     for i, g in enumerate(grads):
-        if g.device.type != "cpu":
+        if not g.is_cpu:
             out[i] = (~torch.isfinite(g)).sum()
         elif use_native and g.dtype in native.DTYPES and g.is_contiguous():
             checked.append(i)

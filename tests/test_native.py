@@ -173,6 +173,29 @@ def _rows_problem(rows: int, width: int, dtype: torch.dtype, rule: str, amsgrad:
     return [g, p, u, W, states(rows), states((rows, width))]
 
 
+def _columns_problem(rows: int, columns: int, r: int, dtype: torch.dtype, rule: str, amsgrad: bool, momentum: bool, scale: float,
+                     maximize: bool = False):
+    """One column-sparse step on ``(rows, columns, r)`` tensors: live columns, dead columns (u = 0, W = 0; some
+    revived), small columns (some snap), and columns with a weight written outside the optimizer."""
+    gen = torch.Generator().manual_seed(2)
+    u = torch.rand(columns, generator=gen, dtype=dtype) + 0.5
+    W = torch.randn(rows, columns, r, generator=gen, dtype=dtype)
+    u[: columns // 4] = 0
+    W[:, : columns // 4] = 0
+    W[:, columns // 4: columns // 3] *= 1e-4
+    g = torch.randn(rows, columns, r, generator=gen, dtype=dtype) * (4.1e-3 / (rows * r) ** 0.5) * scale
+    small = slice(columns // 4, columns // 3)
+    g[:, small] = W[:, small].sign() * 0.1 * scale * (-1 if maximize else 1)  # (the step crosses zero: they snap)
+    p = u[None, :, None] * W
+    p[-1, -3:, -1] += 1.0
+    def states(shape):
+        if rule == "adam":
+            return [torch.randn(shape, generator=gen, dtype=dtype) * 1e-2, torch.rand(shape, generator=gen, dtype=dtype) * 1e-4,
+                    torch.rand(shape, generator=gen, dtype=dtype) * 1e-4 if amsgrad else None]
+        return [torch.randn(shape, generator=gen, dtype=dtype) * 1e-2] if momentum else [None]
+    return [g, p, u, W, states(columns), states((rows, columns, r))]
+
+
 ROW_COMBOS = [dict(rule="adam", amsgrad=False), dict(rule="adam", amsgrad=True, scaled=True, maximize=True),
               dict(rule="sgd"), dict(rule="sgd", momentum=True, nesterov=True), dict(rule="sgd", momentum=True, first=True, scaled=True)]
 
@@ -199,6 +222,39 @@ def test_native_rows_step_equals_the_spec(flags, dtype, width):
         assert torch.equal(a[-3:].nan_to_num(7.0), b[-3:].nan_to_num(7.0))
     u = args[2]
     assert 0 < int((u[: 48 // 4] != 0).sum()) < 48 // 4, "the problem revives some dead rows and holds others"
+
+
+@pytest.mark.parametrize("shape", [(5, 48, 1), (7, 40, 9), (1, 36, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("flags", ROW_COMBOS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_native_columns_step_equals_the_spec(flags, dtype, shape):
+    """The columns kernel against the spec's column step: Linear-like (r = 1), conv-like (r = 9) and one-row
+    tensors; dead columns held and revived, small ones snapped, written ones left exactly as they were."""
+    full = dict(rule="adam", amsgrad=False, nesterov=False, momentum=False, first=False, maximize=False, scaled=False,
+                scheme="balanced") | flags
+    rows, columns, r = shape
+    args = _columns_problem(rows, columns, r, dtype, full["rule"], full["amsgrad"], full["momentum"],
+                            HYPER["grad_scale"] if full["scaled"] else 1.0, full["maximize"])
+    if full["first"]:
+        args[4][0].fill_(float("nan")), args[5][0].fill_(float("nan"))  # a fresh (empty) momentum buffer
+    before = _clone(args)
+    values = list(HYPER.values())
+    spec = _clone(args)
+    left = native.columns_step(*args, values, **full)
+    assert left == 3 == int(compiled.grouped_step(*spec, torch.tensor(values, dtype=torch.float64), None, groups="column", **full))
+    tol = dict(rtol=1e-5, atol=1e-8) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-15)
+    for a, b in zip(_tensors(args), _tensors(spec)):
+        torch.testing.assert_close(a, b, **tol, equal_nan=True)
+        assert torch.equal(a == 0, b == 0), "exact zeros differ from the spec's"
+        assert torch.equal(a.signbit(), b.signbit()), "signed zeros differ from the spec's"
+    for a, b in zip(_tensors(args), _tensors(before)):  # columns with a written weight: left exactly as they were
+        if a.dim() == 3:
+            assert torch.equal(a[:, -3:].nan_to_num(7.0), b[:, -3:].nan_to_num(7.0))
+        else:
+            assert torch.equal(a[-3:].nan_to_num(7.0), b[-3:].nan_to_num(7.0))
+    u = args[2]
+    assert 0 < int((u[: columns // 4] != 0).sum()) < columns // 4, "the problem revives some dead columns and holds others"
+    assert bool((u[columns // 4: columns // 3] == 0).all()) and bool((u[columns // 3: -3] != 0).all()), "small columns snap"
 
 
 @pytest.mark.parametrize("sparsity", ["element", "row"])
