@@ -3,8 +3,9 @@ GPU kernels).
 
 Workloads: one tensor of 1M, 16M or 128M parameters; the 62 parameter tensors of ResNet-18 (11.7M); a small MLP
 40-64-4 (the Python overhead per step); ~200 tensors totalling 1B parameters (GPU, where memory allows). Sparsity:
-element (every entry its own factor pair) and row (one ``u`` per output row). Every tensor is in one sparse group
-(spread) or one group (torch). Gradients are fixed random tensors set once; the timed call is ``optimizer.step()``.
+element (every entry its own factor pair), row (one ``u`` per output row) and column (one ``u`` per input column; the
+1-D tensors, which have no columns, row-sparse). Every tensor is in one sparse group (spread; column: two) or one
+group (torch). Gradients are fixed random tensors set once; the timed call is ``optimizer.step()``.
 
 Spread's rows: ``default`` is ``fused=None`` (on a CPU: the compiled step; for these float32 element and row groups
 its native C loops, ``kernels/native.py``); ``inductor`` is the compiled step with the native loops off (inductor's
@@ -15,7 +16,7 @@ step (which compiles, where something does) is reported apart.
 
 Per row: median time per step (CUDA events on a GPU, ``perf_counter`` on CPU), the bytes a step has to move at the
 least (torch Adam fp32: read p, g, m, v and write p, m, v = 28 B/element; spread element: g, U, W, 4 states read,
-U, W, 4 states, theta written = 56 B/element; spread row: 48 B/element, see ``kernels/group.py``), the achieved
+U, W, 4 states, theta written = 56 B/element; spread row and column: 48 B/element, see ``kernels/group.py``), the achieved
 bandwidth for those bytes, the ratio to torch's fused Adam (CPU and GPU) and, on a GPU, the device-to-device copy
 bandwidth measured in the same run (the ceiling).
 
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from spread_optim import SpreadAdam
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BYTES = {"torch": 28, "element": 56, "row": 48}
+BYTES = {"torch": 28, "element": 56, "row": 48, "column": 48}
 
 
 def resnet18_shapes() -> list[tuple[int, ...]]:
@@ -136,12 +137,20 @@ def methods(device: torch.device):
     out = [("torch Adam fused", "torch", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
            ("torch Adam foreach", "torch", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True))]
     paths = [("default", None), ("inductor", True), ("split", False)] if device.type == "cpu" else [("split", False), ("kernels", True)]
-    for sparsity in ("element", "row"):
+    for sparsity in ("element", "row", "column"):
         for label, fused in paths:
             wrap = Inductor if label == "inductor" else (lambda opt: opt)
             out.append((f"spread {label} ({sparsity})", sparsity,
-                        lambda ps, sp=sparsity, f=fused, w=wrap: w(SpreadAdam(ps, lr=1e-3, kappa=1e-4, sparsity=sp, fused=f))))
+                        lambda ps, sp=sparsity, f=fused, w=wrap: w(SpreadAdam(_groups(ps, sp), lr=1e-3, kappa=1e-4, fused=f))))
     return out
+
+
+def _groups(params, sparsity: str) -> list[dict]:
+    """One sparse group; for column sparsity the 1-D tensors (biases, norms: no columns) in a row-sparse group."""
+    if sparsity != "column":
+        return [{"params": params, "sparsity": sparsity}]
+    flat = [p for p in params if p.dim() < 2]
+    return [{"params": [p for p in params if p.dim() >= 2], "sparsity": "column"}] + ([{"params": flat, "sparsity": "row"}] if flat else [])
 
 
 def time_in_turns(timer: "Timer", optimizers: dict, warmup: int, repeats: int) -> tuple[dict, dict]:

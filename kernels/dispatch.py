@@ -16,7 +16,7 @@ asked for torch's one-pass fused CPU kernel (``fused=None`` and ``foreach=None``
 The base's own keyword ``fused`` chooses for SGD, Adam and AdamW:
 
 * ``None`` (default): the kernels for CUDA tensors (when Triton is not installed, a one-time warning says so and the
-  split path runs); on CPU the compiled step for an element- or row-sparse group of float32/float64 parameters
+  split path runs); on CPU the compiled step for an element-, row- or column-sparse group of float32/float64 parameters
   under SGD, Adam or AdamW (its native loops, :func:`native_takes`: built once per machine, seconds), and for any other
   group of at least :data:`COMPILE_MIN_NUMEL` elements (its first step compiles it: seconds, once per process and
   option set; inductor caches it on disk); the split path otherwise;
@@ -152,8 +152,8 @@ NATIVE_LAYOUTS = ("element", "row", "column")
 
 
 def native_takes(params: Sequence[torch.Tensor], base_cls: type, layout: str | None) -> bool:
-    """Whether the native CPU loops (:mod:`.native`) step every parameter of a sparse group: an element-sparse or
-    row-sparse group (``layout``; each parameter with its own ``u``), float32 or float64 CPU tensors, torch's SGD,
+    """Whether the native CPU loops (:mod:`.native`) step every parameter of a sparse group: an element-, row- or
+    column-sparse group (``layout``; each parameter with its own ``u``), float32 or float64 CPU tensors, torch's SGD,
     Adam or AdamW, and a C compiler to build them."""
     return (layout in NATIVE_LAYOUTS and base_cls in FUSED_RULES and bool(params)
             and all(p.device.type == "cpu" and p.dtype in native.DTYPES for p in params) and native.unavailable() is None)
@@ -167,8 +167,8 @@ def native_ready(rule: str) -> bool:
 
 def cpu_engine(layout: str, g: torch.Tensor, p: torch.Tensor, factor: torch.Tensor, flags: dict, ready: bool | None = None) -> str:
     """Which engine runs the compiled CPU step of one tensor (canonical, contiguous views; ``layout``: ``"element"``
-    or the grouped layout, ``"row"``, ``"column"``, ``"ids"``): ``"native"`` (:mod:`.native`: element or row
-    sparsity, ``g``, ``p`` and the factors of one float32/float64 dtype, SGD or Adam) or ``"inductor"``
+    or the grouped layout, ``"row"``, ``"column"``, ``"ids"``): ``"native"`` (:mod:`.native`: element, row or
+    column sparsity, ``g``, ``p`` and the factors of one float32/float64 dtype, SGD or Adam) or ``"inductor"``
     (:mod:`.compiled`, everything else). ``ready``: :func:`native_ready` of ``flags["rule"]``, when already asked."""
     if ready is None:
         ready = native_ready(flags["rule"])

@@ -156,17 +156,20 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
     not depend on the thread count."""
     fn = getattr(_library(), f"spread_{kernel}_batch_{DTYPES[items[0][1].dtype]}")
     flags = (_code(rule, momentum), int(amsgrad), int(nesterov), int(first), int(maximize), int(scaled))
-    sizes, ptrs, h = array("q"), array("q"), array("d")  # (flat C arrays, built faster than ctypes arrays)
+    sizes, ptrs, h = [], [], []  # (then flat C arrays: built faster than ctypes arrays)
     for g, p, factor, W, state_factor, state_W, hyper in items:
         if kernel == "element":
-            sizes.extend((p.numel(), 1, 1))
+            sizes += (p.numel(), 1, 1)
         else:
             width = p.numel() // p.shape[0] if p.shape[0] else 0
-            sizes.extend((p.shape[0], width, width // p.shape[1] if kernel == "columns" and p.shape[1] else 1))
-        ptrs.extend((g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr()))
-        for states in (state_factor, state_W):
-            ptrs.extend([0 if t is None else t.data_ptr() for t in states] + [0] * (3 - len(states)))
-        h.extend(hyper)
+            sizes += (p.shape[0], width, width // p.shape[1] if kernel == "columns" and p.shape[1] else 1)
+        a0, a1, a2 = state_factor if len(state_factor) == 3 else (*state_factor, None, None, None)[:3]
+        b0, b1, b2 = state_W if len(state_W) == 3 else (*state_W, None, None, None)[:3]
+        ptrs += (g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr(),
+                 0 if a0 is None else a0.data_ptr(), 0 if a1 is None else a1.data_ptr(), 0 if a2 is None else a2.data_ptr(),
+                 0 if b0 is None else b0.data_ptr(), 0 if b1 is None else b1.data_ptr(), 0 if b2 is None else b2.data_ptr())
+        h += hyper
+    sizes, ptrs, h = array("q", sizes), array("q", ptrs), array("d", h)
     count = len(items)
     threads = torch.get_num_threads()
     total = sum(sizes[3 * i] * sizes[3 * i + 1] for i in range(count)) if threads > 1 and kernel != "columns" else 0

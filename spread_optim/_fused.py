@@ -212,9 +212,10 @@ def _compiled_flags(rule: _Rule, group: dict, grad_scale) -> dict:
                 scaled=grad_scale is not None, scheme=group["init"])
 
 
-def _hypers(rule: _Rule, group: dict, leaves: list[dict], grad_scale) -> list[list[float]]:
+def _hypers(rule: _Rule, group: dict, leaves: list[dict], grad_scale, counter: bool) -> list[list[float]]:
     """The float64 numbers of each tensor's step (:data:`spread_optim.kernels.compiled.HYPER`; ``leaves``: the base
-    states of the tensors' two factors, in pairs); advances Adam's step counters (one call for the group)."""
+    states of the tensors' two factors, in pairs); advances Adam's step counters (one call for the group; in one native
+    call when ``counter``: the native library is built)."""
     lr = float(group["lr"])
     scale = float(grad_scale) if grad_scale is not None else 1.0
     head = [float(group["kappa"]), lr, float(group["zero_threshold"])]
@@ -222,7 +223,7 @@ def _hypers(rule: _Rule, group: dict, leaves: list[dict], grad_scale) -> list[li
         row = head + [lr, 1.0, lr, 1.0] + [0.0, 0.0, 0.0, float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)), scale]
         return [row] * (len(leaves) // 2)
     steps = [st["step"] for st in leaves]
-    counts = native.count_steps(steps) if native.unavailable() is None else None  # (one call, no dispatch per tensor)
+    counts = native.count_steps(steps) if counter else None  # (one call, no dispatch per tensor)
     if counts is None:
         if steps:
             torch._foreach_add_(steps, 1)
@@ -315,7 +316,7 @@ def _compiled_step(kind: str, base_cls: type, group: dict, params, state, grad_s
     leaves = [leaf for st in sts for leaf in (st["base"][factor], st["base"]["W"])]  # (each tensor's two, in pairs)
     factors = [t for st in sts for t in (st[factor], st["W"])]
     slots, firsts = rule.states(leaves, factors)
-    for i, (p, values) in enumerate(zip(live, _hypers(rule, group, leaves, grad_scale))):
+    for i, (p, values) in enumerate(zip(live, _hypers(rule, group, leaves, grad_scale, ready))):
         if p.numel() == 0:
             continue  # (the step counts advance, as torch's own step on an empty tensor)
         layout, extra = ("element", ()) if kind == "element" else (structures[p].kind, (structures[p].ids,))

@@ -259,30 +259,32 @@ class SpreadOptimizer(Optimizer):
         if self._planned is None or dispatch.compiling():
             return None
         key, _, kinds = self._planned
-        return kinds if key == self._plan_key([]) else None
+        return kinds if key == self._plan_key(None) else None
 
     def _remember_plan(self, kinds: list[Kind]) -> None:
         kept: list = []
         self._planned = None if self._comm.distributed or dispatch.compiling() else (self._plan_key(kept), kept, kinds)
 
-    def _plan_key(self, kept: list) -> tuple:
-        """What :meth:`_plan` reads, as values and ids (the objects behind the ids go to ``kept``, which the cache keeps
-        alive, so that an id is not reused while it is compared)."""
+    def _plan_key(self, kept: list | None) -> tuple:
+        """What :meth:`_plan` reads, as values and ids; ``kept`` (when remembering) receives the objects behind the
+        ids, which the cache keeps alive, so that an id is not reused while it is compared."""
         state = self.state
-        entries = []
+        entries: list = [id(state), dispatch.settings()]
         for group in self.param_groups:
             params = group["params"]
-            kept += params
             entries.append((id(group), tuple(group), tuple(v if type(v) in _ATOMS else _frozen(v, kept) for k, v in group.items() if k != "params")))
             for p in params:
                 st = state.get(p)
-                entries.append((id(p), p.shape, p.dtype, p.device, p.is_contiguous(), id(st),
-                                tuple(map(id, st.values())) if st else ()))
-                if st:
+                entries.append((id(p), p.shape, p.dtype, p.device, p.is_contiguous(), id(st), *map(id, st.values())) if st else
+                               (id(p), p.shape, p.dtype, p.device, p.is_contiguous()))
+                if kept is not None and st:
                     kept.append(st)
                     kept += st.values()
-        kept.append(state)
-        return (id(state), dispatch.settings(), *entries)
+            if kept is not None:
+                kept += params
+        if kept is not None:
+            kept.append(state)
+        return tuple(entries)
 
     def _make_kind(self, group, index):
         comm = self._comm
@@ -416,13 +418,16 @@ class SpreadOptimizer(Optimizer):
     def _step_rest(self, split, fused, grad_scale, found_inf, device_flag) -> None:
         """After the factor gradients: the base step, the zero pass and theta; the fused kinds' kernels."""
         for k in fused:
-            for _, _, leaf in k.factor_leaves():
-                leaf.grad = None  # the base must not step them: the kernels do
+            if not k.factor_grads_dropped:  # (once per plan: only a split step, which another plan runs, sets them)
+                for _, _, leaf in k.factor_leaves():
+                    leaf.grad = None  # the base must not step them: the kernels do
+                k.factor_grads_dropped = True
         gradless = _closure.gradless_factors(split) if not per_parameter(self._base_cls) else []
         if self._base_has_work():
             self._hidden.step(grad_scale=grad_scale, found_inf=found_inf)
         _closure.restore(gradless)
-        self._zero_pass(split)
+        if split:
+            self._zero_pass(split)
         for k in fused:
             flag = found_inf if found_inf is not None else device_flag if _on_device_check(k) else None
             k.fused_step(self._base_cls, grad_scale, flag)
@@ -514,15 +519,15 @@ class SpreadOptimizer(Optimizer):
         return out
 
     def _nonfinite(self, kinds):
-        """Probes of the sparse groups' gradients (nonzero: a NaN/inf) and ``(group index, shape)`` of each;
-        capturable fused groups check on the device instead (no host synchronisation)."""
+        """Probes of the sparse groups' gradients (nonzero: a NaN/inf) and ``(where, parameter)`` of each (named
+        only when one raises); capturable fused groups check on the device instead (no host synchronisation)."""
         flags, names = [], []
         for k in kinds:
             if _on_device_check(k):
                 continue
-            for p, probe in k.nonfinite():
-                flags.append(probe)
-                names.append((k.where, tuple(p.shape)))
+            pairs = k.nonfinite()
+            flags += [probe for _, probe in pairs]
+            names += [(k.where, p) for p, _ in pairs]
         return flags, names
 
     @staticmethod
@@ -532,7 +537,7 @@ class SpreadOptimizer(Optimizer):
         indices = [i for i, f in enumerate(reduced) if f] if isinstance(reduced, list) else torch.nonzero(reduced != 0).flatten().tolist()
         bad = [names[i] for i in indices]
         raise FloatingPointError(
-            "non-finite gradient in " + ", ".join(f"{where} (parameter of shape {shape})" for where, shape in bad)
+            "non-finite gradient in " + ", ".join(f"{where} (parameter of shape {tuple(p.shape)})" for where, p in bad)
             + "; nothing was updated (use torch.amp.GradScaler or skip this batch)"
         )
 
@@ -668,7 +673,7 @@ def _any_nonfinite(reduced) -> bool:
 _ATOMS = frozenset((float, int, bool, str, type(None)))  # param group values compared as they are
 
 
-def _frozen(value, kept: list):
+def _frozen(value, kept: list | None):
     """A param group's value as something ``==`` compares by value (numbers, strings, their lists and tuples), a
     tensor by identity and version (an in-place change counts), anything else as never equal (no reuse)."""
     if value is None or isinstance(value, (numbers.Number, str)):
@@ -676,7 +681,8 @@ def _frozen(value, kept: list):
     if isinstance(value, (list, tuple)):
         return type(value), tuple(_frozen(v, kept) for v in value)
     if isinstance(value, torch.Tensor):
-        kept.append(value)
+        if kept is not None:
+            kept.append(value)
         return "tensor", id(value), value._version
     return object()
 

@@ -69,6 +69,7 @@ class Kind:
         self.path = path
         self.scratch = {} if scratch is None else scratch
         self._dead: list = []
+        self.factor_grads_dropped = False  # (a fused step drops the factors' gradients once: see SpreadOptimizer)
 
     # the loss gradient as the factors see it
     def loss_grad(self, p: torch.Tensor) -> torch.Tensor | None:
@@ -95,9 +96,10 @@ class Kind:
         """``(param, probe)`` per parameter with a gradient: the probe is 0 when the gradient is finite."""
         out = []
         for p in self.params:
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
-            g = local(p.grad)
+            g = local(g)
             if g.shape != local(p).shape:
                 raise ValueError(f"{self.where}: a gradient of shape {tuple(g.shape)} for a parameter of shape "
                                  f"{tuple(p.shape)}; nothing was updated")
@@ -535,6 +537,8 @@ def _probes(grads: list[torch.Tensor]) -> list:
     (:func:`native.nonfinite`, the fastest, all in one call; its probes are the ints 0 and 1), tiny ones otherwise in
     one foreach call, others by ``aminmax``; a GPU gradient counts its non-finite entries on the device."""
     use_native = native.unavailable() is None
+    if use_native and all(g.is_cpu and g.dtype in native.DTYPES and g.is_contiguous() for g in grads):
+        return native.nonfinite(grads)  # (the usual case on a CPU: every probe in one call)
     out: list = [None] * len(grads)
     tiny, checked = [], []
     for i, g in enumerate(grads):

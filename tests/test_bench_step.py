@@ -26,8 +26,8 @@ def run(script: str, *args: str) -> str:
 def test_step_speed_quick(tmp_path):
     run("step_speed.py", "--quick", "--threads", "1", "--results", str(tmp_path))
     rows = json.loads((tmp_path / "step_speed.json").read_text())["rows"]
-    methods = {"torch Adam fused", "torch Adam foreach", "spread default (element)", "spread split (element)",
-               "spread default (row)", "spread split (row)", "spread inductor (element)", "spread inductor (row)"}
+    methods = {"torch Adam fused", "torch Adam foreach"} | {f"spread {path} ({kind})" for path in ("default", "split", "inductor")
+                                                            for kind in ("element", "row", "column")}
     for workload in {r["workload"] for r in rows}:
         mine = {r["method"]: r for r in rows if r["workload"] == workload}
         assert set(mine) == methods
