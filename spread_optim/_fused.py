@@ -310,7 +310,7 @@ def _compiled_step(kind: str, base_cls: type, group: dict, params, state, grad_s
     ready = dispatch.native_ready(rule.name)
     factor = "U" if kind == "element" else "u"
     width = 3 if rule.adam else 1
-    batches: dict = {}  # (dtype, first): the tensors the native loops step in one call
+    batches: dict = {}  # (dtype, first, layout): the tensors the native loops step in one call
     live = [p for p in params if p.grad is not None]
     sts = [state[p] for p in live]
     leaves = [leaf for st in sts for leaf in (st["base"][factor], st["base"]["W"])]  # (each tensor's two, in pairs)

@@ -165,12 +165,15 @@ def _rows_problem(rows: int, width: int, dtype: torch.dtype, rule: str, amsgrad:
     g = torch.randn(rows, width, generator=gen, dtype=dtype) * (4.1e-3 / width**0.5) * scale  # norms near 2 kappa
     p = u[:, None] * W
     p[-3:, -1] += 1.0
-    def states(shape):
-        if rule == "adam":
-            return [torch.randn(shape, generator=gen, dtype=dtype) * 1e-2, torch.rand(shape, generator=gen, dtype=dtype) * 1e-4,
-                    torch.rand(shape, generator=gen, dtype=dtype) * 1e-4 if amsgrad else None]
-        return [torch.randn(shape, generator=gen, dtype=dtype) * 1e-2] if momentum else [None]
-    return [g, p, u, W, states(rows), states((rows, width))]
+    return [g, p, u, W, _states(rows, gen, dtype, rule, amsgrad, momentum), _states((rows, width), gen, dtype, rule, amsgrad, momentum)]
+
+
+def _states(shape, gen, dtype, rule: str, amsgrad: bool, momentum: bool) -> list:
+    """A factor's base state: Adam's three (the third with AMSGrad), SGD's momentum buffer, or none."""
+    if rule == "adam":
+        return [torch.randn(shape, generator=gen, dtype=dtype) * 1e-2, torch.rand(shape, generator=gen, dtype=dtype) * 1e-4,
+                torch.rand(shape, generator=gen, dtype=dtype) * 1e-4 if amsgrad else None]
+    return [torch.randn(shape, generator=gen, dtype=dtype) * 1e-2] if momentum else [None]
 
 
 def _columns_problem(rows: int, columns: int, r: int, dtype: torch.dtype, rule: str, amsgrad: bool, momentum: bool, scale: float,
@@ -188,12 +191,8 @@ def _columns_problem(rows: int, columns: int, r: int, dtype: torch.dtype, rule: 
     g[:, small] = W[:, small].sign() * 0.1 * scale * (-1 if maximize else 1)  # (the step crosses zero: they snap)
     p = u[None, :, None] * W
     p[-1, -3:, -1] += 1.0
-    def states(shape):
-        if rule == "adam":
-            return [torch.randn(shape, generator=gen, dtype=dtype) * 1e-2, torch.rand(shape, generator=gen, dtype=dtype) * 1e-4,
-                    torch.rand(shape, generator=gen, dtype=dtype) * 1e-4 if amsgrad else None]
-        return [torch.randn(shape, generator=gen, dtype=dtype) * 1e-2] if momentum else [None]
-    return [g, p, u, W, states(columns), states((rows, columns, r))]
+    return [g, p, u, W, _states(columns, gen, dtype, rule, amsgrad, momentum),
+            _states((rows, columns, r), gen, dtype, rule, amsgrad, momentum)]
 
 
 ROW_COMBOS = [dict(rule="adam", amsgrad=False), dict(rule="adam", amsgrad=True, scaled=True, maximize=True),
@@ -204,24 +203,36 @@ ROW_COMBOS = [dict(rule="adam", amsgrad=False), dict(rule="adam", amsgrad=True, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("flags", ROW_COMBOS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
 def test_native_rows_step_equals_the_spec(flags, dtype, width):
-    full = dict(rule="adam", amsgrad=False, nesterov=False, momentum=False, first=False, maximize=False, scaled=False,
-                scheme="balanced") | flags
+    full = _full(flags)
     args = _rows_problem(48, width, dtype, full["rule"], full["amsgrad"], full["momentum"], HYPER["grad_scale"] if full["scaled"] else 1.0)
+    before = _step_against_the_spec(native.rows_step, "row", args, full, dtype)
+    for a, b in zip(_tensors(args), _tensors(before)):  # rows with a written weight: left exactly as they were
+        assert torch.equal(a[-3:].nan_to_num(7.0), b[-3:].nan_to_num(7.0))
+    u = args[2]
+    assert 0 < int((u[: 48 // 4] != 0).sum()) < 48 // 4, "the problem revives some dead rows and holds others"
+
+
+def _full(flags: dict) -> dict:
+    return dict(rule="adam", amsgrad=False, nesterov=False, momentum=False, first=False, maximize=False, scaled=False,
+                scheme="balanced") | flags
+
+
+def _step_against_the_spec(step, groups: str, args: list, full: dict, dtype) -> list:
+    """One native group step of ``args`` (in place) against the spec's on a copy: the same tensors to rounding, the
+    same exact and signed zeros, three groups left for adoption; returns the tensors as they were."""
     if full["first"]:
         args[4][0].fill_(float("nan")), args[5][0].fill_(float("nan"))  # a fresh (empty) momentum buffer
     before = _clone(args)
     values = list(HYPER.values())
     spec = _clone(args)
-    left = native.rows_step(*args, values, **full)
-    assert left == 3 == int(compiled.grouped_step(*spec, torch.tensor(values, dtype=torch.float64), None, groups="row", **full))
+    left = step(*args, values, **full)
+    assert left == 3 == int(compiled.grouped_step(*spec, torch.tensor(values, dtype=torch.float64), None, groups=groups, **full))
     tol = dict(rtol=1e-5, atol=1e-8) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-15)
     for a, b in zip(_tensors(args), _tensors(spec)):
         torch.testing.assert_close(a, b, **tol, equal_nan=True)
         assert torch.equal(a == 0, b == 0), "exact zeros differ from the spec's"
-    for a, b in zip(_tensors(args), _tensors(before)):  # rows with a written weight: left exactly as they were
-        assert torch.equal(a[-3:].nan_to_num(7.0), b[-3:].nan_to_num(7.0))
-    u = args[2]
-    assert 0 < int((u[: 48 // 4] != 0).sum()) < 48 // 4, "the problem revives some dead rows and holds others"
+        assert torch.equal(a.signbit(), b.signbit()), "signed zeros differ from the spec's"
+    return before
 
 
 @pytest.mark.parametrize("shape", [(5, 48, 1), (7, 40, 9), (1, 36, 3)])
@@ -230,28 +241,14 @@ def test_native_rows_step_equals_the_spec(flags, dtype, width):
 def test_native_columns_step_equals_the_spec(flags, dtype, shape):
     """The columns kernel against the spec's column step: Linear-like (r = 1), conv-like (r = 9) and one-row
     tensors; dead columns held and revived, small ones snapped, written ones left exactly as they were."""
-    full = dict(rule="adam", amsgrad=False, nesterov=False, momentum=False, first=False, maximize=False, scaled=False,
-                scheme="balanced") | flags
+    full = _full(flags)
     rows, columns, r = shape
     args = _columns_problem(rows, columns, r, dtype, full["rule"], full["amsgrad"], full["momentum"],
                             HYPER["grad_scale"] if full["scaled"] else 1.0, full["maximize"])
-    if full["first"]:
-        args[4][0].fill_(float("nan")), args[5][0].fill_(float("nan"))  # a fresh (empty) momentum buffer
-    before = _clone(args)
-    values = list(HYPER.values())
-    spec = _clone(args)
-    left = native.columns_step(*args, values, **full)
-    assert left == 3 == int(compiled.grouped_step(*spec, torch.tensor(values, dtype=torch.float64), None, groups="column", **full))
-    tol = dict(rtol=1e-5, atol=1e-8) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-15)
-    for a, b in zip(_tensors(args), _tensors(spec)):
-        torch.testing.assert_close(a, b, **tol, equal_nan=True)
-        assert torch.equal(a == 0, b == 0), "exact zeros differ from the spec's"
-        assert torch.equal(a.signbit(), b.signbit()), "signed zeros differ from the spec's"
+    before = _step_against_the_spec(native.columns_step, "column", args, full, dtype)
     for a, b in zip(_tensors(args), _tensors(before)):  # columns with a written weight: left exactly as they were
-        if a.dim() == 3:
-            assert torch.equal(a[:, -3:].nan_to_num(7.0), b[:, -3:].nan_to_num(7.0))
-        else:
-            assert torch.equal(a[-3:].nan_to_num(7.0), b[-3:].nan_to_num(7.0))
+        written = (slice(None), slice(-3, None)) if a.dim() == 3 else slice(-3, None)
+        assert torch.equal(a[written].nan_to_num(7.0), b[written].nan_to_num(7.0))
     u = args[2]
     assert 0 < int((u[: columns // 4] != 0).sum()) < columns // 4, "the problem revives some dead columns and holds others"
     assert bool((u[columns // 4: columns // 3] == 0).all()) and bool((u[columns // 3: -3] != 0).all()), "small columns snap"
