@@ -1,9 +1,10 @@
-"""Nanoseconds per element of the native element loop (``kernels/native.py``) against torch's fused CPU Adam, from
-in-cache to out-of-cache sizes: where the loop is compute-bound and where it is memory-bound.
+"""Nanoseconds per element of the native loops (``kernels/native.py``: element, rows, columns) against torch's fused
+CPU Adam, from in-cache to out-of-cache sizes: where a loop is compute-bound and where it is memory-bound.
 
-One tensor of ``n`` float32 elements; the native loop's Adam step on it (``native.element_step``, no optimizer
-around it) and ``torch.optim.Adam(fused=True).step()``, and the non-finite-gradient probe the optimizer adds
-(``torch.aminmax`` of the gradient), timed in turns, median per size. Bytes per element: torch 28, spread 56.
+One float32 tensor of ``n`` elements (rows and columns: ``(n / 1024, 1024)``); each loop's Adam step on it (no
+optimizer around it), ``torch.optim.Adam(fused=True).step()``, and the non-finite-gradient check the optimizer adds
+(``native.nonfinite``; ``torch.aminmax``, the check without the native library), timed in turns, median per size.
+Bytes per element: torch 28, element 56, rows 36, columns 48 (a sums pass and a move pass over the tensor).
 
     python benchmarks/native_step.py            # 16K, 64K, 1M, 4M elements
     python benchmarks/native_step.py --quick    # smoke run (CI)
@@ -20,18 +21,31 @@ import torch
 from spread_optim.kernels import native
 
 HYPER = [1e-3, 1e-3, 1e-6, 1e-2, 0.1, 1e-2, 0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, 1.0]  # compiled.HYPER's order
+LOOPS = ("element", "rows", "columns")
+
+
+def _args(kind: str, n: int, gen: torch.Generator) -> list:
+    shape = (n,) if kind == "element" else (n // 1024, 1024)
+    groups = n if kind == "element" else shape[0] if kind == "rows" else shape[1]
+    factor = torch.rand(groups, generator=gen) + 0.5
+    W = torch.randn(shape, generator=gen)
+    theta = factor * W if kind == "element" else factor[:, None] * W if kind == "rows" else factor[None, :] * W
+    zeros = lambda size: (torch.zeros(size), torch.zeros(size), None)  # noqa: E731
+    args = [torch.randn(shape, generator=gen) * 0.01, theta, factor, W, zeros(groups), zeros(shape)]
+    return args if kind != "columns" else [t.view(*shape, 1) if t.dim() == 2 else t for t in args[:4]] + args[4:5] + [
+        tuple(s.view(*shape, 1) if s is not None else None for s in args[5])]
 
 
 def time_per_element(n: int, rounds: int) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
-    U, W = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
-    g = torch.randn(n, generator=gen) * 0.01
-    args = [g, U * W, U, W, (torch.zeros(n), torch.zeros(n), None), (torch.zeros(n), torch.zeros(n), None)]
+    args = {kind: _args(kind, n, gen) for kind in LOOPS}
     q = torch.randn(n, generator=gen).requires_grad_()
     q.grad = torch.randn(n, generator=gen) * 0.01
     adam = torch.optim.Adam([q], lr=1e-3, fused=True)
-    steps = {"native loop": lambda: native.element_step(*args, HYPER, rule="adam"), "torch Adam fused": adam.step,
-             "aminmax probe": lambda: torch.aminmax(g)}
+    step = {"element": native.element_step, "rows": native.rows_step, "columns": native.columns_step}
+    steps = {kind: (lambda k=kind: step[k](*args[k], HYPER, rule="adam")) for kind in LOOPS}
+    steps |= {"torch Adam fused": adam.step, "native check": lambda: native.nonfinite([q.grad]),
+              "aminmax check": lambda: torch.aminmax(q.grad)}
     times: dict = {k: [] for k in steps}
     for round_ in range(rounds + 3):
         for name, fn in steps.items():
@@ -48,15 +62,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if native.unavailable() is not None:
-        raise SystemExit(f"the native loop is unavailable here: {native.unavailable()}")
+        raise SystemExit(f"the native loops are unavailable here: {native.unavailable()}")
     sizes = [1 << 12] if args.quick else [1 << 14, 1 << 16, 1 << 20, 1 << 22]
-    print(f"torch {torch.__version__}, 1 thread; ns per element (median)")
-    print("| elements | native loop | torch Adam fused | ratio | aminmax probe |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    print(f"torch {torch.__version__}, 1 thread; ns per element (median), x torch fused Adam in brackets")
+    print("| elements | element loop | rows loop | columns loop | torch Adam fused | native check | aminmax check |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n in sizes:
         r = time_per_element(n, 5 if args.quick else max(10, (1 << 25) // n))
-        print(f"| {n} | {r['native loop']:.3f} | {r['torch Adam fused']:.3f} | "
-              f"{r['native loop'] / r['torch Adam fused']:.2f} | {r['aminmax probe']:.3f} |")
+        base = r["torch Adam fused"]
+        loops = " | ".join(f"{r[k]:.3f} ({r[k] / base:.2f})" for k in LOOPS)
+        print(f"| {n} | {loops} | {base:.3f} | {r['native check']:.3f} | {r['aminmax check']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -55,5 +55,8 @@ def test_native_step_quick():
     out = run("native_step.py", "--quick")
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
     assert [int(r[0]) for r in rows] == [4096]
-    native, torch_, ratio = (float(x) for x in rows[0][1:4])
-    assert native > 0 and torch_ > 0 and ratio == pytest.approx(native / torch_, abs=0.01)
+    torch_ = float(rows[0][4])
+    for cell in rows[0][1:4]:  # the three loops: "ns (x torch)"
+        ns, ratio = cell.replace("(", " ").replace(")", " ").split()
+        assert float(ns) > 0 and torch_ > 0 and float(ratio) == pytest.approx(float(ns) / torch_, abs=0.01)
+    assert float(rows[0][5]) > 0 and float(rows[0][6]) > 0
