@@ -400,25 +400,19 @@ ENTRY(columns, f64, double)
    non-finite-gradient check, one read of the gradient (integer compares: vectorised, no float traps). */
 #define CHECK_BLOCK 256   /* entries per block; the block CHECK_AHEAD bytes ahead is fetched meanwhile (~10% faster) */
 #define CHECK_AHEAD 16384
-int64_t spread_nonfinite_f32(int64_t n, const uint32_t *restrict x) {
-    uint32_t bad = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += CHECK_BLOCK) {
-        for (int b = 0; b < CHECK_BLOCK * 4; b += 64) __builtin_prefetch((const char *)(x + i0) + CHECK_AHEAD + b, 0, 0);
-        const int64_t end = i0 + CHECK_BLOCK < n ? i0 + CHECK_BLOCK : n;
-        for (int64_t i = i0; i < end; i++) bad |= (x[i] & 0x7f800000u) == 0x7f800000u;
-    }
-    return bad;
+#define DEFINE_NONFINITE(suffix, bits, EXPONENT)                                                                   \
+int64_t spread_nonfinite_##suffix(int64_t n, const bits *restrict x) {                                             \
+    bits bad = 0;                                                                                                  \
+    for (int64_t i0 = 0; i0 < n; i0 += CHECK_BLOCK) {                                                              \
+        for (int b = 0; b < CHECK_BLOCK * (int)sizeof(bits); b += 64)                                             \
+            __builtin_prefetch((const char *)(x + i0) + CHECK_AHEAD + b, 0, 0);                                    \
+        const int64_t end = i0 + CHECK_BLOCK < n ? i0 + CHECK_BLOCK : n;                                           \
+        for (int64_t i = i0; i < end; i++) bad |= (x[i] & EXPONENT) == EXPONENT;                                   \
+    }                                                                                                              \
+    return (int64_t)bad;                                                                                           \
 }
-
-int64_t spread_nonfinite_f64(int64_t n, const uint64_t *restrict x) {
-    uint64_t bad = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += CHECK_BLOCK) {
-        for (int b = 0; b < CHECK_BLOCK * 8; b += 64) __builtin_prefetch((const char *)(x + i0) + CHECK_AHEAD + b, 0, 0);
-        const int64_t end = i0 + CHECK_BLOCK < n ? i0 + CHECK_BLOCK : n;
-        for (int64_t i = i0; i < end; i++) bad |= (x[i] & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
-    }
-    return (int64_t)bad;
-}
+DEFINE_NONFINITE(f32, uint32_t, 0x7f800000u)
+DEFINE_NONFINITE(f64, uint64_t, 0x7ff0000000000000ull)
 
 /* The check of `count` tensors in one call: tensor i has sizes[2i] entries of sizes[2i+1] bytes (4: float32,
    8: float64) at ptrs[i]; bad[i] receives its check. Returns how many hold an inf or a NaN. */
