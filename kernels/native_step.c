@@ -147,6 +147,36 @@ static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(        
         int nesterov, int first, int scaled) {                                                                     \
     (void)inner;                                                                                                   \
     int64_t changed = 0;                                                                                           \
+    if (width == 1) {  /* one entry per row (biases, norms' scales): rows side by side, vectorised, the same numbers */ \
+        for (int64_t r = 0; r < n; r++) {                                                                          \
+            const real gj = grad_##suffix(grad[r], scaled, c), w = W[r], ur = u[r], pw = p[r], t_old = ur * w;     \
+            const int written = t_old != pw;                                                                       \
+            changed += written;                                                                                    \
+            const int dead = (ur == 0) & ((w * w) + (real)0 == 0);  /* (a sum of one term: x + 0, as the sweeps') */ \
+            real ua0 = rule != SGD ? su0[r] : 0, ua1 = rule == ADAM ? su1[r] : 0, ua2 = amsgrad ? su2[r] : 0;      \
+            real wa0 = rule != SGD ? sW0[r] : 0, wa1 = rule == ADAM ? sW1[r] : 0, wa2 = amsgrad ? sW2[r] : 0;      \
+            const real o0 = ua0, o1 = ua1, o2 = ua2, q0 = wa0, q1 = wa1, q2 = wa2;                                 \
+            const real u1 = rule_##suffix(rule, amsgrad, nesterov, first, 0, ur, ((gj * w) + (real)0) + c->k2 * ur, &ua0, &ua1, &ua2, c); \
+            const real w1 = rule_##suffix(rule, amsgrad, nesterov, first, 1, w, c->k2 * w + ur * gj, &wa0, &wa1, &wa2, c); \
+            const real gnorm = SQRT((gj * gj) + (real)0), excess = gnorm - c->k2;                                  \
+            const int revive = dead & (excess > 0);                                                                \
+            const real theta_norm = FABS(u1) * SQRT((w1 * w1) + (real)0);                                          \
+            const int settled = (theta_norm <= SQRT((t_old * t_old) + (real)0)) | (excess <= 0);                   \
+            const int snap = (!dead) & (((theta_norm <= c->thr) & settled) | (u1 * ((w1 * t_old) + (real)0) < 0)); \
+            const int zero = (dead & !revive) | snap;                                                              \
+            const real s = SQRT(c->lr * (excess > 0 ? excess : 0));                                                \
+            const real direction = revive ? -s / gnorm : 0;                                                        \
+            const int keep = !zero & !revive;                                                                      \
+            const real u2 = revive ? s : (keep ? u1 : 0), w2 = (keep ? w1 : 0) + gj * direction;                   \
+            W[r] = written ? w : w2;                                                                               \
+            p[r] = written ? pw : u2 * w2;                                                                         \
+            u[r] = written ? ur : u2;                                                                              \
+            if (rule != SGD) { su0[r] = written ? o0 : ua0; sW0[r] = written ? q0 : wa0; }                         \
+            if (rule == ADAM) { su1[r] = written ? o1 : ua1; sW1[r] = written ? q1 : wa1; }                        \
+            if (amsgrad) { su2[r] = written ? o2 : ua2; sW2[r] = written ? q2 : wa2; }                             \
+        }                                                                                                          \
+        return changed;                                                                                            \
+    }                                                                                                              \
     const int64_t body = width - width % LANES;                                                                    \
     for (int64_t r = 0; r < n; r++) {                                                                              \
         const int64_t o = r * width;                                                                               \
