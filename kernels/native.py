@@ -6,7 +6,8 @@ called through ``ctypes``. Three kernels, for float32 and float64 parameters und
   in one loop;
 * :func:`rows_step`: the spec's row-sparse step (:func:`~spread_optim.kernels.compiled.grouped_step`, rows), each
   row swept three times while it stays in cache (its sums first, since the zero pass needs the moved row's norms),
-  the next row fetched meanwhile; equal to the spec to rounding (its sums are taken in another order);
+  the next row fetched meanwhile (rows of one entry, biases and norms' scales, side by side in one vectorised loop);
+  equal to the spec to rounding (its sums are taken in another order);
 * :func:`columns_step`: the same for column sparsity (dim-1 slices, whose sums span every row): two passes over the
   tensor (the sums; then the move, with a dead column's zero pass decided before it), and a third only along the
   rare columns that snap to zero; equal to the spec to rounding.
