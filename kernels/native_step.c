@@ -139,7 +139,8 @@ static inline real total_##suffix(const real *acc) {                            
 /* rows: n rows of `width` entries, u and its state one per row. Three sweeps of a row, which stays in cache:      \
    (a) is any weight written outside, the saddle test (||W||^2), sum g*W; (b) the base rule on u and on W, and     \
    the sums of the zero pass (||g||^2, ||W_moved||^2, ||theta_old||^2, <W_moved, theta_old>); (c) the zero pass    \
-   and theta. Returns the number of rows left for adoption. */                                                     \
+   and theta. Rows of one entry take one vectorised loop over the rows instead. Returns the number of rows left   \
+   for adoption. */                                                                                                \
 static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(                                          \
         int64_t n, int64_t width, int64_t inner, const real *restrict grad, real *restrict p, real *restrict u,     \
         real *restrict W, real *restrict su0, real *restrict su1, real *restrict su2, real *restrict sW0,          \
