@@ -123,6 +123,31 @@ def test_default_cpu_path_of_element_groups_is_the_native_loop(make):
     assert torch.equal(runs[0][1] == 0, runs[1][1] == 0)
 
 
+@pytest.mark.parametrize("make", [lambda ps: SpreadAdam(ps, lr=3e-2, kappa=5e-2, sparsity="column"),
+                                  lambda ps: SpreadSGD(ps, lr=5e-2, momentum=0.9, kappa=2e-2, sparsity="column")])
+def test_default_cpu_path_of_column_groups_is_the_native_loop(make):
+    """fused=None on CPU: a column-sparse float32 group takes the native columns loop, and its trajectory is the
+    split path's: the same weights to rounding and the same zero columns (input features dropped)."""
+    torch.manual_seed(0)
+    X = torch.randn(128, 12)
+    y = X[:, :3] @ torch.randn(3, 2)  # (only the first three features matter: the others' columns go to zero)
+    runs = []
+    for fused in (None, False):
+        lin = torch.nn.Linear(12, 2, bias=False)
+        lin.weight.data = torch.linspace(-1, 1, 24).reshape(2, 12)
+        opt = make([lin.weight])
+        for _ in range(150):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(lin(X), y).backward()
+            opt.param_groups[0]["fused"] = fused
+            opt.step()
+        runs.append((opt._paths, lin.weight.detach().clone()))
+    assert runs[0][0] == ["compiled"] and runs[1][0] == ["cpu"]
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-6)
+    zero = (runs[0][1] == 0).all(dim=0)
+    assert torch.equal(zero, (runs[1][1] == 0).all(dim=0)) and 0 < int(zero.sum()) < 12, "some, not all, columns at zero"
+
+
 def test_without_a_compiler_the_inductor_engine_runs(monkeypatch, tmp_path):
     """No C compiler: unavailable() says so, and the dispatch falls back to inductor for the compiled step and to
     the split path for small groups (fused=None)."""
@@ -254,7 +279,7 @@ def test_native_columns_step_equals_the_spec(flags, dtype, shape):
     assert bool((u[columns // 4: columns // 3] == 0).all()) and bool((u[columns // 3: -3] != 0).all()), "small columns snap"
 
 
-@pytest.mark.parametrize("sparsity", ["element", "row"])
+@pytest.mark.parametrize("sparsity", ["element", "row", "column"])
 def test_torch_compile_of_the_step_runs_the_native_loops_eagerly(sparsity):
     """torch.compile(optimizer.step) on groups the native loops take: one opaque eager call (no graph), the same
     weights as the eager step, bit for bit."""
@@ -271,7 +296,7 @@ def test_torch_compile_of_the_step_runs_the_native_loops_eagerly(sparsity):
         step()
         twin.step()
     assert opt._paths == ["compiled"] and torch.equal(p, q)
-    assert sparsity == "row" or bool((p == 0).any())  # (element: exact zeros made inside the compiled region)
+    assert sparsity != "element" or bool((p == 0).any())  # (element: exact zeros made inside the compiled region)
     assert torch._dynamo.explain(opt.step)().graph_count == 0
 
 
