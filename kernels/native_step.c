@@ -257,7 +257,7 @@ static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(        
        pass needs (||W_moved||^2, <W_moved, theta_old>);                                                             \
    (c) per live group the snap test; a snapped group (rare) is zeroed along its strided entries. A group with a      \
        weight written outside the optimizer is saved after (a) and put back after (b), exactly as it was.            \
-   Returns the number of groups left for adoption. */                                                                \
+   Returns the number of groups left for adoption (-1: no memory for the scratch; then nothing has moved). */        \
 static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(                                          \
         int64_t n, int64_t K, int64_t r, const real *restrict grad, real *restrict p, real *restrict u,              \
         real *restrict W, real *restrict su0, real *restrict su1, real *restrict su2, real *restrict sW0,            \
@@ -288,12 +288,18 @@ static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(     
     }                                                                                                                \
     int64_t changed = 0;                                                                                             \
     for (int64_t j = 0; j < G; j++) {                                                                                \
-        real Wsq = 0, GW = 0, Gsq = 0, Osq = 0;                                                                      \
         int written = 0;                                                                                             \
-        for (int64_t k = j * r; k < j * r + r; k++) { Wsq += wsq[k]; GW += gw[k]; Gsq += gsq[k]; Osq += osq[k]; written |= diff[k]; } \
+        for (int64_t k = j * r; k < j * r + r; k++) written |= diffs[k];                                             \
+        mode[j] = written ? 2 : 0;                                                                                   \
+        changed += written;                                                                                          \
+    }                                                                                                                \
+    real *saved = changed ? malloc(sizeof(real) * (size_t)(changed * n * r * 5)) : NULL;  /* (before anything moves) */ \
+    if (changed && !saved) { free(scratch); free(diff); free(mode); return -1; }                                     \
+    for (int64_t j = 0; j < G; j++) {                                                                                \
+        real Wsq = 0, GW = 0, Gsq = 0, Osq = 0;                                                                      \
+        for (int64_t k = j * r; k < j * r + r; k++) { Wsq += wsq[k]; GW += gw[k]; Gsq += gsq[k]; Osq += osq[k]; }    \
         real up_j = 0, dir_j = 0;                                                                                    \
-        if (written) { mode[j] = 2; changed++; }                                                                     \
-        else {                                                                                                       \
+        if (mode[j] != 2) {                                                                                          \
             const real uj = u[j];                                                                                    \
             real a0 = rule != SGD ? su0[j] : 0, a1 = rule == ADAM ? su1[j] : 0, a2 = amsgrad ? su2[j] : 0;           \
             const real u1 = rule_##suffix(rule, amsgrad, nesterov, first, 0, uj, GW + c->k2 * uj, &a0, &a1, &a2, c); \
@@ -311,8 +317,6 @@ static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(     
         }                                                                                                            \
         for (int64_t k = j * r; k < j * r + r; k++) { up[k] = up_j; dir[k] = dir_j; wsq[k] = mode[j] == 0; }         \
     }                                                                                                                \
-    real *saved = changed ? malloc(sizeof(real) * (size_t)(changed * n * r * 5)) : NULL;                             \
-    if (changed && !saved) { free(scratch); free(diff); free(mode); return -1; }                                     \
     for (int64_t j = 0, s = 0; j < G; j++) {                                                                         \
         if (mode[j] != 2) continue;                                                                                  \
         for (int64_t i = 0; i < n; i++)                                                                              \
