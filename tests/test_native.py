@@ -100,27 +100,34 @@ def test_nonfinite_entries_propagate_as_in_the_spec():
         torch.testing.assert_close(a, b, rtol=4e-7, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("make", [lambda ps: SpreadAdam(ps, lr=1e-2, kappa=1e-3, amsgrad=True),
-                                  lambda ps: SpreadSGD(ps, lr=1e-1, kappa=1e-3, momentum=0.9, nesterov=True)])
-def test_default_cpu_path_of_element_groups_is_the_native_loop(make):
-    """fused=None on CPU: small element-sparse float32 groups take the compiled step's native loop, and their
-    trajectory is the split path's (torch's own base on the factors and the spec's zero pass)."""
-    torch.manual_seed(0)
-    X, y = torch.randn(64, 12), torch.randn(64, 1)
+def _default_and_split(make, X, y, outputs: int, steps: int) -> list[tuple]:
+    """``(paths, weight)`` after ``steps`` steps of a bias-free Linear on ``(X, y)`` with ``fused=None``, then the same
+    with ``fused=False`` (the split path: torch's own base on the factors and the spec's zero pass)."""
     runs = []
     for fused in (None, False):
-        lin = torch.nn.Linear(12, 1)
-        lin.load_state_dict({"weight": torch.linspace(-1, 1, 12)[None], "bias": torch.zeros(1)})
+        lin = torch.nn.Linear(X.shape[1], outputs, bias=False)
+        lin.weight.data = torch.linspace(-1, 1, outputs * X.shape[1]).reshape(outputs, X.shape[1])
         opt = make([lin.weight])
-        for _ in range(30):
+        for _ in range(steps):
             opt.zero_grad()
             torch.nn.functional.mse_loss(lin(X), y).backward()
             opt.param_groups[0]["fused"] = fused
             opt.step()
         runs.append((opt._paths, lin.weight.detach().clone()))
     assert runs[0][0] == ["compiled"] and runs[1][0] == ["cpu"]
-    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-6)
-    assert torch.equal(runs[0][1] == 0, runs[1][1] == 0)
+    return runs
+
+
+@pytest.mark.parametrize("make", [lambda ps: SpreadAdam(ps, lr=1e-2, kappa=1e-3, amsgrad=True),
+                                  lambda ps: SpreadSGD(ps, lr=1e-1, kappa=1e-3, momentum=0.9, nesterov=True)])
+def test_default_cpu_path_of_element_groups_is_the_native_loop(make):
+    """fused=None on CPU: small element-sparse float32 groups take the compiled step's native loop, and their
+    trajectory is the split path's."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 12), torch.randn(64, 1)
+    (_, native_run), (_, split_run) = _default_and_split(make, X, y, 1, 30)
+    torch.testing.assert_close(native_run, split_run, rtol=1e-5, atol=1e-6)
+    assert torch.equal(native_run == 0, split_run == 0)
 
 
 @pytest.mark.parametrize("make", [lambda ps: SpreadAdam(ps, lr=3e-2, kappa=5e-2, sparsity="column"),
@@ -131,21 +138,10 @@ def test_default_cpu_path_of_column_groups_is_the_native_loop(make):
     torch.manual_seed(0)
     X = torch.randn(128, 12)
     y = X[:, :3] @ torch.randn(3, 2)  # (only the first three features matter: the others' columns go to zero)
-    runs = []
-    for fused in (None, False):
-        lin = torch.nn.Linear(12, 2, bias=False)
-        lin.weight.data = torch.linspace(-1, 1, 24).reshape(2, 12)
-        opt = make([lin.weight])
-        for _ in range(150):
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(lin(X), y).backward()
-            opt.param_groups[0]["fused"] = fused
-            opt.step()
-        runs.append((opt._paths, lin.weight.detach().clone()))
-    assert runs[0][0] == ["compiled"] and runs[1][0] == ["cpu"]
-    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-6)
-    zero = (runs[0][1] == 0).all(dim=0)
-    assert torch.equal(zero, (runs[1][1] == 0).all(dim=0)) and 0 < int(zero.sum()) < 12, "some, not all, columns at zero"
+    (_, native_run), (_, split_run) = _default_and_split(make, X, y, 2, 150)
+    torch.testing.assert_close(native_run, split_run, rtol=1e-4, atol=1e-6)
+    zero = (native_run == 0).all(dim=0)
+    assert torch.equal(zero, (split_run == 0).all(dim=0)) and 0 < int(zero.sum()) < 12, "some, not all, columns at zero"
 
 
 def test_without_a_compiler_the_inductor_engine_runs(monkeypatch, tmp_path):
