@@ -247,130 +247,186 @@ static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(        
     return changed;                                                                                                \
 }
 
-#define DEFINE_COLUMNS(real, suffix, SQRT, FABS)                                                                     \
-/* columns: n rows of K = G*r entries (the canonical (rows, G, r) view, flattened to (n, K)); group j is entries     \
-   j*r .. j*r+r-1 of every row; u and its state one per group. A group's sums run over all rows, so the passes go    \
-   over the whole tensor:                                                                                            \
-   (a) per entry of a row, sums over the rows: the written test, ||W||^2, sum g*W, ||g||^2, ||theta_old||^2; then per \
-       group the base rule on u, and for a dead group its zero pass (hold or revive, decided before W moves);        \
-   (b) the base rule on W, the new W and theta (a live group tentatively kept), and the sums a live group's zero     \
-       pass needs (||W_moved||^2, <W_moved, theta_old>);                                                             \
-   (c) per live group the snap test; a snapped group (rare) is zeroed along its strided entries. A group with a      \
-       weight written outside the optimizer is saved after (a) and put back after (b), exactly as it was.            \
-   Returns the number of groups left for adoption (-1: no memory for the scratch; then nothing has moved). */        \
-static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(                                          \
-        int64_t n, int64_t K, int64_t r, const real *restrict grad, real *restrict p, real *restrict u,              \
-        real *restrict W, real *restrict su0, real *restrict su1, real *restrict su2, real *restrict sW0,            \
-        real *restrict sW1, real *restrict sW2, const consts_##suffix *restrict c, int rule, int amsgrad,            \
-        int nesterov, int first, int scaled) {                                                                       \
-    if (n == 0 || K == 0 || r == 0) return 0;                                                                        \
-    const int64_t G = K / r;                                                                                         \
-    real *scratch = calloc((size_t)(9 * K + 3 * G), sizeof(real));                                                   \
-    int *diff = calloc((size_t)K, sizeof(int)), *mode = calloc((size_t)G, sizeof(int));                              \
-    if (!scratch || !diff || !mode) { free(scratch); free(diff); free(mode); return -1; }                            \
-    real *restrict uo = scratch, *restrict wsq = uo + K, *restrict gw = wsq + K, *restrict gsq = gw + K;             \
-    real *restrict osq = gsq + K, *restrict up = osq + K, *restrict dir = up + K, *restrict w1sq = dir + K;          \
-    real *restrict wold = w1sq + K, *restrict u1g = wold + K, *restrict excg = u1g + G, *restrict osqg = excg + G;   \
-    int *restrict diffs = diff;                                                                                      \
-    for (int64_t k = 0; k < K; k++) uo[k] = u[k / r];                                                                \
-    for (int64_t i = 0; i < n; i++) {                                       /* (a) */                                \
-        const real *restrict gi = grad + i * K, *restrict pi = p + i * K, *restrict wi = W + i * K;                  \
-        for (int64_t k0 = 0; k0 < K; k0 += 64 / (int64_t)sizeof(real)) {  /* the lines 2 KB ahead (5-10% faster) */  \
-            __builtin_prefetch((const char *)(gi + k0) + 2048, 0, 0);                                                \
-            __builtin_prefetch((const char *)(pi + k0) + 2048, 0, 0);                                                \
-            __builtin_prefetch((const char *)(wi + k0) + 2048, 0, 0);                                                \
-        }                                                                                                            \
-        _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                       \
-            const real w = wi[k], gk = grad_##suffix(gi[k], scaled, c), t = uo[k] * w;                               \
-            diffs[k] |= t != pi[k];                                                                                  \
-            wsq[k] += w * w; gw[k] += gk * w; gsq[k] += gk * gk; osq[k] += t * t;                                    \
-        }                                                                                                            \
-    }                                                                                                                \
-    int64_t changed = 0;                                                                                             \
-    for (int64_t j = 0; j < G; j++) {                                                                                \
-        int written = 0;                                                                                             \
-        for (int64_t k = j * r; k < j * r + r; k++) written |= diffs[k];                                             \
-        mode[j] = written ? 2 : 0;                                                                                   \
-        changed += written;                                                                                          \
-    }                                                                                                                \
-    real *saved = changed ? malloc(sizeof(real) * (size_t)(changed * n * r * 5)) : NULL;  /* (before anything moves) */ \
-    if (changed && !saved) { free(scratch); free(diff); free(mode); return -1; }                                     \
-    for (int64_t j = 0; j < G; j++) {                                                                                \
-        real Wsq = 0, GW = 0, Gsq = 0, Osq = 0;                                                                      \
-        for (int64_t k = j * r; k < j * r + r; k++) { Wsq += wsq[k]; GW += gw[k]; Gsq += gsq[k]; Osq += osq[k]; }    \
-        real up_j = 0, dir_j = 0;                                                                                    \
-        if (mode[j] != 2) {                                                                                          \
-            const real uj = u[j];                                                                                    \
-            real a0 = rule != SGD ? su0[j] : 0, a1 = rule == ADAM ? su1[j] : 0, a2 = amsgrad ? su2[j] : 0;           \
-            const real u1 = rule_##suffix(rule, amsgrad, nesterov, first, 0, uj, GW + c->k2 * uj, &a0, &a1, &a2, c); \
-            if (rule != SGD) su0[j] = a0;                                                                            \
-            if (rule == ADAM) su1[j] = a1;                                                                           \
-            if (amsgrad) su2[j] = a2;                                                                                \
-            const real gnorm = SQRT(Gsq), excess = gnorm - c->k2;                                                    \
-            u1g[j] = u1; excg[j] = excess; osqg[j] = Osq;                                                            \
-            if ((uj == 0) & (Wsq == 0)) {  /* dead: held, or revived with one group proximal-gradient step */        \
-                const int revive = excess > 0;                                                                       \
-                const real s = SQRT(c->lr * (excess > 0 ? excess : 0));                                              \
-                mode[j] = 1;                                                                                         \
-                up_j = revive ? s : 0; dir_j = revive ? -s / gnorm : 0;                                              \
-            } else { mode[j] = 0; up_j = u1; }                                                                       \
-        }                                                                                                            \
-        for (int64_t k = j * r; k < j * r + r; k++) { up[k] = up_j; dir[k] = dir_j; wsq[k] = mode[j] == 0; }         \
-    }                                                                                                                \
-    for (int64_t j = 0, s = 0; j < G; j++) {                                                                         \
-        if (mode[j] != 2) continue;                                                                                  \
-        for (int64_t i = 0; i < n; i++)                                                                              \
-            for (int64_t k = i * K + j * r; k < i * K + j * r + r; k++, s += 5) {                                    \
-                saved[s] = W[k]; saved[s + 1] = p[k];                                                                \
-                saved[s + 2] = rule != SGD ? sW0[k] : 0; saved[s + 3] = rule == ADAM ? sW1[k] : 0; saved[s + 4] = amsgrad ? sW2[k] : 0; \
-            }                                                                                                        \
-    }                                                                                                                \
-    real *restrict keep = wsq;  /* (reused: 1 where the entry's group is live, kept unless it snaps) */              \
-    for (int64_t i = 0; i < n; i++) {                                       /* (b) */                                \
-        const real *restrict gi = grad + i * K;                                                                      \
-        real *restrict wi = W + i * K, *restrict pi = p + i * K, *restrict m0 = sW0 + i * K, *restrict m1 = sW1 + i * K; \
-        real *restrict m2 = sW2 + i * K;                                                                             \
-        _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {  /* (no two arrays overlap: no runtime alias test) */ \
-            const real gk = grad_##suffix(gi[k], scaled, c), w = wi[k], t_old = uo[k] * w;                           \
-            real a0 = rule != SGD ? m0[k] : 0, a1 = rule == ADAM ? m1[k] : 0, a2 = amsgrad ? m2[k] : 0;              \
+/* the base rule on W's entry e (of column k) in sweep (b) of columns_loop */
+#define COLUMN_MOVE(real, suffix, e)                                                                                  \
+            const real gk = grad_##suffix(gi[e], scaled, c), w = wi[e], t_old = uo[k] * w;                            \
+            real a0 = rule != SGD ? m0[e] : 0, a1 = rule == ADAM ? m1[e] : 0, a2 = amsgrad ? m2[e] : 0;               \
             const real w1 = rule_##suffix(rule, amsgrad, nesterov, first, 1, w, c->k2 * w + uo[k] * gk, &a0, &a1, &a2, c); \
-            if (rule != SGD) m0[k] = a0;                                                                             \
-            if (rule == ADAM) m1[k] = a1;                                                                            \
-            if (amsgrad) m2[k] = a2;                                                                                 \
-            w1sq[k] += w1 * w1; wold[k] += w1 * t_old;                                                               \
-            const real w2 = (keep[k] != 0 ? w1 : 0) + gk * dir[k];                                                   \
-            wi[k] = w2;                                                                                              \
-            pi[k] = up[k] * w2;                                                                                      \
-        }                                                                                                            \
-    }                                                                                                                \
-    for (int64_t j = 0, s = 0; j < G; j++) {                                 /* (c) */                               \
-        if (mode[j] == 2) {                                                                                          \
-            for (int64_t i = 0; i < n; i++)                                                                          \
-                for (int64_t k = i * K + j * r; k < i * K + j * r + r; k++, s += 5) {                                \
-                    W[k] = saved[s]; p[k] = saved[s + 1];                                                            \
-                    if (rule != SGD) sW0[k] = saved[s + 2];                                                          \
-                    if (rule == ADAM) sW1[k] = saved[s + 3];                                                         \
-                    if (amsgrad) sW2[k] = saved[s + 4];                                                              \
-                }                                                                                                    \
-            continue;                                                                                                \
-        }                                                                                                            \
-        if (mode[j] == 1) { u[j] = up[j * r]; continue; }                                                            \
-        real W1sq = 0, Wold = 0;                                                                                     \
-        for (int64_t k = j * r; k < j * r + r; k++) { W1sq += w1sq[k]; Wold += wold[k]; }                            \
-        const real u1 = u1g[j], theta_norm = FABS(u1) * SQRT(W1sq);                                                  \
-        const int settled = (theta_norm <= SQRT(osqg[j])) | (excg[j] <= 0);                                          \
-        const int snap = ((theta_norm <= c->thr) & settled) | (u1 * Wold < 0);                                       \
-        if (!snap) { u[j] = u1; continue; }                                                                          \
-        u[j] = 0;                                                                                                    \
-        for (int64_t i = 0; i < n; i++)                                                                              \
-            for (int64_t k = i * K + j * r; k < i * K + j * r + r; k++) {                                            \
-                const real w2 = (real)0 + grad_##suffix(grad[k], scaled, c) * (real)0;                               \
-                W[k] = w2;                                                                                           \
-                p[k] = (real)0 * w2;                                                                                 \
-            }                                                                                                        \
-    }                                                                                                                \
-    free(saved); free(scratch); free(diff); free(mode);                                                              \
-    return changed;                                                                                                  \
+            if (rule != SGD) m0[e] = a0;                                                                              \
+            if (rule == ADAM) m1[e] = a1;                                                                             \
+            if (amsgrad) m2[e] = a2;
+
+#define DEFINE_COLUMNS(real, suffix, SQRT, FABS)                                                                      \
+/* columns: n rows of K = G*r entries (the canonical (rows, G, r) view, flattened to (n, K)); group j is entries      \
+   j*r .. j*r+r-1 of every row; u and its state one per group. A group's sums run over all rows, so the passes go     \
+   over the whole tensor, row by row:                                                                                 \
+   (a) what must be known before W moves: per entry, sums over the rows of the written test, g*W and theta_old^2      \
+       (and, where some u is 0, ||W||^2 and ||g||^2: a dead group's zero pass, hold or revive, is decided before W    \
+       moves); then per group the base rule on u;                                                                     \
+   (b) the base rule on W, the new W and theta (a live group tentatively kept), and the sums of a live group's snap   \
+       test (||W_moved||^2, <W_moved, theta_old>);                                                                    \
+   (c) per live group the snap test (its ||g||^2 summed, in one sweep over the rows, only for the groups whose theta  \
+       is at most the threshold); the entries of the groups that snap are zeroed in one sweep over the rows. A group  \
+       with a weight written outside the optimizer is saved after (a) and put back after (b), exactly as it was.      \
+   The sweeps are memory-bound, and a running sum costs a load and a store per entry: the passes keep as few as       \
+   the step needs, and where the sums outgrow the L1 cache (rows over 4 KB) they take two rows at once (each sum      \
+   loaded and stored once per pair, the same additions in the same order). Returns the number of groups left for      \
+   adoption (-1: no memory for the scratch; then nothing has moved). */                                               \
+static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(                                           \
+        int64_t n, int64_t K, int64_t r, const real *restrict grad, real *restrict p, real *restrict u,               \
+        real *restrict W, real *restrict su0, real *restrict su1, real *restrict su2, real *restrict sW0,             \
+        real *restrict sW1, real *restrict sW2, const consts_##suffix *restrict c, int rule, int amsgrad,             \
+        int nesterov, int first, int scaled) {                                                                        \
+    if (n == 0 || K == 0 || r == 0) return 0;                                                                         \
+    const int64_t G = K / r, S = K + 16;  /* (scratch arrays S apart: not 4 KB apart, no false store-to-load waits) */ \
+    real *scratch = calloc((size_t)(10 * S + G), sizeof(real));                                                       \
+    int64_t *list = malloc(sizeof(int64_t) * (size_t)K);                                                              \
+    int *diffs = calloc((size_t)K, sizeof(int)), *mode = calloc((size_t)G, sizeof(int));                              \
+    if (!scratch || !list || !diffs || !mode) { free(scratch); free(list); free(diffs); free(mode); return -1; }      \
+    real *restrict uo = scratch, *restrict gw = uo + S, *restrict wsq = gw + S, *restrict gsq = wsq + S;              \
+    real *restrict osq = gsq + S, *restrict w1sq = osq + S, *restrict wold = w1sq + S;                                \
+    real *restrict up = wold + S, *restrict dir = up + S, *restrict keep = dir + S, *restrict u1g = keep + S;         \
+    int dead_possible = 0;  /* (a dead group has u = 0) */                                                            \
+    for (int64_t j = 0; j < G; j++) dead_possible |= u[j] == 0;                                                       \
+    for (int64_t k = 0; k < K; k++) uo[k] = u[k / r];                                                                 \
+    const int pairs = K * (int64_t)sizeof(real) > 4096;                                                               \
+    for (int64_t i = 0, o; i < n; i += o ? 2 : 1) {                         /* (a) */                                 \
+        o = pairs && i + 1 < n ? K : 0;  /* (the offset of row i+1 when it is taken with row i) */                    \
+        const real *restrict gi = grad + i * K, *restrict pi = p + i * K, *restrict wi = W + i * K;                   \
+        if (dead_possible) {                                                                                          \
+            _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
+                const real w = wi[k], gk = grad_##suffix(gi[k], scaled, c), t = uo[k] * w;                            \
+                diffs[k] |= t != pi[k];                                                                               \
+                gw[k] += gk * w; osq[k] += t * t; wsq[k] += w * w; gsq[k] += gk * gk;                                 \
+            }                                                                                                         \
+            if (o) _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                             \
+                const real w = wi[o + k], gk = grad_##suffix(gi[o + k], scaled, c), t = uo[k] * w;                    \
+                diffs[k] |= t != pi[o + k];                                                                           \
+                gw[k] += gk * w; osq[k] += t * t; wsq[k] += w * w; gsq[k] += gk * gk;                                 \
+            }                                                                                                         \
+        } else if (o) {                                                                                               \
+            _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
+                const real w = wi[k], t = uo[k] * w, v = wi[o + k], s = uo[k] * v;                                    \
+                diffs[k] |= (t != pi[k]) | (s != pi[o + k]);                                                          \
+                gw[k] = (gw[k] + grad_##suffix(gi[k], scaled, c) * w) + grad_##suffix(gi[o + k], scaled, c) * v;      \
+                osq[k] = (osq[k] + t * t) + s * s;                                                                    \
+            }                                                                                                         \
+        } else {                                                                                                      \
+            _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
+                const real w = wi[k], t = uo[k] * w;                                                                  \
+                diffs[k] |= t != pi[k];                                                                               \
+                gw[k] += grad_##suffix(gi[k], scaled, c) * w; osq[k] += t * t;                                        \
+            }                                                                                                         \
+        }                                                                                                             \
+    }                                                                                                                 \
+    int64_t changed = 0, written = 0, held = 0, snapped = 0;                                                          \
+    for (int64_t j = 0; j < G; j++) {                                                                                 \
+        int any = 0;                                                                                                  \
+        for (int64_t k = j * r; k < j * r + r; k++) any |= diffs[k];                                                  \
+        mode[j] = any ? 2 : 0;                                                                                        \
+        if (any) for (int64_t k = j * r; k < j * r + r; k++) list[written++] = k;                                     \
+        changed += any;                                                                                               \
+    }                                                                                                                 \
+    real *saved = written ? malloc(sizeof(real) * (size_t)(written * n * 5)) : NULL;  /* (before anything moves) */   \
+    if (written && !saved) { free(scratch); free(list); free(diffs); free(mode); return -1; }                         \
+    for (int64_t j = 0; j < G; j++) {                                                                                 \
+        real GW = 0, Wsq = 0, Gsq = 0;                                                                                \
+        for (int64_t k = j * r; k < j * r + r; k++) { GW += gw[k]; Wsq += wsq[k]; Gsq += gsq[k]; }                    \
+        real up_j = 0, dir_j = 0, keep_j = 0;                                                                         \
+        if (mode[j] != 2) {                                                                                           \
+            const real uj = u[j];                                                                                     \
+            real a0 = rule != SGD ? su0[j] : 0, a1 = rule == ADAM ? su1[j] : 0, a2 = amsgrad ? su2[j] : 0;            \
+            const real u1 = rule_##suffix(rule, amsgrad, nesterov, first, 0, uj, GW + c->k2 * uj, &a0, &a1, &a2, c);  \
+            if (rule != SGD) su0[j] = a0;                                                                             \
+            if (rule == ADAM) su1[j] = a1;                                                                            \
+            if (amsgrad) su2[j] = a2;                                                                                 \
+            u1g[j] = u1;                                                                                              \
+            if ((uj == 0) & (Wsq == 0)) {  /* dead: held, or revived with one group proximal-gradient step */         \
+                const real gnorm = SQRT(Gsq), excess = gnorm - c->k2, s = SQRT(c->lr * (excess > 0 ? excess : 0));    \
+                mode[j] = 1; held++;                                                                                  \
+                up_j = excess > 0 ? s : 0; dir_j = excess > 0 ? -s / gnorm : 0;                                       \
+            } else { up_j = u1; keep_j = 1; }                                                                         \
+        }                                                                                                             \
+        for (int64_t k = j * r; k < j * r + r; k++) { up[k] = up_j; dir[k] = dir_j; keep[k] = keep_j; }               \
+    }                                                                                                                 \
+    for (int64_t i = 0, s = 0; i < n; i++)                                                                            \
+        for (int64_t q = 0; q < written; q++, s += 5) {                                                               \
+            const int64_t k = i * K + list[q];                                                                        \
+            saved[s] = W[k]; saved[s + 1] = p[k];                                                                     \
+            saved[s + 2] = rule != SGD ? sW0[k] : 0; saved[s + 3] = rule == ADAM ? sW1[k] : 0; saved[s + 4] = amsgrad ? sW2[k] : 0; \
+        }                                                                                                             \
+    for (int64_t i = 0; i < n; i++) {                                       /* (b) */                                 \
+        const real *restrict gi = grad + i * K;                                                                       \
+        real *restrict wi = W + i * K, *restrict pi = p + i * K, *restrict m0 = sW0 + i * K, *restrict m1 = sW1 + i * K; \
+        real *restrict m2 = sW2 + i * K;                                                                              \
+        if (held) {  /* some group dead: its W is 0, or a proximal-gradient step along g */                           \
+            _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {  /* (no two arrays overlap: no runtime alias test) */ \
+                COLUMN_MOVE(real, suffix, k)                                                                          \
+                w1sq[k] += w1 * w1; wold[k] += w1 * t_old;                                                            \
+                const real w2 = (keep[k] != 0 ? w1 : 0) + gk * dir[k];                                                \
+                wi[k] = w2;                                                                                           \
+                pi[k] = up[k] * w2;                                                                                   \
+            }                                                                                                         \
+        } else if (pairs && i + 1 < n) {  /* (the same numbers: keep is 1 and dir 0 everywhere; rows i and i+1) */    \
+            _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
+                real sq, dot;                                                                                         \
+                { COLUMN_MOVE(real, suffix, k) sq = w1sq[k] + w1 * w1; dot = wold[k] + w1 * t_old;                    \
+                  const real w2 = w1 + gk * (real)0; wi[k] = w2; pi[k] = up[k] * w2; }                                \
+                { COLUMN_MOVE(real, suffix, K + k) w1sq[k] = sq + w1 * w1; wold[k] = dot + w1 * t_old;                \
+                  const real w2 = w1 + gk * (real)0; wi[K + k] = w2; pi[K + k] = up[k] * w2; }                        \
+            }                                                                                                         \
+            i++;                                                                                                      \
+        } else {                                                                                                      \
+            _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
+                COLUMN_MOVE(real, suffix, k)                                                                          \
+                w1sq[k] += w1 * w1; wold[k] += w1 * t_old;                                                            \
+                const real w2 = w1 + gk * (real)0;                                                                    \
+                wi[k] = w2;                                                                                           \
+                pi[k] = up[k] * w2;                                                                                   \
+            }                                                                                                         \
+        }                                                                                                             \
+    }                                                                                                                 \
+    for (int64_t i = 0, s = 0; i < n; i++)                                  /* (c) */                                 \
+        for (int64_t q = 0; q < written; q++, s += 5) {                                                               \
+            const int64_t k = i * K + list[q];                                                                        \
+            W[k] = saved[s]; p[k] = saved[s + 1];                                                                     \
+            if (rule != SGD) sW0[k] = saved[s + 2];                                                                   \
+            if (rule == ADAM) sW1[k] = saved[s + 3];                                                                  \
+            if (amsgrad) sW2[k] = saved[s + 4];                                                                       \
+        }                                                                                                             \
+    int64_t small = 0;  /* live groups whose snap test needs ||g||^2 (a theta at most the threshold): rare */         \
+    for (int64_t j = 0; j < G; j++) {                                                                                 \
+        if (mode[j] == 2) continue;                                                                                   \
+        if (mode[j] == 1) { u[j] = up[j * r]; continue; }                                                             \
+        real W1sq = 0, Wold = 0;                                                                                      \
+        for (int64_t k = j * r; k < j * r + r; k++) { W1sq += w1sq[k]; Wold += wold[k]; gsq[k] = 0; }                 \
+        const real u1 = u1g[j], theta_norm = FABS(u1) * SQRT(W1sq);                                                   \
+        mode[j] = u1 * Wold < 0 ? 3 : theta_norm <= c->thr ? 4 : 0;  /* 3: snaps; 4: snaps if settled */              \
+        if (mode[j] == 4) for (int64_t k = j * r; k < j * r + r; k++) list[small++] = k;                              \
+    }                                                                                                                 \
+    for (int64_t i = 0; i < n; i++)                                                                                   \
+        for (int64_t q = 0; q < small; q++) {                                                                         \
+            const real gk = grad_##suffix(grad[i * K + list[q]], scaled, c);                                          \
+            gsq[list[q]] += gk * gk;                                                                                  \
+        }                                                                                                             \
+    for (int64_t j = 0; j < G; j++) {                                                                                 \
+        if (mode[j] == 1 || mode[j] == 2) continue;                                                                   \
+        real Gsq = 0, Osq = 0, W1sq = 0;                                                                              \
+        for (int64_t k = j * r; k < j * r + r; k++) { Gsq += gsq[k]; Osq += osq[k]; W1sq += w1sq[k]; }                \
+        const real u1 = u1g[j], theta_norm = FABS(u1) * SQRT(W1sq);                                                   \
+        const int snap = mode[j] == 3 || (mode[j] == 4 && ((theta_norm <= SQRT(Osq)) | (SQRT(Gsq) - c->k2 <= 0)));    \
+        u[j] = snap ? 0 : u1;                                                                                         \
+        if (snap) for (int64_t k = j * r; k < j * r + r; k++) list[snapped++] = k;                                    \
+    }                                                                                                                 \
+    for (int64_t i = 0; i < n; i++)                                                                                   \
+        for (int64_t q = 0; q < snapped; q++) {                                                                       \
+            const int64_t k = i * K + list[q];                                                                        \
+            const real w2 = (real)0 + grad_##suffix(grad[k], scaled, c) * (real)0;                                    \
+            W[k] = w2;                                                                                                \
+            p[k] = (real)0 * w2;                                                                                      \
+        }                                                                                                             \
+    free(saved); free(scratch); free(list); free(diffs); free(mode);                                                  \
+    return changed;                                                                                                   \
 }
 
 DEFINE_KERNELS(float, f32, sqrtf, fabsf)

@@ -34,7 +34,7 @@ from spread_optim.distributed import LOCAL, check_not_zero_shared, communicator,
 from spread_optim.kernels import dispatch
 from spread_optim.kernels import reference as ref
 from spread_optim.options import DEFAULTS, OPTIONS, check_base_numbers, check_group, check_share_groups, is_sparse, warn_near_misses
-from spread_optim.sparsity import Element, Grouped, Kind, make_kind
+from spread_optim.sparsity import Element, Grouped, Kind, make_kind, probes
 from spread_optim.structure import describe, validate_sparsity
 
 _BASE_BY_NAME = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -521,14 +521,14 @@ class SpreadOptimizer(Optimizer):
     def _nonfinite(self, kinds):
         """Probes of the sparse groups' gradients (nonzero: a NaN/inf) and ``(where, parameter)`` of each (named
         only when one raises); capturable fused groups check on the device instead (no host synchronisation)."""
-        flags, names = [], []
+        grads, names = [], []
         for k in kinds:
             if _on_device_check(k):
                 continue
-            pairs = k.nonfinite()
-            flags += [probe for _, probe in pairs]
-            names += [(k.where, p) for p, _ in pairs]
-        return flags, names
+            for p, g in k.checked_grads():
+                grads.append(g)
+                names.append((k.where, p))
+        return probes(grads), names  # (every group's gradients in one call)
 
     @staticmethod
     def _raise_if_nonfinite(reduced, names) -> None:

@@ -92,8 +92,9 @@ class Kind:
                 if key in st:
                     yield p, key, st[key]
 
-    def nonfinite(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(param, probe)`` per parameter with a gradient: the probe is 0 when the gradient is finite."""
+    def checked_grads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(param, local gradient)`` per parameter with a gradient, its shape and type checked (the optimizer
+        probes all its groups' gradients in one call: :func:`probes`)."""
         out = []
         for p in self.params:
             g = p.grad
@@ -108,7 +109,7 @@ class Kind:
             if g.is_complex():
                 raise TypeError(f"{self.where}: complex gradients are not supported in a sparse group")
             out.append((p, g))
-        return list(zip([p for p, _ in out], _probes([g for _, g in out])))
+        return out
 
     # the sums a kind needs from other ranks: none unless its groups span shards (Grouped overrides these)
     @property
@@ -532,8 +533,8 @@ def _reusable(buffer: torch.Tensor | None, like_: torch.Tensor) -> torch.Tensor 
     return buffer if buffer.device == like_.device and buffer.is_contiguous() else None
 
 
-def _probes(grads: list[torch.Tensor]) -> list:
-    """:meth:`Kind.nonfinite`'s probes: float32/float64 CPU gradients are read by the native check when it is built
+def probes(grads: list[torch.Tensor]) -> list:
+    """Per gradient a probe, 0 when it is finite: float32/float64 CPU gradients are read by the native check when it is built
     (:func:`native.nonfinite`, the fastest, all in one call; its probes are the ints 0 and 1), tiny ones otherwise in
     one foreach call, others by ``aminmax``; a GPU gradient counts its non-finite entries on the device."""
     use_native = native.unavailable() is None
