@@ -6,19 +6,27 @@ optimizer around it), ``torch.optim.Adam(fused=True).step()``, and the non-finit
 (``native.nonfinite``; ``torch.aminmax``, the check without the native library), timed in turns, median per size.
 Bytes per element: torch 28, element 56, rows 36, columns 48 (a sums pass and a move pass over the tensor).
 
-    python benchmarks/native_step.py            # 16K, 64K, 1M, 4M elements
+Then the columns loop on ResNet-18's 2-D and 4-D tensors (conv filters as ``(out, in, kh*kw)``, the fc layer), all
+in one call as the optimizer makes it, against torch's fused Adam on the same tensors, in turns (ms per step).
+
+    python benchmarks/native_step.py            # 16K, 64K, 1M, 4M elements; ResNet-18's tensors
     python benchmarks/native_step.py --quick    # smoke run (CI)
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from spread_optim.kernels import native
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (step_speed's shapes)
 
 HYPER = [1e-3, 1e-3, 1e-6, 1e-2, 0.1, 1e-2, 0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, 1.0]  # compiled.HYPER's order
 LOOPS = ("element", "rows", "columns")
@@ -56,6 +64,36 @@ def time_per_element(n: int, rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) / n * 1e9 for k, v in times.items()}
 
 
+def time_resnet_columns(rounds: int, quick: bool) -> tuple[int, int, float, float]:
+    """ResNet-18's tensors of two or more dimensions (the first three with ``quick``): the columns loop on all of
+    them in one call, and torch's fused Adam on the same shapes, in turns. Returns (tensors, elements, loop ms,
+    torch ms), medians."""
+    from step_speed import resnet18_shapes
+
+    shapes = [s for s in resnet18_shapes() if len(s) >= 2][: 3 if quick else None]
+    gen = torch.Generator().manual_seed(0)
+    items, qs = [], []
+    for shape in shapes:
+        rows, columns = shape[0], shape[1]
+        view = (rows, columns, math.prod(shape[2:]))
+        u, W = torch.rand(columns, generator=gen) + 0.5, torch.randn(view, generator=gen)
+        states = ((torch.zeros(columns), torch.zeros(columns), None), (torch.zeros(view), torch.zeros(view), None))
+        items.append((torch.randn(view, generator=gen) * 0.01, u[None, :, None] * W, u, W, *states, HYPER))
+        q = torch.randn(shape, generator=gen).requires_grad_()
+        q.grad = torch.randn(shape, generator=gen) * 0.01
+        qs.append(q)
+    adam = torch.optim.Adam(qs, lr=1e-3, fused=True)
+    steps = {"loop": lambda: native.batch_step("columns", items, rule="adam"), "torch": adam.step}
+    times: dict = {k: [] for k in steps}
+    for round_ in range(rounds + 3):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            if round_ >= 3:
+                times[name].append(time.perf_counter() - t0)
+    return len(shapes), sum(q.numel() for q in qs), *(statistics.median(times[k]) * 1e3 for k in steps)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -72,6 +110,9 @@ def main(argv=None) -> None:
         base = r["torch Adam fused"]
         loops = " | ".join(f"{r[k]:.3f} ({r[k] / base:.2f})" for k in LOOPS)
         print(f"| {n} | {loops} | {base:.3f} | {r['native check']:.3f} | {r['aminmax check']:.3f} |")
+    count, elements, loop, adam = time_resnet_columns(3 if args.quick else 25, args.quick)
+    print(f"\nResNet-18's {count} column tensors ({elements} elements), one call: columns loop {loop:.3f} ms, "
+          f"torch Adam fused {adam:.3f} ms, {loop / adam:.2f}x")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ eager ones). No timing is asserted."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,7 @@ def test_native_step_quick():
         ns, ratio = cell.replace("(", " ").replace(")", " ").split()
         assert float(ns) > 0 and torch_ > 0 and float(ratio) == pytest.approx(float(ns) / torch_, abs=0.01)
     assert float(rows[0][5]) > 0 and float(rows[0][6]) > 0
+    resnet = re.search(r"ResNet-18's 3 column tensors \((\d+) elements\), one call: columns loop ([\d.]+) ms, "
+                       r"torch Adam fused ([\d.]+) ms, ([\d.]+)x", out)
+    assert resnet is not None and int(resnet[1]) == 64 * 3 * 49 + 2 * 64 * 64 * 9
+    assert float(resnet[4]) == pytest.approx(float(resnet[2]) / float(resnet[3]), abs=0.01)
