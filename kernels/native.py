@@ -9,8 +9,9 @@ called through ``ctypes``. Three kernels, for float32 and float64 parameters und
   the next row fetched meanwhile (rows of one entry, biases and norms' scales, side by side in one vectorised loop);
   equal to the spec to rounding (its sums are taken in another order);
 * :func:`columns_step`: the same for column sparsity (dim-1 slices, whose sums span every row): two passes over the
-  tensor (the sums; then the move, with a dead column's zero pass decided before it), and a third only along the
-  rare columns that snap to zero; equal to the spec to rounding.
+  tensor (the few sums needed before anything moves; then the move, with a dead column's zero pass decided before
+  it), rows over 4 KB two at a time, and one more sweep over the rows only for the rare columns that snap to zero;
+  equal to the spec to rounding.
 
 Entries (rows) whose weight no longer equals their factors' product were written outside the optimizer: both leave
 them as they are and count them, and the caller adopts them (as after the compiled step). Against the compiled step
