@@ -7,7 +7,8 @@ optimizer around it), ``torch.optim.Adam(fused=True).step()``, and the non-finit
 Bytes per element: torch 28, element 56, rows 36, columns 48 (a sums pass and a move pass over the tensor).
 
 Then the columns loop on ResNet-18's 2-D and 4-D tensors (conv filters as ``(out, in, kh*kw)``, the fc layer), all
-in one call as the optimizer makes it, against torch's fused Adam on the same tensors, in turns (ms per step).
+in one call as the optimizer makes it, against torch's fused Adam on the same tensors, in turns (ms per step); and the
+columns loop in a step where half the columns snap to zero against one where none does.
 
     python benchmarks/native_step.py            # 16K, 64K, 1M, 4M elements; ResNet-18's tensors
     python benchmarks/native_step.py --quick    # smoke run (CI)
@@ -94,6 +95,27 @@ def time_resnet_columns(rounds: int, quick: bool) -> tuple[int, int, float, floa
     return len(shapes), sum(q.numel() for q in qs), *(statistics.median(times[k]) * 1e3 for k in steps)
 
 
+def time_snapping(rows: int, rounds: int) -> tuple[float, float, int]:
+    """The columns loop on a ``(rows, 1024)`` tensor in a step where no column snaps to zero, and in one where every
+    column takes the whole snap test and about half of them snap (a zero threshold above every column's norm), each
+    on a fresh copy; returns the two medians in ms and how many columns snapped in the second."""
+    gen = torch.Generator().manual_seed(0)
+    u, W = torch.rand(1024, generator=gen) + 0.5, torch.randn(rows, 1024, 1, generator=gen)
+    g = torch.randn(rows, 1024, 1, generator=gen) * 0.01
+    out = []
+    for threshold in (HYPER[2], 1e9):
+        hyper = HYPER[:2] + [threshold] + HYPER[3:]
+        times = []
+        for _ in range(rounds):
+            states = ((torch.zeros(1024), torch.zeros(1024), None), (torch.zeros_like(W), torch.zeros_like(W), None))
+            args = [g, u[None, :, None] * W, u.clone(), W.clone(), *states]
+            t0 = time.perf_counter()
+            native.columns_step(*args, hyper, rule="adam")
+            times.append(time.perf_counter() - t0)
+        out.append(statistics.median(times) * 1e3)
+    return out[0], out[1], int((args[2] == 0).sum())
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -113,6 +135,10 @@ def main(argv=None) -> None:
     count, elements, loop, adam = time_resnet_columns(3 if args.quick else 25, args.quick)
     print(f"\nResNet-18's {count} column tensors ({elements} elements), one call: columns loop {loop:.3f} ms, "
           f"torch Adam fused {adam:.3f} ms, {loop / adam:.2f}x")
+    rows = 64 if args.quick else 4096
+    none, half, snapped = time_snapping(rows, 3 if args.quick else 7)
+    print(f"A ({rows}, 1024) tensor, columns loop: {none:.3f} ms when no column snaps, {half:.3f} ms when {snapped} of "
+          f"the 1024 do")
 
 
 if __name__ == "__main__":
