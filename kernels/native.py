@@ -147,15 +147,17 @@ PARALLEL_MIN = 1 << 18
 #: which of the ten pointers of a rows item point at one value per row (the group factor ``u`` and its states)
 _PER_ROW = (2, 4, 5, 6)
 _pool: list = []  # [ThreadPoolExecutor, (its size, the process it belongs to)]
+_NO_SCRATCH = "the native columns step could not allocate its scratch memory; the tensor it stopped at was not moved"
 
 
 def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = False, nesterov: bool = False,
                momentum: bool = False, first: bool = False, maximize: bool = False, scaled: bool = False, **_) -> list[int]:
-    """Many tensors of one dtype in one call (``kernel``: ``"element"`` or ``"rows"``): ``items`` are the
-    arguments of :func:`element_step` / :func:`rows_step` without the flags, ``(g, p, factor, W, state_factor,
-    state_W, hyper)``; returns what each of those calls would return. A large step is cut into equal shares of
-    entries (rows), one per torch CPU thread; every entry (row) is stepped once, by the same loop, so the numbers do
-    not depend on the thread count."""
+    """Many tensors of one dtype in one call (``kernel``: ``"element"``, ``"rows"`` or ``"columns"``): ``items``
+    are the arguments of :func:`element_step` / :func:`rows_step` / :func:`columns_step` without the flags, ``(g, p,
+    factor, W, state_factor, state_W, hyper)``; returns what each of those calls would return. A large step is cut
+    into shares, one per torch CPU thread: equal shares of entries (rows); columns tensors stay whole (a column's
+    sums span all rows), several of them shared out by size. Every entry (row, column) is stepped once, by the same
+    loop, so the numbers do not depend on the thread count."""
     fn = getattr(_library(), f"spread_{kernel}_batch_{DTYPES[items[0][1].dtype]}")
     flags = (_code(rule, momentum), int(amsgrad), int(nesterov), int(first), int(maximize), int(scaled))
     sizes, ptrs, h = [], [], []  # (then flat C arrays: built faster than ctypes arrays)
@@ -174,20 +176,20 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
     sizes, ptrs, h = array("q", sizes), array("q", ptrs), array("d", h)
     count = len(items)
     threads = torch.get_num_threads()
-    total = sum(sizes[3 * i] * sizes[3 * i + 1] for i in range(count)) if threads > 1 and kernel != "columns" else 0
-    if total < PARALLEL_MIN:  # (a column's sums span all rows: a columns step is not cut)
+    total = sum(sizes[3 * i] * sizes[3 * i + 1] for i in range(count)) if threads > 1 and (kernel != "columns" or count > 1) else 0
+    if total < PARALLEL_MIN:
         changed = array("q", bytes(8 * count))
         fn(count, sizes.buffer_info()[0], ptrs.buffer_info()[0], h.buffer_info()[0], *flags, changed.buffer_info()[0])
         if min(changed, default=0) < 0:
-            raise MemoryError("the native columns step could not allocate its scratch memory; nothing was moved")
+            raise MemoryError(_NO_SCRATCH)
         return changed.tolist()
-    records = [(i, sizes[3 * i], sizes[3 * i + 1], ptrs[10 * i:10 * i + 10], h[13 * i:13 * i + 13]) for i in range(count)]
-    shares = _shares(records, threads, total, items[0][1].element_size(), kernel)
+    records = [(i, sizes[3 * i:3 * i + 3], ptrs[10 * i:10 * i + 10], h[13 * i:13 * i + 13]) for i in range(count)]
+    shares = (_whole_shares if kernel == "columns" else _shares)(records, threads, total, items[0][1].element_size(), kernel)
 
     def run(share) -> array:
         sizes, ptrs, h = array("q"), array("q"), array("d")
-        for _, n, width, pointers, hyper in share:
-            sizes.extend((n, width, 1))
+        for _, size, pointers, hyper in share:
+            sizes.extend(size)
             ptrs.extend(pointers)
             h.extend(hyper)
         changed = array("q", bytes(8 * len(share)))
@@ -197,22 +199,24 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
     left = [0] * count
     for share, changed in zip(shares, _executor(len(shares)).map(run, shares)):
         for (i, *_), c in zip(share, changed):
+            if c < 0:
+                raise MemoryError(_NO_SCRATCH)
             left[i] += c
     return left
 
 
 def _shares(records: list, threads: int, total: int, itemsize: int, kernel: str) -> list[list]:
-    """``records`` cut into ``threads`` shares of about equal entries, a tensor split where a share ends (pointers
-    moved by the entries, or rows, before the cut)."""
+    """``records`` ``(i, sizes, pointers, hyper)`` cut into ``threads`` shares of about equal entries, a tensor split
+    where a share ends (pointers moved by the entries, or rows, before the cut)."""
     target = -(-total // threads)
     shares, share, room = [], [], target
-    for i, n, width, ptrs, hyper in records:
+    for i, (n, width, inner), ptrs, hyper in records:
         done = 0
         while done < n:
             take = min(n - done, max(1, room // width))
             moved = [0 if q == 0 else q + itemsize * done * (1 if kernel == "rows" and k in _PER_ROW else width)
                      for k, q in enumerate(ptrs)]
-            share.append((i, take, width, moved, hyper))
+            share.append((i, (take, width, inner), moved, hyper))
             done += take
             room -= take * width
             if room <= 0 and len(shares) < threads - 1:
@@ -221,6 +225,18 @@ def _shares(records: list, threads: int, total: int, itemsize: int, kernel: str)
     if share:
         shares.append(share)
     return shares
+
+
+def _whole_shares(records: list, threads: int, total: int, itemsize: int, kernel: str) -> list[list]:
+    """``records`` in ``threads`` shares of whole tensors (a columns tensor's sums span all its rows), the largest
+    first, each to the share with the fewest entries so far."""
+    shares: list[list] = [[] for _ in range(threads)]
+    loads = [0] * threads
+    for record in sorted(records, key=lambda r: -r[1][0] * r[1][1]):
+        k = loads.index(min(loads))
+        shares[k].append(record)
+        loads[k] += record[1][0] * record[1][1]
+    return [share for share in shares if share]
 
 
 def _executor(workers: int):

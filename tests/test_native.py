@@ -369,12 +369,14 @@ def test_the_source_ships_with_the_package_and_its_absence_is_a_reason(monkeypat
         native._library.cache_clear()
 
 
-@pytest.mark.parametrize("kernel", ["element", "rows"])
+@pytest.mark.parametrize("kernel", ["element", "rows", "columns"])
 def test_a_step_split_across_threads_equals_one_thread(kernel, monkeypatch):
-    """A large step is cut into one share per torch CPU thread, tensors split where a share ends: the same numbers
-    and the same counts of written weights as one call (forced here on small tensors)."""
+    """A large step is cut into one share per torch CPU thread, tensors split where a share ends (columns tensors
+    whole, shared out by size): the same numbers and the same counts of written weights as one call (forced here on
+    small tensors)."""
     monkeypatch.setattr(native, "PARALLEL_MIN", 1)
-    shapes = [(1000,), (37,), (2003,)] if kernel == "element" else [(40, 7), (3, 64), (61, 5)]
+    shapes = {"element": [(1000,), (37,), (2003,)], "rows": [(40, 7), (3, 64), (61, 5)],
+              "columns": [(5, 48, 1), (7, 40, 9), (4, 130, 9), (3, 1100, 1)]}[kernel]
     values = list(HYPER.values())
     runs = []
     for threads in (1, 3):
@@ -382,8 +384,10 @@ def test_a_step_split_across_threads_equals_one_thread(kernel, monkeypatch):
         for k, shape in enumerate(shapes):
             if kernel == "element":
                 args = _problem(shape[0], torch.float32, "adam", True, False, False, 1.0, seed=k)
-            else:
+            elif kernel == "rows":
                 args = _rows_problem(*shape, torch.float32, "adam", True, False, 1.0)
+            else:  # (dead columns in some tensors, none in others: the loop's two kinds of sweeps)
+                args = _columns_problem(*shape, torch.float32, "adam", True, False, 1.0, dead=k % 2 == 0)
             items.append((*args, values))
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
