@@ -176,7 +176,8 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
     sizes, ptrs, h = array("q", sizes), array("q", ptrs), array("d", h)
     count = len(items)
     threads = torch.get_num_threads()
-    total = sum(sizes[3 * i] * sizes[3 * i + 1] for i in range(count)) if threads > 1 and (kernel != "columns" or count > 1) else 0
+    shared = threads > 1 and (kernel != "columns" or count > 1)  # (a columns tensor is not cut: its sums span all rows)
+    total = sum(sizes[3 * i] * sizes[3 * i + 1] for i in range(count)) if shared else 0
     if total < PARALLEL_MIN:
         changed = array("q", bytes(8 * count))
         fn(count, sizes.buffer_info()[0], ptrs.buffer_info()[0], h.buffer_info()[0], *flags, changed.buffer_info()[0])
@@ -184,7 +185,8 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
             raise MemoryError(_NO_SCRATCH)
         return changed.tolist()
     records = [(i, sizes[3 * i:3 * i + 3], ptrs[10 * i:10 * i + 10], h[13 * i:13 * i + 13]) for i in range(count)]
-    shares = (_whole_shares if kernel == "columns" else _shares)(records, threads, total, items[0][1].element_size(), kernel)
+    itemsize = items[0][1].element_size()
+    shares = _whole_shares(records, threads) if kernel == "columns" else _shares(records, threads, total, itemsize, kernel)
 
     def run(share) -> array:
         sizes, ptrs, h = array("q"), array("q"), array("d")
@@ -227,7 +229,7 @@ def _shares(records: list, threads: int, total: int, itemsize: int, kernel: str)
     return shares
 
 
-def _whole_shares(records: list, threads: int, total: int, itemsize: int, kernel: str) -> list[list]:
+def _whole_shares(records: list, threads: int) -> list[list]:
     """``records`` in ``threads`` shares of whole tensors (a columns tensor's sums span all its rows), the largest
     first, each to the share with the fewest entries so far."""
     shares: list[list] = [[] for _ in range(threads)]
