@@ -45,6 +45,19 @@ def _args(kind: str, n: int, gen: torch.Generator) -> list:
         tuple(s.view(*shape, 1) if s is not None else None for s in args[5])]
 
 
+def in_turns(steps: dict, rounds: int) -> dict[str, float]:
+    """Each of ``steps`` (name: callable) once per round, in turns, three warm-up rounds first; the median seconds
+    of each."""
+    times: dict = {k: [] for k in steps}
+    for round_ in range(rounds + 3):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            if round_ >= 3:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def time_per_element(n: int, rounds: int) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     args = {kind: _args(kind, n, gen) for kind in LOOPS}
@@ -55,14 +68,7 @@ def time_per_element(n: int, rounds: int) -> dict[str, float]:
     steps = {kind: (lambda k=kind: step[k](*args[k], HYPER, rule="adam")) for kind in LOOPS}
     steps |= {"torch Adam fused": adam.step, "native check": lambda: native.nonfinite([q.grad]),
               "aminmax check": lambda: torch.aminmax(q.grad)}
-    times: dict = {k: [] for k in steps}
-    for round_ in range(rounds + 3):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            if round_ >= 3:
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) / n * 1e9 for k, v in times.items()}
+    return {k: seconds / n * 1e9 for k, seconds in in_turns(steps, rounds).items()}
 
 
 def time_resnet_columns(rounds: int, quick: bool) -> tuple[int, int, float, float]:
@@ -85,14 +91,8 @@ def time_resnet_columns(rounds: int, quick: bool) -> tuple[int, int, float, floa
         qs.append(q)
     adam = torch.optim.Adam(qs, lr=1e-3, fused=True)
     steps = {"loop": lambda: native.batch_step("columns", items, rule="adam"), "torch": adam.step}
-    times: dict = {k: [] for k in steps}
-    for round_ in range(rounds + 3):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            if round_ >= 3:
-                times[name].append(time.perf_counter() - t0)
-    return len(shapes), sum(q.numel() for q in qs), *(statistics.median(times[k]) * 1e3 for k in steps)
+    times = in_turns(steps, rounds)
+    return len(shapes), sum(q.numel() for q in qs), times["loop"] * 1e3, times["torch"] * 1e3
 
 
 def time_snapping(rows: int, rounds: int) -> tuple[float, float, int]:

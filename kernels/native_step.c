@@ -279,13 +279,14 @@ static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(     
         int nesterov, int first, int scaled) {                                                                        \
     if (n == 0 || K == 0 || r == 0) return 0;                                                                         \
     const int64_t G = K / r, S = K + 16;  /* (scratch arrays S apart: not 4 KB apart, no false store-to-load waits) */ \
-    real *scratch = calloc((size_t)(10 * S + G), sizeof(real));                                                       \
+    real *scratch = calloc((size_t)(10 * S + 2 * G), sizeof(real));                                                       \
     int64_t *list = malloc(sizeof(int64_t) * (size_t)K);                                                              \
     int *diffs = calloc((size_t)K, sizeof(int)), *mode = calloc((size_t)G, sizeof(int));                              \
     if (!scratch || !list || !diffs || !mode) { free(scratch); free(list); free(diffs); free(mode); return -1; }      \
     real *restrict uo = scratch, *restrict gw = uo + S, *restrict wsq = gw + S, *restrict gsq = wsq + S;              \
     real *restrict osq = gsq + S, *restrict w1sq = osq + S, *restrict wold = w1sq + S;                                \
     real *restrict up = wold + S, *restrict dir = up + S, *restrict keep = dir + S, *restrict u1g = keep + S;         \
+    real *restrict norm = u1g + G;  /* (per group: u's new value above, theta's new norm here) */                     \
     int dead_possible = 0;  /* (a dead group has u = 0) */                                                            \
     for (int64_t j = 0; j < G; j++) dead_possible |= u[j] == 0;                                                       \
     for (int64_t k = 0; k < K; k++) uo[k] = u[k / r];                                                                 \
@@ -399,23 +400,24 @@ static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(     
         if (mode[j] == 2) continue;                                                                                   \
         if (mode[j] == 1) { u[j] = up[j * r]; continue; }                                                             \
         real W1sq = 0, Wold = 0;                                                                                      \
-        for (int64_t k = j * r; k < j * r + r; k++) { W1sq += w1sq[k]; Wold += wold[k]; gsq[k] = 0; }                 \
-        const real u1 = u1g[j], theta_norm = FABS(u1) * SQRT(W1sq);                                                   \
-        mode[j] = u1 * Wold < 0 ? 3 : theta_norm <= c->thr ? 4 : 0;  /* 3: snaps; 4: snaps if settled */              \
-        if (mode[j] == 4) for (int64_t k = j * r; k < j * r + r; k++) list[small++] = k;                              \
+        for (int64_t k = j * r; k < j * r + r; k++) { W1sq += w1sq[k]; Wold += wold[k]; }                             \
+        const real u1 = u1g[j];                                                                                       \
+        norm[j] = FABS(u1) * SQRT(W1sq);                                                                              \
+        mode[j] = u1 * Wold < 0 ? 3 : norm[j] <= c->thr ? 4 : 0;  /* 3: snaps; 4: snaps if settled */                 \
+        if (mode[j] == 0) u[j] = u1;                                                                                  \
+        if (mode[j] == 4) for (int64_t k = j * r; k < j * r + r; k++) { list[small++] = k; gsq[k] = 0; }              \
     }                                                                                                                 \
     for (int64_t i = 0; i < n; i++)                                                                                   \
         for (int64_t q = 0; q < small; q++) {                                                                         \
             const real gk = grad_##suffix(grad[i * K + list[q]], scaled, c);                                          \
             gsq[list[q]] += gk * gk;                                                                                  \
         }                                                                                                             \
-    for (int64_t j = 0; j < G; j++) {                                                                                 \
-        if (mode[j] == 1 || mode[j] == 2) continue;                                                                   \
-        real Gsq = 0, Osq = 0, W1sq = 0;                                                                              \
-        for (int64_t k = j * r; k < j * r + r; k++) { Gsq += gsq[k]; Osq += osq[k]; W1sq += w1sq[k]; }                \
-        const real u1 = u1g[j], theta_norm = FABS(u1) * SQRT(W1sq);                                                   \
-        const int snap = mode[j] == 3 || (mode[j] == 4 && ((theta_norm <= SQRT(Osq)) | (SQRT(Gsq) - c->k2 <= 0)));    \
-        u[j] = snap ? 0 : u1;                                                                                         \
+    for (int64_t j = 0; j < G; j++) {  /* (the rare groups that snap, or may) */                                      \
+        if (mode[j] != 3 && mode[j] != 4) continue;                                                                   \
+        real Gsq = 0, Osq = 0;                                                                                        \
+        for (int64_t k = j * r; k < j * r + r; k++) { Gsq += gsq[k]; Osq += osq[k]; }                                 \
+        const int snap = mode[j] == 3 || (norm[j] <= SQRT(Osq)) | (SQRT(Gsq) - c->k2 <= 0);                           \
+        u[j] = snap ? 0 : u1g[j];                                                                                     \
         if (snap) for (int64_t k = j * r; k < j * r + r; k++) list[snapped++] = k;                                    \
     }                                                                                                                 \
     for (int64_t i = 0; i < n; i++)                                                                                   \
