@@ -133,8 +133,8 @@ def main(argv=None) -> None:
         loops = " | ".join(f"{r[k]:.3f} ({r[k] / base:.2f})" for k in LOOPS)
         print(f"| {n} | {loops} | {base:.3f} | {r['native check']:.3f} | {r['aminmax check']:.3f} |")
     count, elements, loop, adam = time_resnet_columns(3 if args.quick else 25, args.quick)
-    print(f"\nResNet-18's {count} column tensors ({elements} elements), one call: columns loop {loop:.3f} ms, "
-          f"torch Adam fused {adam:.3f} ms, {loop / adam:.2f}x")
+    print(f"\nResNet-18's {count} column tensors ({elements} elements), one call: columns loop {loop:.4f} ms, "
+          f"torch Adam fused {adam:.4f} ms, {loop / adam:.2f}x")
     rows = 64 if args.quick else 4096
     none, half, snapped = time_snapping(rows, 3 if args.quick else 7)
     print(f"A ({rows}, 1024) tensor, columns loop: {none:.3f} ms when no column snaps, {half:.3f} ms when {snapped} of "
