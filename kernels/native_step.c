@@ -256,6 +256,13 @@ static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(        
             if (rule == ADAM) m1[e] = a1;                                                                             \
             if (amsgrad) m2[e] = a2;
 
+/* the same for a live group when no group of the tensor is dead: W and theta written (w1 + g*0: the held and
+   revived groups' arithmetic, whose terms are 0 here) */
+#define COLUMN_MOVE_KEPT(real, suffix, e)                                                                             \
+            COLUMN_MOVE(real, suffix, e)                                                                              \
+            const real w2 = w1 + gk * (real)0;                                                                        \
+            wi[e] = w2; pi[e] = up[k] * w2;
+
 #define DEFINE_COLUMNS(real, suffix, SQRT, FABS)                                                                      \
 /* columns: n rows of K = G*r entries (the canonical (rows, G, r) view, flattened to (n, K)); group j is entries      \
    j*r .. j*r+r-1 of every row; u and its state one per group. A group's sums run over all rows, so the passes go     \
@@ -292,17 +299,12 @@ static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(     
     for (int64_t k = 0; k < K; k++) uo[k] = u[k / r];                                                                 \
     const int pairs = K * (int64_t)sizeof(real) > 4096;                                                               \
     for (int64_t i = 0, o; i < n; i += o ? 2 : 1) {                         /* (a) */                                 \
-        o = pairs && i + 1 < n ? K : 0;  /* (the offset of row i+1 when it is taken with row i) */                    \
+        o = pairs && !dead_possible && i + 1 < n ? K : 0;  /* (row i+1's offset when it is taken with row i) */       \
         const real *restrict gi = grad + i * K, *restrict pi = p + i * K, *restrict wi = W + i * K;                   \
         if (dead_possible) {                                                                                          \
             _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
                 const real w = wi[k], gk = grad_##suffix(gi[k], scaled, c), t = uo[k] * w;                            \
                 diffs[k] |= t != pi[k];                                                                               \
-                gw[k] += gk * w; osq[k] += t * t; wsq[k] += w * w; gsq[k] += gk * gk;                                 \
-            }                                                                                                         \
-            if (o) _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                             \
-                const real w = wi[o + k], gk = grad_##suffix(gi[o + k], scaled, c), t = uo[k] * w;                    \
-                diffs[k] |= t != pi[o + k];                                                                           \
                 gw[k] += gk * w; osq[k] += t * t; wsq[k] += w * w; gsq[k] += gk * gk;                                 \
             }                                                                                                         \
         } else if (o) {                                                                                               \
@@ -371,19 +373,14 @@ static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(     
         } else if (pairs && i + 1 < n) {  /* (the same numbers: keep is 1 and dir 0 everywhere; rows i and i+1) */    \
             _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
                 real sq, dot;                                                                                         \
-                { COLUMN_MOVE(real, suffix, k) sq = w1sq[k] + w1 * w1; dot = wold[k] + w1 * t_old;                    \
-                  const real w2 = w1 + gk * (real)0; wi[k] = w2; pi[k] = up[k] * w2; }                                \
-                { COLUMN_MOVE(real, suffix, K + k) w1sq[k] = sq + w1 * w1; wold[k] = dot + w1 * t_old;                \
-                  const real w2 = w1 + gk * (real)0; wi[K + k] = w2; pi[K + k] = up[k] * w2; }                        \
+                { COLUMN_MOVE_KEPT(real, suffix, k) sq = w1sq[k] + w1 * w1; dot = wold[k] + w1 * t_old; }             \
+                { COLUMN_MOVE_KEPT(real, suffix, K + k) w1sq[k] = sq + w1 * w1; wold[k] = dot + w1 * t_old; }         \
             }                                                                                                         \
             i++;                                                                                                      \
         } else {                                                                                                      \
             _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
-                COLUMN_MOVE(real, suffix, k)                                                                          \
+                COLUMN_MOVE_KEPT(real, suffix, k)                                                                     \
                 w1sq[k] += w1 * w1; wold[k] += w1 * t_old;                                                            \
-                const real w2 = w1 + gk * (real)0;                                                                    \
-                wi[k] = w2;                                                                                           \
-                pi[k] = up[k] * w2;                                                                                   \
             }                                                                                                         \
         }                                                                                                             \
     }                                                                                                                 \
