@@ -3,8 +3,10 @@ packed into one flat tensor per step (``kernels/cpu.py``'s ``Pack``) or not.
 
 Three lists of small tensors (a 40-64-4 MLP; 62 tensors of 64 elements; ResNet-18's 62 shapes divided by 16 per
 dim) in one element-sparse group of ``SpreadAdam``: ``default`` (``fused=None``), the split path (``fused=False``,
-torch's fused Adam on the factors) with packing on and off (``cpu.PACK_MAX = 0``), and torch's fused Adam, timed in
-turns; fixed random gradients, one thread, median of 55 steps after 5.
+torch's fused Adam on the factors) with packing on and off (``cpu.PACK_MAX = 0``), and torch's fused Adam; and the
+default step and torch's with a learning-rate scheduler (``OneCycleLR``, which changes lr and beta1 at every step:
+the optimizer keeps its plan of the step, as it does when nothing changes), each step followed by the scheduler's.
+All timed in turns; fixed random gradients, one thread, median of 55 steps after 5.
 
     python benchmarks/small_tensors.py
     python benchmarks/small_tensors.py --rounds 8   # smoke run (CI)
@@ -46,13 +48,15 @@ def main(argv=None) -> None:
              "ResNet-18 / 16": [tuple(max(1, s // 4) for s in shape) for shape in resnet18_shapes()]}
     default = cpu.PACK_MAX
     print(f"torch {torch.__version__}, 1 thread; ms per step (x torch fused Adam)")
-    print("| tensors | default | split, unpacked | split, packed | torch Adam fused |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| tensors | default | split, unpacked | split, packed | torch Adam fused | default, scheduled | torch, scheduled |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, shapes in cases.items():
         runs = {"default": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4), default),
                 "unpacked": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4, fused=False), 0),
                 "packed": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4, fused=False), default),
-                "torch": (torch.optim.Adam(with_grads(shapes), lr=1e-3, fused=True), default)}
+                "torch": (torch.optim.Adam(with_grads(shapes), lr=1e-3, fused=True), default),
+                "scheduled": (scheduled(SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4), args.rounds), default),
+                "torch scheduled": (scheduled(torch.optim.Adam(with_grads(shapes), lr=1e-3, fused=True), args.rounds), default)}
         times = {k: [] for k in runs}
         for round_ in range(args.rounds):
             for k, (opt, pack_max) in runs.items():
@@ -64,7 +68,20 @@ def main(argv=None) -> None:
         cpu.PACK_MAX = default
         ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         cells = " | ".join(f"{ms[k]:.2f} ({ms[k] / ms['torch']:.1f}x)" for k in ("default", "unpacked", "packed"))
-        print(f"| {name} | {cells} | {ms['torch']:.2f} |")
+        print(f"| {name} | {cells} | {ms['torch']:.2f} | {ms['scheduled']:.2f} ({ms['scheduled'] / ms['torch scheduled']:.1f}x)"
+              f" | {ms['torch scheduled']:.2f} |")
+
+
+class scheduled:
+    """``optimizer`` whose every step is followed by a ``OneCycleLR`` step (lr and beta1 change every step)."""
+
+    def __init__(self, optimizer, rounds: int):
+        self.optimizer = optimizer
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=rounds + 1)
+
+    def step(self):
+        self.optimizer.step()
+        self.scheduler.step()
 
 
 if __name__ == "__main__":

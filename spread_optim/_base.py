@@ -97,6 +97,10 @@ class HiddenBase:
             self.optimizer = self.cls(groups, **self.kwargs)
             self.optimizer.state = _RoutedState({id(t): route for group in tensors for route in group for t in [route[0]]})
             self._layout = layout
+        self.copy_values(param_groups, sparse, base_fused)
+
+    def copy_values(self, param_groups: list[dict], sparse: list[bool], base_fused: list[bool]) -> None:
+        """Copy the param groups' hyperparameters to the base's groups (a sparse group's as its factors take them)."""
         pairs = ([(param_groups[0], self.optimizer.param_groups[0], sparse[0], base_fused[0])] if single_group(self.cls)
                  else zip(param_groups, self.optimizer.param_groups, sparse, base_fused))
         for group, base_group, is_sparse, fused in pairs:

@@ -134,6 +134,13 @@ class SpreadOptimizer(Optimizer):
         self._created: list = []
         self._built_for: dict = {}  # param -> the sparsity its factors were built for (see _refactor_if_changed)
         self._planned: tuple | None = None  # (key, kept, kinds): the last plan and what it read (see _reuse_plan)
+        self._synced: tuple = ()  # (sparse, base_fused) of the last plan's groups: the base's copy of their values
+        # the base's numbers the plan only type-checks (lr, momentum, betas, ...; a scheduler's initial_lr): in the
+        # plan's key by kind, so that a scheduler changing them does not make every step plan again (one base of
+        # a single group, LBFGS, compares them across groups: by value)
+        self._step_numbers = frozenset() if single_group(self._base_cls) else frozenset(
+            [k for k, v in self._base_defaults.items() if isinstance(v, (int, float, tuple)) and not isinstance(v, bool)]
+            + ["initial_lr"])
 
     # ------------------------------------------------------------------------------------------------
     # pickling / deepcopy: the base instance, the caches and the plan are derived
@@ -248,18 +255,24 @@ class SpreadOptimizer(Optimizer):
             sparse.append(True)
             base_fused.append(choice.base_fused)
         self._hidden.sync(self.param_groups, routes, sparse, base_fused)
-        self._kinds, self._paths = kinds, paths
+        self._kinds, self._paths, self._synced = kinds, paths, (sparse, base_fused)
         return kinds
 
     def _reuse_plan(self) -> list[Kind] | None:
         """The last step's kinds when nothing the plan reads has changed since (the same groups with the same values,
         the same parameters with the same shape, dtype, device and layout, the same state entries and factors, the
         same :func:`dispatch.settings`): a step of a small model is then mostly its kernels. None otherwise (the full plan runs);
-        sharded parameters and steps under ``torch.compile`` always plan."""
+        sharded parameters and steps under ``torch.compile`` always plan. The base's numbers that a scheduler
+        changes (lr, momentum, betas) count by kind only (numbers stay numbers): their new values are copied to the
+        base, as the plan does."""
         if self._planned is None or dispatch.compiling():
             return None
         key, _, kinds = self._planned
-        return kinds if key == self._plan_key(None) else None
+        if key != self._plan_key(None):
+            return None
+        if self._step_numbers:
+            self._hidden.copy_values(self.param_groups, *self._synced)
+        return kinds
 
     def _remember_plan(self, kinds: list[Kind]) -> None:
         kept: list = []
@@ -268,11 +281,12 @@ class SpreadOptimizer(Optimizer):
     def _plan_key(self, kept: list | None) -> tuple:
         """What :meth:`_plan` reads, as values and ids; ``kept`` (when remembering) receives the objects behind the
         ids, which the cache keeps alive, so that an id is not reused while it is compared."""
-        state = self.state
+        state, numbers_ = self.state, self._step_numbers
         entries: list = [id(state), dispatch.settings()]
         for group in self.param_groups:
             params = group["params"]
-            entries.append((id(group), tuple(group), tuple(v if type(v) in _ATOMS else _frozen(v, kept) for k, v in group.items() if k != "params")))
+            entries.append((id(group), tuple(group), tuple(_number_kind(v, kept) if k in numbers_ else v if type(v) in _ATOMS else _frozen(v, kept)
+                                                            for k, v in group.items() if k != "params")))
             for p in params:
                 st = state.get(p)
                 entries.append((id(p), p.shape, p.dtype, p.device, p.is_contiguous(), id(st), *map(id, st.values())) if st else
@@ -671,6 +685,17 @@ def _any_nonfinite(reduced) -> bool:
 
 
 _ATOMS = frozenset((float, int, bool, str, type(None)))  # param group values compared as they are
+
+
+def _number_kind(value, kept: list | None):
+    """A base number in the plan's key (see ``SpreadOptimizer._step_numbers``): a real number (not a bool) as its
+    type, a tuple of them as their types, anything else as :func:`_frozen` does (a change to it plans again, and
+    the plan's checks see it)."""
+    if type(value) in (float, int):
+        return type(value)
+    if type(value) is tuple and all(type(v) in (float, int) for v in value):
+        return tuple(type(v) for v in value)
+    return _frozen(value, kept)
 
 
 def _frozen(value, kept: list | None):

@@ -85,13 +85,19 @@ def _reload(opt, params):
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))
 
 
+def _one_cycle(opt, params):
+    """A scheduler that moves every group's lr and its momentum (Adam's beta1, SGD's momentum) at each step (the
+    dense group's reach the base through the plan's copy)."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=20).step
+
+
 CHANGES = {
     "lr": _set("lr", 0.003), "kappa": _set("kappa", 0.2), "zero_threshold": _set("zero_threshold", 0.05),
     "maximize": _set("maximize", True), "sparsity": _set("sparsity", "column"), "init": _set("init", "unbalanced"),
     "fused off": _set("fused", False), "betas in place": _betas_in_place, "grow the group": _grow,
     "new group": _new_group, "reshape": _reshape, "rewrite": _rewrite, "new storage": _swap_storage,
     "not contiguous": _transpose, "cleared state": _clear_state, "no gradient": _no_grad, "float64": _double,
-    "native off": _native_off, "compile threshold": _compile_threshold, "reload": _reload,
+    "native off": _native_off, "compile threshold": _compile_threshold, "reload": _reload, "scheduler": _one_cycle,
     "bad kappa": _set("kappa", -1.0), "bad lr": _set("lr", float("nan")), "bad sparsity": _set("sparsity", "rows"),
 }
 
@@ -106,10 +112,13 @@ def _run(change, base, sparsity, reuse, monkeypatch):
         monkeypatch.setattr(opt, "_reuse_plan", lambda: None)
     outcomes = [_step(opt, params, gen) for _ in range(3)]
     with monkeypatch.context() as patch:
-        change(opt, params, patch) if change.__code__.co_argcount == 3 else change(opt, params)
+        after = change(opt, params, patch) if change.__code__.co_argcount == 3 else change(opt, params)
         for _ in range(3):
             try:
                 outcomes.append(_step(opt, params, gen))
+                if after is not None:  # (a scheduler: a change after every step)
+                    after()
+                    outcomes.append([(g["lr"], g.get("betas", g.get("momentum"))) for g in opt.param_groups])
             except (ValueError, TypeError, RuntimeError) as error:
                 outcomes += [f"{type(error).__name__}: {error}", _snapshot(opt, params)]
                 break
@@ -164,3 +173,28 @@ def test_the_plan_is_reused_and_dropped_after_an_error():
     with pytest.raises(FloatingPointError):
         opt.step()
     assert opt._planned is None
+
+
+@pytest.mark.parametrize("base", ["adam", "sgd"])
+def test_a_scheduler_does_not_make_every_step_plan(base):
+    """A scheduler changes lr and the momentum (a number stays a number): the plan is kept, and the new values
+    reach the base's groups (the dense group's step); a change of kind (a number to a string) plans again, and the
+    plan's check raises."""
+    p, q = torch.randn(6, 4, requires_grad=True), torch.randn(3, requires_grad=True)
+    kwargs = dict(momentum=0.9) if base == "sgd" else {}
+    opt = SpreadOptimizer([{"params": [p]}, {"params": [q], "kappa": 0.0}], base, lr=0.01, kappa=0.01, **kwargs)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10)
+    p.grad, q.grad = torch.randn(6, 4), torch.randn(3)
+    for _ in range(2):  # (the first step makes the dense group's state: the second plans again)
+        opt.step()
+        scheduler.step()
+    planned = opt._planned
+    key = "betas" if base == "adam" else "momentum"
+    for _ in range(4):
+        opt.step()
+        assert opt._planned is planned
+        assert [(g["lr"], g[key]) for g in opt._hidden.param_groups] == [(g["lr"], g[key]) for g in opt.param_groups]
+        scheduler.step()
+    opt.param_groups[1]["lr"] = "0.1"
+    with pytest.raises(TypeError, match="'lr' must be a number"):
+        opt.step()
