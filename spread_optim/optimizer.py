@@ -21,6 +21,7 @@ and ``load_state_dict()`` carry everything and a resumed run continues bit for b
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable
 
@@ -135,12 +136,13 @@ class SpreadOptimizer(Optimizer):
         self._built_for: dict = {}  # param -> the sparsity its factors were built for (see _refactor_if_changed)
         self._planned: tuple | None = None  # (key, kept, kinds): the last plan and what it read (see _reuse_plan)
         self._synced: tuple = ()  # (sparse, base_fused) of the last plan's groups: the base's copy of their values
-        # the base's numbers the plan only type-checks (lr, momentum, betas, ...; a scheduler's initial_lr): in the
-        # plan's key by kind, so that a scheduler changing them does not make every step plan again (one base of
-        # a single group, LBFGS, compares them across groups: by value)
-        self._step_numbers = frozenset() if single_group(self._base_cls) else frozenset(
-            [k for k, v in self._base_defaults.items() if isinstance(v, (int, float, tuple)) and not isinstance(v, bool)]
-            + ["initial_lr"])
+        # the numbers a schedule changes, which the plan only checks (the base's lr, momentum, betas, ...; a
+        # scheduler's initial_lr; spread's kappa and zero_threshold): in the plan's key by kind (key -> its kind),
+        # so that a schedule does not make every step plan again (one base of a single group, LBFGS, compares the
+        # base's numbers across groups: by value)
+        self._step_numbers: dict = {} if single_group(self._base_cls) else {
+            **{k: _number_kind for k, v in self._base_defaults.items() if isinstance(v, (int, float, tuple)) and not isinstance(v, bool)},
+            "initial_lr": _number_kind, "kappa": _checked_number_kind, "zero_threshold": _checked_number_kind}
 
     # ------------------------------------------------------------------------------------------------
     # pickling / deepcopy: the base instance, the caches and the plan are derived
@@ -262,9 +264,9 @@ class SpreadOptimizer(Optimizer):
         """The last step's kinds when nothing the plan reads has changed since (the same groups with the same values,
         the same parameters with the same shape, dtype, device and layout, the same state entries and factors, the
         same :func:`dispatch.settings`): a step of a small model is then mostly its kernels. None otherwise (the full plan runs);
-        sharded parameters and steps under ``torch.compile`` always plan. The base's numbers that a scheduler
-        changes (lr, momentum, betas) count by kind only (numbers stay numbers): their new values are copied to the
-        base, as the plan does."""
+        sharded parameters and steps under ``torch.compile`` always plan. The numbers that a schedule changes (lr,
+        momentum, betas; kappa, zero_threshold) count by kind only (:data:`_step_numbers`): the base's new values are
+        copied to the base, as the plan does."""
         if self._planned is None or dispatch.compiling():
             return None
         key, _, kinds = self._planned
@@ -285,7 +287,7 @@ class SpreadOptimizer(Optimizer):
         entries: list = [id(state), dispatch.settings()]
         for group in self.param_groups:
             params = group["params"]
-            entries.append((id(group), tuple(group), tuple(_number_kind(v, kept) if k in numbers_ else v if type(v) in _ATOMS else _frozen(v, kept)
+            entries.append((id(group), tuple(group), tuple(numbers_[k](v, kept) if k in numbers_ else v if type(v) in _ATOMS else _frozen(v, kept)
                                                             for k, v in group.items() if k != "params")))
             for p in params:
                 st = state.get(p)
@@ -695,6 +697,14 @@ def _number_kind(value, kept: list | None):
         return type(value)
     if type(value) is tuple and all(type(v) in (float, int) for v in value):
         return tuple(type(v) for v in value)
+    return _frozen(value, kept)
+
+
+def _checked_number_kind(value, kept: list | None):
+    """``kappa`` or ``zero_threshold`` in the plan's key: a float that its check keeps as it is (finite, >= 0) as
+    whether it is 0 (a kappa of 0 is a dense group); anything else by value (:func:`_frozen`: the plan checks it)."""
+    if type(value) is float and 0 <= value < math.inf:
+        return "float", value > 0
     return _frozen(value, kept)
 
 

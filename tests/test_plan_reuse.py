@@ -91,6 +91,14 @@ def _one_cycle(opt, params):
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=20).step
 
 
+def _kappa_ramp(opt, params):
+    """A strength raised at every step (a sparsity warm-up), and the zero threshold with it."""
+    def ramp():
+        opt.param_groups[0]["kappa"] *= 1.5
+        opt.param_groups[0]["zero_threshold"] *= 2.0
+    return ramp
+
+
 CHANGES = {
     "lr": _set("lr", 0.003), "kappa": _set("kappa", 0.2), "zero_threshold": _set("zero_threshold", 0.05),
     "maximize": _set("maximize", True), "sparsity": _set("sparsity", "column"), "init": _set("init", "unbalanced"),
@@ -98,6 +106,7 @@ CHANGES = {
     "new group": _new_group, "reshape": _reshape, "rewrite": _rewrite, "new storage": _swap_storage,
     "not contiguous": _transpose, "cleared state": _clear_state, "no gradient": _no_grad, "float64": _double,
     "native off": _native_off, "compile threshold": _compile_threshold, "reload": _reload, "scheduler": _one_cycle,
+    "kappa ramp": _kappa_ramp, "kappa inf": _set("kappa", float("inf")), "kappa int": _set("kappa", 1),
     "bad kappa": _set("kappa", -1.0), "bad lr": _set("lr", float("nan")), "bad sparsity": _set("sparsity", "rows"),
 }
 
@@ -118,7 +127,7 @@ def _run(change, base, sparsity, reuse, monkeypatch):
                 outcomes.append(_step(opt, params, gen))
                 if after is not None:  # (a scheduler: a change after every step)
                     after()
-                    outcomes.append([(g["lr"], g.get("betas", g.get("momentum"))) for g in opt.param_groups])
+                    outcomes.append([(g["lr"], g.get("betas", g.get("momentum")), g["kappa"]) for g in opt.param_groups])
             except (ValueError, TypeError, RuntimeError) as error:
                 outcomes += [f"{type(error).__name__}: {error}", _snapshot(opt, params)]
                 break
@@ -197,4 +206,24 @@ def test_a_scheduler_does_not_make_every_step_plan(base):
         scheduler.step()
     opt.param_groups[1]["lr"] = "0.1"
     with pytest.raises(TypeError, match="'lr' must be a number"):
+        opt.step()
+
+
+def test_a_kappa_ramp_does_not_make_every_step_plan():
+    """kappa raised at every step keeps the plan; a kappa of 0 (a sparse group made dense) or one its check
+    refuses (inf) plans again, and the plan raises."""
+    p = torch.randn(6, 4, requires_grad=True)
+    opt = SpreadOptimizer([p], "adam", lr=0.01, kappa=0.01)
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    planned = opt._planned
+    for _ in range(3):
+        opt.param_groups[0]["kappa"] *= 1.5
+        opt.step()
+        assert opt._planned is planned
+    for bad, words in ((0.0, "'kappa' became 0"), (float("inf"), "'kappa' must be a finite float")):
+        opt.param_groups[0]["kappa"] = bad
+        with pytest.raises(ValueError, match=words):
+            opt.step()
+        opt.param_groups[0]["kappa"] = 0.01
         opt.step()
