@@ -134,7 +134,7 @@ class SpreadOptimizer(Optimizer):
         self._dense_stepped: set[int] = set()  # ids of parameters stepped in a dense group (SGD keeps no state)
         self._created: list = []
         self._built_for: dict = {}  # param -> the sparsity its factors were built for (see _refactor_if_changed)
-        self._planned: tuple | None = None  # (key, kept, kinds): the last plan and what it read (see _reuse_plan)
+        self._planned: tuple | None = None  # (key, key by kind, kept, kinds): the last plan and what it read (_reuse_plan)
         self._synced: tuple = ()  # (sparse, base_fused) of the last plan's groups: the base's copy of their values
         # the numbers a schedule changes, which the plan only checks (the base's lr, momentum, betas, ...; a
         # scheduler's initial_lr; spread's kappa and zero_threshold): in the plan's key by kind (key -> its kind),
@@ -264,31 +264,39 @@ class SpreadOptimizer(Optimizer):
         """The last step's kinds when nothing the plan reads has changed since (the same groups with the same values,
         the same parameters with the same shape, dtype, device and layout, the same state entries and factors, the
         same :func:`dispatch.settings`): a step of a small model is then mostly its kernels. None otherwise (the full plan runs);
-        sharded parameters and steps under ``torch.compile`` always plan. The numbers that a schedule changes (lr,
-        momentum, betas; kappa, zero_threshold) count by kind only (:data:`_step_numbers`): the base's new values are
-        copied to the base, as the plan does."""
+        sharded parameters and steps under ``torch.compile`` always plan. When values differ, the numbers that a
+        schedule changes (lr, momentum, betas; kappa, zero_threshold) are compared by kind only (:data:`_step_numbers`)
+        and, where only those changed, the plan is kept and the base's new values copied to the base, as the plan
+        does."""
         if self._planned is None or dispatch.compiling():
             return None
-        key, _, kinds = self._planned
-        if key != self._plan_key(None):
+        by_value, by_kind, kept, kinds = self._planned
+        now = self._plan_key(None)
+        if now == by_value:
+            return kinds
+        if not self._step_numbers or by_kind != self._plan_key(None, by_kind=True):
             return None
-        if self._step_numbers:
-            self._hidden.copy_values(self.param_groups, *self._synced)
+        self._hidden.copy_values(self.param_groups, *self._synced)
+        self._planned = (now, by_kind, kept, kinds)  # (the same objects behind the ids: only numbers changed)
         return kinds
 
     def _remember_plan(self, kinds: list[Kind]) -> None:
         kept: list = []
-        self._planned = None if self._comm.distributed or dispatch.compiling() else (self._plan_key(kept), kept, kinds)
+        self._planned = None if self._comm.distributed or dispatch.compiling() else (
+            self._plan_key(kept), self._plan_key(None, by_kind=True), kept, kinds)
 
-    def _plan_key(self, kept: list | None) -> tuple:
-        """What :meth:`_plan` reads, as values and ids; ``kept`` (when remembering) receives the objects behind the
-        ids, which the cache keeps alive, so that an id is not reused while it is compared."""
+    def _plan_key(self, kept: list | None, by_kind: bool = False) -> tuple:
+        """What :meth:`_plan` reads, as values and ids (``by_kind``: the numbers a schedule changes by kind);
+        ``kept`` (when remembering) receives the objects behind the ids, which the cache keeps alive, so that an id is
+        not reused while it is compared."""
         state, numbers_ = self.state, self._step_numbers
         entries: list = [id(state), dispatch.settings()]
         for group in self.param_groups:
             params = group["params"]
-            entries.append((id(group), tuple(group), tuple(numbers_[k](v, kept) if k in numbers_ else v if type(v) in _ATOMS else _frozen(v, kept)
-                                                            for k, v in group.items() if k != "params")))
+            values = (tuple(numbers_[k](v, kept) if k in numbers_ else v if type(v) in _ATOMS else _frozen(v, kept)
+                            for k, v in group.items() if k != "params") if by_kind else
+                      tuple(v if type(v) in _ATOMS else _frozen(v, kept) for k, v in group.items() if k != "params"))
+            entries.append((id(group), tuple(group), values))
             for p in params:
                 st = state.get(p)
                 entries.append((id(p), p.shape, p.dtype, p.device, p.is_contiguous(), id(st), *map(id, st.values())) if st else

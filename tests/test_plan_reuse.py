@@ -177,7 +177,7 @@ def test_the_plan_is_reused_and_dropped_after_an_error():
     planned = opt._planned
     assert planned is not None
     opt.step()
-    assert opt._planned is planned and opt._reuse_plan() is planned[2]
+    assert opt._planned is planned and opt._reuse_plan() is planned[-1]
     p.grad = torch.full((6, 4), float("nan"))
     with pytest.raises(FloatingPointError):
         opt.step()
@@ -197,13 +197,20 @@ def test_a_scheduler_does_not_make_every_step_plan(base):
     for _ in range(2):  # (the first step makes the dense group's state: the second plans again)
         opt.step()
         scheduler.step()
-    planned = opt._planned
+    planned = opt._planned[-1]  # (the kinds)
     key = "betas" if base == "adam" else "momentum"
     for _ in range(4):
         opt.step()
-        assert opt._planned is planned
+        assert opt._planned[-1] is planned
         assert [(g["lr"], g[key]) for g in opt._hidden.param_groups] == [(g["lr"], g[key]) for g in opt.param_groups]
         scheduler.step()
+    calls = []  # (a step after one that kept the plan for new numbers compares by value first, as any other)
+    original = opt._plan_key
+    opt._plan_key = lambda kept, by_kind=False: (calls.append(by_kind), original(kept, by_kind))[1]
+    opt.step()
+    opt.step()
+    assert calls == [False, True, False]
+    del opt._plan_key
     opt.param_groups[1]["lr"] = "0.1"
     with pytest.raises(TypeError, match="'lr' must be a number"):
         opt.step()
@@ -216,11 +223,11 @@ def test_a_kappa_ramp_does_not_make_every_step_plan():
     opt = SpreadOptimizer([p], "adam", lr=0.01, kappa=0.01)
     p.grad = torch.randn(6, 4)
     opt.step()
-    planned = opt._planned
+    planned = opt._planned[-1]  # (the kinds)
     for _ in range(3):
         opt.param_groups[0]["kappa"] *= 1.5
         opt.step()
-        assert opt._planned is planned
+        assert opt._planned[-1] is planned
     for bad, words in ((0.0, "'kappa' became 0"), (float("inf"), "'kappa' must be a finite float")):
         opt.param_groups[0]["kappa"] = bad
         with pytest.raises(ValueError, match=words):
