@@ -289,14 +289,12 @@ class SpreadOptimizer(Optimizer):
         """What :meth:`_plan` reads, as values and ids (``by_kind``: the numbers a schedule changes by kind);
         ``kept`` (when remembering) receives the objects behind the ids, which the cache keeps alive, so that an id is
         not reused while it is compared."""
-        state, numbers_ = self.state, self._step_numbers
+        state, numbers_ = self.state, self._step_numbers if by_kind else {}
         entries: list = [id(state), dispatch.settings()]
         for group in self.param_groups:
             params = group["params"]
-            values = (tuple(numbers_[k](v, kept) if k in numbers_ else v if type(v) in _ATOMS else _frozen(v, kept)
-                            for k, v in group.items() if k != "params") if by_kind else
-                      tuple(v if type(v) in _ATOMS else _frozen(v, kept) for k, v in group.items() if k != "params"))
-            entries.append((id(group), tuple(group), values))
+            entries.append((id(group), tuple(group), tuple(numbers_[k](v, kept) if k in numbers_ else v if type(v) in _ATOMS
+                                                            else _frozen(v, kept) for k, v in group.items() if k != "params")))
             for p in params:
                 st = state.get(p)
                 entries.append((id(p), p.shape, p.dtype, p.device, p.is_contiguous(), id(st), *map(id, st.values())) if st else
