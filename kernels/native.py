@@ -125,15 +125,18 @@ def nonfinite(grads: list[torch.Tensor]) -> list[int]:
 def count_steps(steps: list[torch.Tensor]) -> list[float] | None:
     """Advance torch's step counters (0-dimensional float32/float64 CPU tensors) by one in place, in one call, and
     return the new counts; None, with nothing advanced, when one of them is not such a tensor."""
-    sizes, ptrs = array("q"), array("q")
     for s in steps:
         if s.dtype not in DTYPES or not s.is_cpu or s.ndim:
             return None
-        sizes.append(s.element_size())
-        ptrs.append(s.data_ptr())
-    out = array("d", bytes(8 * len(steps)))
-    if steps:
-        _library().spread_count_steps(len(steps), sizes.buffer_info()[0], ptrs.buffer_info()[0], out.buffer_info()[0])
+    return advance([s.element_size() for s in steps], [s.data_ptr() for s in steps])
+
+
+def advance(sizes: list[int], ptrs: list[int]) -> list[float]:
+    """:func:`count_steps` of the counters at ``ptrs`` (``sizes``: their bytes, 4 or 8), checked by the caller."""
+    out = array("d", bytes(8 * len(ptrs)))
+    if ptrs:
+        sizes, ptrs = array("q", sizes), array("q", ptrs)
+        _library().spread_count_steps(len(out), sizes.buffer_info()[0], ptrs.buffer_info()[0], out.buffer_info()[0])
     return out.tolist()
 
 
@@ -154,27 +157,50 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
                momentum: bool = False, first: bool = False, maximize: bool = False, scaled: bool = False, **_) -> list[int]:
     """Many tensors of one dtype in one call (``kernel``: ``"element"``, ``"rows"`` or ``"columns"``): ``items``
     are the arguments of :func:`element_step` / :func:`rows_step` / :func:`columns_step` without the flags, ``(g, p,
-    factor, W, state_factor, state_W, hyper)``; returns what each of those calls would return. A large step is cut
-    into shares, one per torch CPU thread: equal shares of entries (rows); columns tensors stay whole (a column's
+    factor, W, state_factor, state_W, hyper)``; returns what each of those calls would return (:func:`launch`)."""
+    sizes, ptrs, h = [], [], []
+    for g, p, factor, W, state_factor, state_W, hyper in items:
+        sizes += extents(kernel, p)
+        ptrs += pointers(g, p, factor, W, state_factor, state_W)
+        h += hyper
+    return launch(kernel, items[0][1].dtype, len(items), sizes, ptrs, h,
+                  flags(rule, amsgrad, nesterov, momentum, first, maximize, scaled))
+
+
+def extents(kernel: str, p: torch.Tensor) -> tuple[int, int, int]:
+    """The three sizes of ``p`` for ``kernel``: entries (element) or rows, the row's width, and the entries per row
+    and column (columns; else 1)."""
+    if kernel == "element":
+        return p.numel(), 1, 1
+    width = p.numel() // p.shape[0] if p.shape[0] else 0
+    return p.shape[0], width, width // p.shape[1] if kernel == "columns" and p.shape[1] else 1
+
+
+def pointers(g, p, factor, W, state_factor, state_W) -> tuple[int, ...]:
+    """The ten pointers of one tensor's step (0 for a state the rule lacks: ``state_factor``/``state_W`` list up to
+    three tensors or None)."""
+    a0, a1, a2 = (*state_factor, None, None, None)[:3]
+    b0, b1, b2 = (*state_W, None, None, None)[:3]
+    return (g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr(),
+            0 if a0 is None else a0.data_ptr(), 0 if a1 is None else a1.data_ptr(), 0 if a2 is None else a2.data_ptr(),
+            0 if b0 is None else b0.data_ptr(), 0 if b1 is None else b1.data_ptr(), 0 if b2 is None else b2.data_ptr())
+
+
+def flags(rule: str, amsgrad: bool = False, nesterov: bool = False, momentum: bool = False, first: bool = False,
+          maximize: bool = False, scaled: bool = False) -> tuple[int, ...]:
+    """The six flags of the C entry points: rule code, amsgrad, nesterov, first, maximize, scaled."""
+    return _code(rule, momentum), int(amsgrad), int(nesterov), int(first), int(maximize), int(scaled)
+
+
+def launch(kernel: str, dtype: torch.dtype, count: int, sizes, ptrs, h, flags: tuple[int, ...]) -> list[int]:
+    """Step ``count`` tensors of ``dtype`` in one call of ``kernel``: ``sizes`` (3 per tensor, :func:`extents`),
+    ``ptrs`` (10 per tensor, :func:`pointers`) and ``h`` (13 per tensor, :data:`.compiled.HYPER`) as flat sequences,
+    ``flags`` from :func:`flags`; returns per tensor the entries (rows, columns) it left for adoption. A large step is
+    cut into shares, one per torch CPU thread: equal shares of entries (rows); columns tensors stay whole (a column's
     sums span all rows), several of them shared out by size. Every entry (row, column) is stepped once, by the same
     loop, so the numbers do not depend on the thread count."""
-    fn = getattr(_library(), f"spread_{kernel}_batch_{DTYPES[items[0][1].dtype]}")
-    flags = (_code(rule, momentum), int(amsgrad), int(nesterov), int(first), int(maximize), int(scaled))
-    sizes, ptrs, h = [], [], []  # (then flat C arrays: built faster than ctypes arrays)
-    for g, p, factor, W, state_factor, state_W, hyper in items:
-        if kernel == "element":
-            sizes += (p.numel(), 1, 1)
-        else:
-            width = p.numel() // p.shape[0] if p.shape[0] else 0
-            sizes += (p.shape[0], width, width // p.shape[1] if kernel == "columns" and p.shape[1] else 1)
-        a0, a1, a2 = state_factor if len(state_factor) == 3 else (*state_factor, None, None, None)[:3]
-        b0, b1, b2 = state_W if len(state_W) == 3 else (*state_W, None, None, None)[:3]
-        ptrs += (g.data_ptr(), p.data_ptr(), factor.data_ptr(), W.data_ptr(),
-                 0 if a0 is None else a0.data_ptr(), 0 if a1 is None else a1.data_ptr(), 0 if a2 is None else a2.data_ptr(),
-                 0 if b0 is None else b0.data_ptr(), 0 if b1 is None else b1.data_ptr(), 0 if b2 is None else b2.data_ptr())
-        h += hyper
-    sizes, ptrs, h = array("q", sizes), array("q", ptrs), array("d", h)
-    count = len(items)
+    fn = getattr(_library(), f"spread_{kernel}_batch_{DTYPES[dtype]}")
+    sizes, ptrs, h = array("q", sizes), array("q", ptrs), array("d", h)  # (flat C arrays: built faster than ctypes')
     threads = torch.get_num_threads()
     shared = threads > 1 and (kernel != "columns" or count > 1)  # (a columns tensor is not cut: its sums span all rows)
     total = sum(sizes[3 * i] * sizes[3 * i + 1] for i in range(count)) if shared else 0
@@ -185,8 +211,7 @@ def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = Fa
             raise MemoryError(_NO_SCRATCH)
         return changed.tolist()
     records = [(i, sizes[3 * i:3 * i + 3], ptrs[10 * i:10 * i + 10], h[13 * i:13 * i + 13]) for i in range(count)]
-    itemsize = items[0][1].element_size()
-    shares = _whole_shares(records, threads) if kernel == "columns" else _shares(records, threads, total, itemsize, kernel)
+    shares = _whole_shares(records, threads) if kernel == "columns" else _shares(records, threads, total, dtype.itemsize, kernel)
 
     def run(share) -> array:
         sizes, ptrs, h = array("q"), array("q"), array("d")

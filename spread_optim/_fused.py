@@ -216,24 +216,33 @@ def _hypers(rule: _Rule, group: dict, leaves: list[dict], grad_scale, counter: b
     """The float64 numbers of each tensor's step (:data:`spread_optim.kernels.compiled.HYPER`; ``leaves``: the base
     states of the tensors' two factors, in pairs); advances Adam's step counters (one call for the group; in one native
     call when ``counter``: the native library is built)."""
-    lr = float(group["lr"])
     scale = float(grad_scale) if grad_scale is not None else 1.0
-    head = [float(group["kappa"]), lr, float(group["zero_threshold"])]
     if not rule.adam:
-        row = head + [lr, 1.0, lr, 1.0] + [0.0, 0.0, 0.0, float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)), scale]
-        return [row] * (len(leaves) // 2)
+        return hyper_rows(group, len(leaves) // 2, None, scale)
     steps = [st["step"] for st in leaves]
     counts = native.count_steps(steps) if counter else None  # (one call, no dispatch per tensor)
     if counts is None:
         if steps:
             torch._foreach_add_(steps, 1)
         counts = [float(n) for n in steps]
-    tail = [rule.beta1, rule.beta2, float(group["eps"]), 0.0, 0.0, scale]
+    return hyper_rows(group, len(leaves) // 2, counts, scale)
+
+
+def hyper_rows(group: dict, count: int, counts: list[float] | None, scale: float = 1.0) -> list[list[float]]:
+    """The float64 numbers of the steps of ``count`` tensors of ``group`` (:data:`spread_optim.kernels.compiled.HYPER`):
+    under Adam from their two factors' new step counts (``counts``, in pairs), under SGD (``counts`` None) all alike."""
+    lr = float(group["lr"])
+    head = [float(group["kappa"]), lr, float(group["zero_threshold"])]
+    if counts is None:
+        row = head + [lr, 1.0, lr, 1.0] + [0.0, 0.0, 0.0, float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)), scale]
+        return [row] * count
+    beta1, beta2 = (float(b) for b in group["betas"])
+    tail = [beta1, beta2, float(group["eps"]), 0.0, 0.0, scale]
     sizes: dict = {}  # step count -> (step size, sqrt(bias correction 2)): a model's tensors mostly share one
     for n in counts:
         if n not in sizes:
-            sizes[n] = ref.adam_step_sizes(n, lr, rule.beta1, rule.beta2)
-    return [head + [*sizes[counts[i]], *sizes[counts[i + 1]]] + tail for i in range(0, len(counts), 2)]
+            sizes[n] = ref.adam_step_sizes(n, lr, beta1, beta2)
+    return [head + [*sizes[counts[i]], *sizes[counts[i + 1]]] + tail for i in range(0, 2 * count, 2)]
 
 
 def _compiled_run(kind: str, args: tuple, values: list[float], extra: tuple, flags: dict) -> None:
@@ -333,11 +342,18 @@ def _compiled_step(kind: str, base_cls: type, group: dict, params, state, grad_s
             write_back()
     for (_, first, layout), entries in batches.items():
         left = native.batch_step(native.KERNEL_OF[layout], [entry[:7] for entry in entries], **flags, first=first)
-        for (g, p, f, W, slots_f, slots_W, values, layout, extra), changed in zip(entries, left):
+        for entry, changed in zip(entries, left):
             if changed:
-                step_flags = {**flags, "first": first} if kind == "element" else {**flags, "first": first, "groups": layout}
-                args = _canonical(layout, g, p.detach(), f, W, tuple(slots_f[:width]), tuple(slots_W[:width]))[0]
-                _adopt(kind, args, values, extra, step_flags)
+                adopt_native(kind, flags, first, *entry)
+
+
+def adopt_native(kind: str, flags: dict, first: bool, g, p, f, W, slots_f, slots_W, values, layout: str, extra) -> None:
+    """After the native loops left entries (groups) of ``p`` for adoption (``kind``: ``"element"`` or
+    ``"grouped"``; ``flags``: :func:`_compiled_flags`): the spec's step on them, eagerly, with adoption."""
+    width = 3 if flags["rule"] == "adam" else 1
+    step_flags = {**flags, "first": first} if kind == "element" else {**flags, "first": first, "groups": layout}
+    args = _canonical(layout, g, p.detach(), f, W, tuple(slots_f[:width]), tuple(slots_W[:width]))[0]
+    _adopt(kind, args, values, extra, step_flags)
 
 
 def _contiguous(*tensors) -> bool:

@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 from spread_optim import _checkpoint, _closure
 from spread_optim._base import HiddenBase, class_defaults, per_parameter, single_group
 from spread_optim._fused import nonfinite_flag
+from spread_optim._program import NativeProgram
 from spread_optim.distributed import LOCAL, check_not_zero_shared, communicator, is_dtensor
 from spread_optim.kernels import dispatch
 from spread_optim.kernels import reference as ref
@@ -136,6 +137,7 @@ class SpreadOptimizer(Optimizer):
         self._built_for: dict = {}  # param -> the sparsity its factors were built for (see _refactor_if_changed)
         self._planned: tuple | None = None  # (key, key by kind, kept, kinds): the last plan and what it read (_reuse_plan)
         self._synced: tuple = ()  # (sparse, base_fused) of the last plan's groups: the base's copy of their values
+        self._program: tuple = (None, None)  # (kinds, their NativeProgram or None): the kept plan's native step
         # the numbers a schedule changes, which the plan only checks (the base's lr, momentum, betas, ...; a
         # scheduler's initial_lr; spread's kappa and zero_threshold): in the plan's key by kind (key -> its kind),
         # so that a schedule does not make every step plan again (one base of a single group, LBFGS, compares the
@@ -420,8 +422,25 @@ class SpreadOptimizer(Optimizer):
                              lr=float(self.param_groups[0].get("lr", 1.0)))
 
     def _step_once(self, kinds: list[Kind]) -> None:
-        """Factor gradients, base step, exact-zero pass and theta, for the gradients in ``p.grad``."""
+        """Factor gradients, base step, exact-zero pass and theta, for the gradients in ``p.grad``: a kept plan whose
+        sparse groups all take the native CPU loops runs its program (:mod:`spread_optim._program`), where it takes
+        the step; the full path runs every other step, and makes the kept plan's program."""
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        made, program = self._program
+        if made is kinds and program is not None and grad_scale is None and found_inf is None:
+            calls = program.prepare()
+            if calls is not None:
+                if self._base_has_work():  # (dense groups, before the sparse ones move: as the full path)
+                    self._hidden.step()
+                program.run(calls)
+                return
+        self._full_step(kinds, grad_scale, found_inf)
+        if self._planned is not None and self._planned[3] is kinds and (made is not kinds or program is not None):
+            self._program = (kinds, NativeProgram.of(kinds, self._base_cls, self.state))
+
+    def _full_step(self, kinds: list[Kind], grad_scale, found_inf) -> None:
+        """Check the gradients, then the factor gradients and base step of the split groups and the fused groups'
+        kernels (see :meth:`_step_rest`)."""
         split = [k for k in kinds if k.path not in dispatch.FUSED_PATHS]
         fused = [k for k in kinds if k.path in dispatch.FUSED_PATHS]
         spans = any(k.spans_shards for k in split)

@@ -1,0 +1,220 @@
+"""A kept plan's native program (``spread_optim._program``) steps as the full path does.
+
+Oracle: the same run with the program never built (every step takes the full path: its checks, the per-group
+compiled step, the same native loops). Two runs on identical parameters take the same steps and the same change
+between steps (a user's, a scheduler's); after every step their parameters and states must be equal bit for bit,
+and a step one refuses must raise the same error in the other, leaving both as they were. Each run also counts the
+steps the program took, so that a program that always declines fails.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from spread_optim import SpreadOptimizer
+from spread_optim._program import NativeProgram
+from spread_optim.kernels import native
+
+pytestmark = pytest.mark.skipif(native.unavailable() is not None, reason="the native loops are not built here")
+
+
+def _none(opt, params):
+    pass
+
+
+def _write_weights(opt, params):
+    with torch.no_grad():
+        params[0][1:3] = 0.25  # (a pruning mask, a clip: adopted by the next step)
+
+
+def _swap_storage(opt, params):
+    params[1].data = params[1].data.clone()
+
+
+def _drop_grad(opt, params):
+    params[0].grad = None  # (only for the next step: see _step)
+
+
+def _replace_state(opt, params):
+    st = opt.state[params[0]]["base"]["W"]
+    key = "exp_avg" if "exp_avg" in st else "momentum_buffer" if "momentum_buffer" in st else None
+    if key is not None:
+        st[key] = st[key].clone() * 0.5
+
+
+def _replace_base_dict(opt, params):
+    base = opt.state[params[0]]["base"]
+    base["W"] = {key: value.clone() for key, value in base["W"].items()}  # (a copy: the old dict's tensors no longer count)
+
+
+def _new_counter(opt, params):
+    st = opt.state[params[1]]["base"]["W"]
+    if "step" in st:
+        st["step"] = torch.tensor(100.0)
+
+
+def _momentum(value):
+    def change(opt, params):
+        for group in opt.param_groups:
+            if "momentum" in group:
+                group["momentum"] = value
+    return change
+
+
+def _schedule(opt, params):
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+
+    def after():
+        scheduler.step()
+        opt.param_groups[0]["kappa"] *= 1.3
+    return after
+
+
+def _nan_grad(opt, params):
+    params[2].grad = None  # (set by _step: a NaN)
+
+
+def _strided_grad(opt, params):
+    pass  # (set by _step: a gradient that is not contiguous)
+
+
+CHANGES = {
+    "none": _none, "write weights": _write_weights, "new storage": _swap_storage, "no gradient": _drop_grad,
+    "replace a state": _replace_state, "replace a base dict": _replace_base_dict,
+    "new step counter": _new_counter, "momentum on": _momentum(0.9),
+    "momentum off": _momentum(0.0), "schedule": _schedule, "non-finite gradient": _nan_grad,
+    "strided gradient": _strided_grad,
+}
+
+SETUPS = {
+    "adam element": ("adam", "element", {}), "adam column": ("adam", "column", {}), "adam row": ("adam", "row", {}),
+    "adamw amsgrad row": ("adamw", "row", dict(amsgrad=True, weight_decay=0.1)),
+    "adam maximize column": ("adam", "column", dict(maximize=True)),
+    "sgd element": ("sgd", "element", {}), "sgd momentum column": ("sgd", "column", dict(momentum=0.5)),
+    "sgd nesterov row": ("sgd", "row", dict(momentum=0.5, nesterov=True, dampening=0.0)),
+    "sgd damped element": ("sgd", "element", dict(momentum=0.5, dampening=0.3)),
+}
+
+
+def _run(setup, change, use_program, monkeypatch):
+    base, sparsity, kwargs = SETUPS[setup]
+    gen = torch.Generator().manual_seed(0)
+    shapes = ((10, 6), (7, 3, 2), (6,), (5, 4))
+    params = [(torch.randn(*shape, generator=gen) * 0.3).requires_grad_() for shape in shapes]
+    params[3].data = params[3].data.double()
+    opt = SpreadOptimizer([{"params": params[:2], "sparsity": sparsity},
+                           {"params": params[2:3], "sparsity": "row", "kappa": 0.05},
+                           {"params": params[3:], "sparsity": sparsity},
+                           {"params": [torch.randn(3, generator=gen).requires_grad_()], "kappa": 0.0}],
+                          base, lr=0.05, kappa=0.02, **kwargs)
+    dense = opt.param_groups[3]["params"][0]
+    ran = []
+    with monkeypatch.context() as patch:
+        if use_program:
+            run = NativeProgram.run
+            patch.setattr(NativeProgram, "run", lambda self, calls: (ran.append(1), run(self, calls))[1])
+        else:
+            patch.setattr(NativeProgram, "of", classmethod(lambda cls, *args: None))
+        outcomes = [_step(opt, params, dense, gen, None) for _ in range(3)]
+        after = CHANGES[change](opt, params)
+        for i in range(3):
+            try:
+                outcomes.append(_step(opt, params, dense, gen, change if i == 0 else None))
+            except (FloatingPointError, ValueError) as error:
+                outcomes += [f"{type(error).__name__}: {error}", _snapshot(opt, params, dense)]
+                outcomes.append(_step(opt, params, dense, gen, None))  # (and the run goes on)
+            if after is not None:
+                after()
+    return outcomes, len(ran)
+
+
+def _step(opt, params, dense, gen, change):
+    for p in (*params, dense):
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    if change == "no gradient":
+        params[0].grad = None
+    if change == "non-finite gradient":
+        params[2].grad[1] = float("nan")
+    if change == "strided gradient":
+        params[0].grad = torch.randn(6, 10, generator=gen).t()
+    opt.step()
+    return _snapshot(opt, params, dense)
+
+
+def _snapshot(opt, params, dense):
+    state = {i: copy.deepcopy(opt.state[p]) for i, p in enumerate((*params, dense)) if p in opt.state}
+    return [p.detach().clone() for p in (*params, dense)], state
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+                and bool(((a == b) | (a != a) & (b != b)).all()))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_the_program_steps_as_the_full_path(setup, change, monkeypatch):
+    programmed, ran = _run(setup, change, True, monkeypatch)
+    full, none = _run(setup, change, False, monkeypatch)
+    assert none == 0
+    assert len(programmed) == len(full)
+    for i, (a, b) in enumerate(zip(programmed, full)):
+        assert _equal(a, b), (setup, change, i, a if isinstance(a, str) else "", b if isinstance(b, str) else "")
+    # (step 1 plans; so does step 2 where step 1 made the dense group's state, which the plan reads (not under SGD
+    # without momentum); the program is built after the last step that planned)
+    assert ran == (2 if setup == "sgd element" else 1) + _program_steps_after(setup, change)
+
+
+def _program_steps_after(setup, change) -> int:
+    """How many of the steps after the change the program takes: three, but for a step it declines (the full path
+    takes it; the program is built again after it) or a change that makes a new plan (one full step)."""
+    base, _, kwargs = SETUPS[setup]
+    momentum = bool(kwargs.get("momentum"))
+    declines = {
+        "replace a state": base != "sgd" or momentum,  # (SGD without momentum keeps no state)
+        "replace a base dict": True,
+        "new step counter": base != "sgd",  # (Adam's)
+        "momentum on": base == "sgd" and not momentum,  # (SGD's momentum turned on: a state to create)
+        "momentum off": momentum,  # (turned off: one fewer state)
+        "schedule": True,  # (the scheduler adds a key to every group: a new plan)
+        "non-finite gradient": True,  # (the full path raises; the step after plans again)
+        "strided gradient": True,
+    }.get(change, False)
+    if change == "momentum on" and base == "sgd" and not momentum:
+        return 1  # (and the next step plans too: the dense group's first momentum buffer is state its plan reads)
+    return 2 if declines else 3
+
+
+def test_a_program_is_kept_while_the_plan_is():
+    """The program is built once after the plan and reused; a new plan (a change the plan reads) builds another."""
+    p = torch.randn(6, 4, requires_grad=True)
+    opt = SpreadOptimizer([p], "adam", lr=0.01, kappa=0.01, sparsity="column")
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    kinds, program = opt._program
+    assert kinds is opt._planned[-1] and isinstance(program, NativeProgram)
+    opt.step()
+    assert opt._program[1] is program
+    opt.param_groups[0]["sparsity"] = "row"
+    opt.step()
+    assert opt._program[1] is not program and opt._program[0] is opt._planned[-1]
+
+
+def test_no_program_where_a_tensor_takes_another_path():
+    """A bfloat16 parameter (float32 factors: the compiled step's inductor code) gets no program; its steps take the
+    full path."""
+    p = torch.randn(6, 4).bfloat16().requires_grad_()
+    opt = SpreadOptimizer([p], "adam", lr=0.01, kappa=0.01)
+    p.grad = torch.randn(6, 4).bfloat16()
+    opt.step()
+    opt.step()
+    assert opt._program[1] is None
