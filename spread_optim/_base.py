@@ -12,6 +12,7 @@ those fire once, for the spread optimizer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import MutableMapping
 from typing import Iterable
 
@@ -33,6 +34,23 @@ def class_defaults(base_cls: type[Optimizer]) -> dict:
 def single_group(base_cls: type[Optimizer]) -> bool:
     """Bases that refuse several param groups (LBFGS): every group is handed to one base group."""
     return issubclass(base_cls, torch.optim.LBFGS)
+
+
+#: the code of torch's hook wrapper around an optimizer class's ``step`` (``Optimizer.profile_hook_step``)
+_HOOK_CODE = Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
+
+
+@functools.lru_cache(maxsize=64)
+def without_hooks(step):
+    """A class's ``step`` without torch's hook wrapper, which runs the global step hooks. The wrapper may sit under
+    others: once dynamo runs, it wraps LBFGS's step in ``torch.compiler.disable`` (which copies the wrapper's
+    ``hooked`` mark); what lay above the hook wrapper is then kept as ``torch.compiler.disable`` of what lies below."""
+    above, f = 0, step
+    while f is not None and getattr(f, "__code__", None) is not _HOOK_CODE:
+        above, f = above + 1, getattr(f, "__wrapped__", None)
+    if f is None:
+        return step  # (a class torch never hooked)
+    return torch.compiler.disable(f.__wrapped__) if above else f.__wrapped__
 
 
 def per_parameter(base_cls: type[Optimizer]) -> bool:
@@ -130,8 +148,7 @@ class HiddenBase:
                 p.grad = None
         if grad_scale is not None or found_inf is not None:
             base.grad_scale, base.found_inf = grad_scale, found_inf
-        step = type(base).step
-        unhooked = getattr(step, "__wrapped__", step) if getattr(step, "hooked", False) else step
+        unhooked = without_hooks(type(base).step)
         try:
             return unhooked(base) if closure is None else unhooked(base, closure)
         finally:

@@ -157,3 +157,35 @@ def test_lbfgs_revival_from_zero_does_not_overshoot():
     assert all(v1 <= v0 * (1 + 1e-12) for v0, v1 in zip(values, values[1:])), values
     assert (values[-1] - objective(best)) / objective(best) <= 1e-6
     assert torch.equal(b.detach() == 0, best == 0)
+
+
+def test_the_global_hooks_fire_once_after_dynamo_wrapped_lbfgs_step(monkeypatch):
+    """Once dynamo runs, it wraps LBFGS's step (already wrapped by torch's hooks) in ``torch.compiler.disable``, which
+    copies the hook wrapper's mark: the hidden base must still step without the global hooks, and run as before."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])  # (torch hooks the class's step)
+    monkeypatch.setattr(torch.optim.LBFGS, "step", torch.compiler.disable(torch.optim.LBFGS.step))  # (what dynamo does)
+    A, b = torch.randn(8, 3, dtype=DT, generator=torch.Generator().manual_seed(0)), torch.ones(8, dtype=DT)
+    results = []
+    for watched in (False, True):
+        x = torch.zeros(3, dtype=DT, requires_grad=True)
+        opt = SpreadOptimizer([x], torch.optim.LBFGS, lr=1.0, max_iter=5, kappa=0.01)
+        seen = []
+        handles = [register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", type(o).__name__))),
+                   register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append(("post", type(o).__name__)))] if watched else []
+
+        def closure():
+            opt.zero_grad()
+            loss = ((A @ x - b) ** 2).sum()
+            loss.backward()
+            return loss
+        try:
+            opt.step(closure)
+        finally:
+            for handle in handles:
+                handle.remove()
+        results.append(x.detach().clone())
+        if watched:
+            assert seen == [("pre", "SpreadOptimizer"), ("post", "SpreadOptimizer")]
+    assert torch.equal(results[0], results[1]) and results[0].abs().sum() > 0
