@@ -49,9 +49,9 @@ class NativeProgram:
     """The native step of every sparse group of a kept plan (see the module docstring): :meth:`of` builds it when
     every group takes the native loops, :meth:`prepare` gathers a step (None: decline it), :meth:`run` steps it."""
 
-    def __init__(self, rule: str, groups: list[tuple[dict, str, bool, list[_Tensor]]]):
+    def __init__(self, rule: str, groups: list[tuple[dict, str, bool, list[_Tensor], list[torch.Tensor]]]):
         self.rule = rule
-        self.groups = groups  # (param group, "element" or "grouped", momentum on (SGD), tensors)
+        self.groups = groups  # (param group, "element" or "grouped", momentum on (SGD), tensors, parameters never stepped)
 
     @classmethod
     def of(cls, kinds: list[Kind], base_cls: type, state) -> "NativeProgram | None":
@@ -69,10 +69,13 @@ class NativeProgram:
             momentum = rule == "sgd" and group.get("momentum", 0) != 0
             names = (("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[:3 if group.get("amsgrad", False) else 2] if rule == "adam"
                      else ("momentum_buffer",) if momentum else ())
-            tensors = []
+            tensors, absent = [], []
             for p in kind.params:
                 layout = "element" if name == "element" else kind.structures[p].kind
                 found = _found(state.get(p), key, names, rule == "adam")
+                if found is None and p.grad is None:
+                    absent.append(p)  # (not stepped yet: while its gradient stays None, nothing of it moves)
+                    continue
                 if (found is None or layout not in dispatch.NATIVE_LAYOUTS or p.dtype not in native.DTYPES or not p.is_cpu
                         or not p.numel() or not p.is_contiguous()):
                     return None
@@ -83,7 +86,7 @@ class NativeProgram:
                 kernel = native.KERNEL_OF[layout]
                 tensors.append(_Tensor(p, factor, W, kernel, layout, () if name == "element" else (kind.structures[p].ids,),
                                        p.shape, native.extents(kernel, p), dicts, cells, counters))
-            groups.append((group, name, momentum, tensors))
+            groups.append((group, name, momentum, tensors, absent))
         return cls(rule, groups)
 
     def prepare(self) -> tuple | None:
@@ -91,9 +94,12 @@ class NativeProgram:
         ``(sizes, pointers)``, or None (decline) when the full path must run it. Nothing moves."""
         adam = self.rule == "adam"
         calls, grads, counter_sizes, counter_ptrs = [], [], [], []
-        for group, _, momentum, tensors in self.groups:
+        for group, _, momentum, tensors, absent in self.groups:
             if not adam and (group.get("momentum", 0) != 0) != momentum:
                 return None
+            for p in absent:
+                if p.grad is not None:
+                    return None  # (its first step creates its state)
             flags = native.flags(self.rule, adam and bool(group.get("amsgrad", False)), bool(group.get("nesterov", False)),
                                  momentum, False, bool(group.get("maximize", False)))
             batches: dict = {}
@@ -148,7 +154,7 @@ class NativeProgram:
 
     def _adopt(self, group: dict, t: _Tensor, values: list[float]) -> None:
         """The spec's step with adoption of the entries of ``t`` the loop left (see :func:`_fused.adopt_native`)."""
-        name = next(n for g, n, _, _ in self.groups if g is group)
+        name = next(n for g, n, *_ in self.groups if g is group)
         base_cls = next(cls for cls, rule in dispatch.FUSED_RULES.items() if rule == self.rule)
         flags = _fused._compiled_flags(_fused._Rule(base_cls, group, torch.device("cpu")), group, None)
         states = [None if c is None else c[2] for c in t.cells]

@@ -218,3 +218,24 @@ def test_no_program_where_a_tensor_takes_another_path():
     opt.step()
     opt.step()
     assert opt._program[1] is None
+
+
+def test_a_parameter_not_stepped_yet_keeps_the_program_until_it_has_a_gradient():
+    """A parameter of a sparse group whose gradient has been None so far has factors but no base state: the program
+    leaves it out while its gradient stays None, and declines the step that gives it one (the full path creates its
+    state; the program is built again after it)."""
+    p, q = torch.randn(6, 4, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    opt = SpreadOptimizer([p, q], "adam", lr=0.01, kappa=0.01, sparsity="row")
+    ran = []
+    run = NativeProgram.run
+    for step in range(6):
+        p.grad = torch.randn(6, 4)
+        q.grad = torch.randn(5, 3) if step >= 3 else None
+        program = opt._program[1]
+        if program is not None:
+            program.run = lambda calls, program=program: (ran.append(step), run(program, calls))[1]
+        opt.step()
+    # step 0 plans; the program takes steps 1 and 2; it declines step 3 (q's first gradient: the full path creates
+    # q's base state), is built again after it and takes steps 4 and 5 (the plan is kept: q's factors were there)
+    assert ran == [1, 2, 4, 5]
+    assert opt.state[q]["base"]["W"]["step"] == 3
