@@ -112,14 +112,22 @@ def unavailable() -> str | None:
 def nonfinite(grads: list[torch.Tensor]) -> list[int]:
     """For each contiguous float32/float64 CPU tensor, 1 when it holds an inf or a NaN, else 0: one read of each, in
     one call (about twice as fast as ``torch.aminmax`` out of cache)."""
-    sizes, ptrs = array("q"), array("q")
-    for g in grads:
-        sizes.extend((g.numel(), g.element_size()))
-        ptrs.append(g.data_ptr())
-    bad = array("q", bytes(8 * len(grads)))
-    if grads:
-        _library().spread_nonfinite_batch(len(grads), sizes.buffer_info()[0], ptrs.buffer_info()[0], bad.buffer_info()[0])
-    return bad.tolist()
+    sizes = [n for g in grads for n in (g.numel(), g.element_size())]
+    return _check(sizes, [g.data_ptr() for g in grads])[1].tolist()
+
+
+def nonfinite_at(sizes: list[int], ptrs: list[int]) -> int:
+    """:func:`nonfinite` of the tensors at ``ptrs`` (``sizes``: entries and bytes per entry of each, checked by the
+    caller): how many hold an inf or a NaN."""
+    return _check(sizes, ptrs)[0]
+
+
+def _check(sizes: list[int], ptrs: list[int]) -> tuple[int, array]:
+    bad = array("q", bytes(8 * len(ptrs)))
+    if not ptrs:
+        return 0, bad
+    sizes, ptrs = array("q", sizes), array("q", ptrs)
+    return _library().spread_nonfinite_batch(len(bad), sizes.buffer_info()[0], ptrs.buffer_info()[0], bad.buffer_info()[0]), bad
 
 
 def count_steps(steps: list[torch.Tensor]) -> list[float] | None:

@@ -238,6 +238,8 @@ def hyper_rows(group: dict, count: int, counts: list[float] | None, scale: float
         return [row] * count
     beta1, beta2 = (float(b) for b in group["betas"])
     tail = [beta1, beta2, float(group["eps"]), 0.0, 0.0, scale]
+    if counts and counts.count(counts[0]) == len(counts):  # (one count for all, as usual: one row)
+        return [head + [*ref.adam_step_sizes(counts[0], lr, beta1, beta2)] * 2 + tail] * count
     sizes: dict = {}  # step count -> (step size, sqrt(bias correction 2)): a model's tensors mostly share one
     for n in counts:
         if n not in sizes:

@@ -19,6 +19,7 @@ device (the loops write through their pointers), step counters that the native c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -42,7 +43,9 @@ class _Tensor:
     extents: tuple
     dicts: tuple  # (the base's dict, factor key, the factor's base state, W's)
     cells: tuple
-    counters: tuple
+    counters: tuple  # (dict, step tensor, its dtype)
+    counter_sizes: tuple  # (their bytes)
+    check: tuple  # (entries, bytes per entry) of the gradient, for the non-finite check
 
 
 class NativeProgram:
@@ -85,7 +88,9 @@ class NativeProgram:
                     return None
                 kernel = native.KERNEL_OF[layout]
                 tensors.append(_Tensor(p, factor, W, kernel, layout, () if name == "element" else (kind.structures[p].ids,),
-                                       p.shape, native.extents(kernel, p), dicts, cells, counters))
+                                       p.shape, native.extents(kernel, p), dicts, cells,
+                                       tuple((d, s, s.dtype) for d, s in counters),
+                                       tuple(s.element_size() for _, s in counters), (p.numel(), p.element_size())))
             groups.append((group, name, momentum, tensors, absent))
         return cls(rule, groups)
 
@@ -93,7 +98,7 @@ class NativeProgram:
         """This step's calls, ``[(dtype, kernel, flags, group, tensors, sizes, pointers)]``, and the step counters'
         ``(sizes, pointers)``, or None (decline) when the full path must run it. Nothing moves."""
         adam = self.rule == "adam"
-        calls, grads, counter_sizes, counter_ptrs = [], [], [], []
+        calls, check_sizes, check_ptrs, counter_sizes, counter_ptrs = [], [], [], [], []
         for group, _, momentum, tensors, absent in self.groups:
             if not adam and (group.get("momentum", 0) != 0) != momentum:
                 return None
@@ -113,7 +118,8 @@ class NativeProgram:
                 base, key, fs, ws = t.dicts
                 if base.get(key) is not fs or base.get("W") is not ws:
                     return None
-                ptrs = [g.data_ptr(), p.data_ptr(), t.factor.data_ptr(), t.W.data_ptr()]
+                g_ptr = g.data_ptr()
+                ptrs = [g_ptr, p.data_ptr(), t.factor.data_ptr(), t.W.data_ptr()]
                 for cell in t.cells:
                     if cell is None:
                         ptrs.append(0)
@@ -122,18 +128,19 @@ class NativeProgram:
                     if d.get(name) is not s or not s.is_contiguous():
                         return None
                     ptrs.append(s.data_ptr())
-                for d, s in t.counters:
-                    if d.get("step") is not s or s.dtype not in native.DTYPES:
+                for d, s, dtype in t.counters:
+                    if d.get("step") is not s or s.dtype != dtype:
                         return None
-                    counter_sizes.append(s.element_size())
                     counter_ptrs.append(s.data_ptr())
+                counter_sizes += t.counter_sizes
                 batch = batches.setdefault((p.dtype, t.kernel), ([], [], []))
                 batch[0].append(t)
                 batch[1].extend(t.extents)
                 batch[2].extend(ptrs)
-                grads.append(g)
+                check_sizes += t.check
+                check_ptrs.append(g_ptr)
             calls += [(dtype, kernel, flags, group, *batch) for (dtype, kernel), batch in batches.items()]
-        if any(native.nonfinite(grads)):
+        if native.nonfinite_at(check_sizes, check_ptrs):
             return None  # (the full path raises, naming the parameter)
         return calls, (counter_sizes, counter_ptrs)
 
@@ -147,7 +154,7 @@ class NativeProgram:
             mine = None if counts is None else counts[done:done + 2 * len(tensors)]
             done += 2 * len(tensors)
             rows = _fused.hyper_rows(group, len(tensors), mine)
-            left = native.launch(kernel, dtype, len(tensors), sizes, ptrs, [x for row in rows for x in row], flags)
+            left = native.launch(kernel, dtype, len(tensors), sizes, ptrs, list(chain.from_iterable(rows)), flags)
             for t, changed, values in zip(tensors, left, rows):
                 if changed:
                     self._adopt(group, t, values)
