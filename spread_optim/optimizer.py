@@ -135,7 +135,7 @@ class SpreadOptimizer(Optimizer):
         self._dense_stepped: set[int] = set()  # ids of parameters stepped in a dense group (SGD keeps no state)
         self._created: list = []
         self._built_for: dict = {}  # param -> the sparsity its factors were built for (see _refactor_if_changed)
-        self._planned: tuple | None = None  # (key, key by kind, kept, kinds): the last plan and what it read (_reuse_plan)
+        self._planned: tuple | None = None  # (key, groups' values, their kinds, kept, kinds): the last plan and what it read (_reuse_plan)
         self._synced: tuple = ()  # (sparse, base_fused) of the last plan's groups: the base's copy of their values
         self._program: tuple = (None, None)  # (kinds, their NativeProgram or None): the kept plan's native step
         # the numbers a schedule changes, which the plan only checks (the base's lr, momentum, betas, ...; a
@@ -266,37 +266,38 @@ class SpreadOptimizer(Optimizer):
         """The last step's kinds when nothing the plan reads has changed since (the same groups with the same values,
         the same parameters with the same shape, dtype, device and layout, the same state entries and factors, the
         same :func:`dispatch.settings`): a step of a small model is then mostly its kernels. None otherwise (the full plan runs);
-        sharded parameters and steps under ``torch.compile`` always plan. When values differ, the numbers that a
-        schedule changes (lr, momentum, betas; kappa, zero_threshold) are compared by kind only (:data:`_step_numbers`)
-        and, where only those changed, the plan is kept and the base's new values copied to the base, as the plan
-        does."""
+        sharded parameters and steps under ``torch.compile`` always plan. When only the groups' values differ, the
+        numbers that a schedule changes (lr, momentum, betas; kappa, zero_threshold) are compared by kind
+        (:meth:`_group_kinds`) and, where only those changed, the plan is kept and the base's new values copied to the
+        base, as the plan does."""
         if self._planned is None or dispatch.compiling():
             return None
-        by_value, by_kind, kept, kinds = self._planned
-        now = self._plan_key(None)
-        if now == by_value:
+        key, values, by_kind, kept, kinds = self._planned
+        now, now_values = self._plan_key(None)
+        if now_values == values and now == key:
             return kinds
-        if not self._step_numbers or by_kind != self._plan_key(None, by_kind=True):
+        if now != key or not self._step_numbers or self._group_kinds(None) != by_kind:
             return None
         self._hidden.copy_values(self.param_groups, *self._synced)
-        self._planned = (now, by_kind, kept, kinds)  # (the same objects behind the ids: only numbers changed)
+        self._planned = (key, now_values, by_kind, kept, kinds)  # (the same objects behind the ids: only numbers changed)
         return kinds
 
     def _remember_plan(self, kinds: list[Kind]) -> None:
         kept: list = []
         self._planned = None if self._comm.distributed or dispatch.compiling() else (
-            self._plan_key(kept), self._plan_key(None, by_kind=True), kept, kinds)
+            *self._plan_key(kept), self._group_kinds(kept), kept, kinds)
 
-    def _plan_key(self, kept: list | None, by_kind: bool = False) -> tuple:
-        """What :meth:`_plan` reads, as values and ids (``by_kind``: the numbers a schedule changes by kind);
-        ``kept`` (when remembering) receives the objects behind the ids, which the cache keeps alive, so that an id is
-        not reused while it is compared."""
-        state, numbers_ = self.state, self._step_numbers if by_kind else {}
+    def _plan_key(self, kept: list | None) -> tuple[tuple, tuple]:
+        """What :meth:`_plan` reads, as values and ids: the groups' values apart (the second tuple). ``kept`` (when
+        remembering) receives the objects behind the ids, which the cache keeps alive, so that an id is not reused
+        while it is compared."""
+        state = self.state
         entries: list = [id(state), dispatch.settings()]
+        values: list = []
         for group in self.param_groups:
             params = group["params"]
-            entries.append((id(group), tuple(group), tuple(numbers_[k](v, kept) if k in numbers_ else v if type(v) in _ATOMS
-                                                            else _frozen(v, kept) for k, v in group.items() if k != "params")))
+            entries.append((id(group), tuple(group)))
+            values.append(tuple(v if type(v) in _ATOMS else _frozen(v, kept) for k, v in group.items() if k != "params"))
             for p in params:
                 st = state.get(p)
                 entries.append((id(p), p.shape, p.dtype, p.device, p.is_contiguous(), id(st), *map(id, st.values())) if st else
@@ -308,7 +309,14 @@ class SpreadOptimizer(Optimizer):
                 kept += params
         if kept is not None:
             kept.append(state)
-        return tuple(entries)
+        return tuple(entries), tuple(values)
+
+    def _group_kinds(self, kept: list | None) -> tuple:
+        """The groups' values as :meth:`_plan_key` has them, but the numbers a schedule changes by kind
+        (:data:`_step_numbers`)."""
+        numbers_ = self._step_numbers
+        return tuple(tuple(numbers_[k](v, kept) if k in numbers_ else v if type(v) in _ATOMS else _frozen(v, kept)
+                           for k, v in group.items() if k != "params") for group in self.param_groups)
 
     def _make_kind(self, group, index):
         comm = self._comm
@@ -435,7 +443,7 @@ class SpreadOptimizer(Optimizer):
                 program.run(calls)
                 return
         self._full_step(kinds, grad_scale, found_inf)
-        if self._planned is not None and self._planned[3] is kinds and (made is not kinds or program is not None):
+        if self._planned is not None and self._planned[-1] is kinds and (made is not kinds or program is not None):
             self._program = (kinds, NativeProgram.of(kinds, self._base_cls, self.state))
 
     def _full_step(self, kinds: list[Kind], grad_scale, found_inf) -> None:

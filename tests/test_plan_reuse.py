@@ -204,13 +204,14 @@ def test_a_scheduler_does_not_make_every_step_plan(base):
         assert opt._planned[-1] is planned
         assert [(g["lr"], g[key]) for g in opt._hidden.param_groups] == [(g["lr"], g[key]) for g in opt.param_groups]
         scheduler.step()
-    calls = []  # (a step after one that kept the plan for new numbers compares by value first, as any other)
-    original = opt._plan_key
-    opt._plan_key = lambda kept, by_kind=False: (calls.append(by_kind), original(kept, by_kind))[1]
+    calls = []  # (a step takes one key; the kinds only where the groups' values changed: a step after the schedule's)
+    original_key, original_kinds = opt._plan_key, opt._group_kinds
+    opt._plan_key = lambda kept: (calls.append("key"), original_key(kept))[1]
+    opt._group_kinds = lambda kept: (calls.append("kinds"), original_kinds(kept))[1]
     opt.step()
     opt.step()
-    assert calls == [False, True, False]
-    del opt._plan_key
+    assert calls == ["key", "kinds", "key"]
+    del opt._plan_key, opt._group_kinds
     opt.param_groups[1]["lr"] = "0.1"
     with pytest.raises(TypeError, match="'lr' must be a number"):
         opt.step()
