@@ -301,26 +301,29 @@ static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(     
     for (int64_t i = 0, o; i < n; i += o ? 2 : 1) {                         /* (a) */                                 \
         o = pairs && !dead_possible && i + 1 < n ? K : 0;  /* (row i+1's offset when it is taken with row i) */       \
         const real *restrict gi = grad + i * K, *restrict pi = p + i * K, *restrict wi = W + i * K;                   \
+        int rowdiff = 0;  /* (a weight written outside: rare; its entries are found after the row) */                 \
         if (dead_possible) {                                                                                          \
             _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
                 const real w = wi[k], gk = grad_##suffix(gi[k], scaled, c), t = uo[k] * w;                            \
-                diffs[k] |= t != pi[k];                                                                               \
+                rowdiff |= t != pi[k];                                                                                \
                 gw[k] += gk * w; osq[k] += t * t; wsq[k] += w * w; gsq[k] += gk * gk;                                 \
             }                                                                                                         \
         } else if (o) {                                                                                               \
             _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
                 const real w = wi[k], t = uo[k] * w, v = wi[o + k], s = uo[k] * v;                                    \
-                diffs[k] |= (t != pi[k]) | (s != pi[o + k]);                                                          \
+                rowdiff |= (t != pi[k]) | (s != pi[o + k]);                                                           \
                 gw[k] = (gw[k] + grad_##suffix(gi[k], scaled, c) * w) + grad_##suffix(gi[o + k], scaled, c) * v;      \
                 osq[k] = (osq[k] + t * t) + s * s;                                                                    \
             }                                                                                                         \
         } else {                                                                                                      \
             _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
                 const real w = wi[k], t = uo[k] * w;                                                                  \
-                diffs[k] |= t != pi[k];                                                                               \
+                rowdiff |= t != pi[k];                                                                                \
                 gw[k] += grad_##suffix(gi[k], scaled, c) * w; osq[k] += t * t;                                        \
             }                                                                                                         \
         }                                                                                                             \
+        if (rowdiff)                                                                                                  \
+            for (int64_t k = 0; k < K; k++) diffs[k] |= (uo[k] * wi[k] != pi[k]) | (o && uo[k] * wi[o + k] != pi[o + k]); \
     }                                                                                                                 \
     int64_t changed = 0, written = 0, held = 0, snapped = 0;                                                          \
     for (int64_t j = 0; j < G; j++) {                                                                                 \
