@@ -267,9 +267,9 @@ static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(        
 /* columns: n rows of K = G*r entries (the canonical (rows, G, r) view, flattened to (n, K)); group j is entries      \
    j*r .. j*r+r-1 of every row; u and its state one per group. A group's sums run over all rows, so the passes go     \
    over the whole tensor, row by row:                                                                                 \
-   (a) what must be known before W moves: per entry, sums over the rows of the written test, g*W and theta_old^2      \
-       (and, where some u is 0, ||W||^2 and ||g||^2: a dead group's zero pass, hold or revive, is decided before W    \
-       moves); then per group the base rule on u;                                                                     \
+   (a) what must be known before W moves: per entry, sums over the rows of g*W and theta_old^2 (and, where some u is  \
+       0, ||W||^2 and ||g||^2: a dead group's zero pass, hold or revive, is decided before W moves), and the written  \
+       test (a flag per row; per entry only in a row with a written weight); then per group the base rule on u;       \
    (b) the base rule on W, the new W and theta (a live group tentatively kept), and the sums of a live group's snap   \
        test (||W_moved||^2, <W_moved, theta_old>);                                                                    \
    (c) per live group the snap test (its ||g||^2 summed, in one sweep over the rows, only for the groups whose theta  \
