@@ -52,8 +52,8 @@ class NativeProgram:
     """The native step of every sparse group of a kept plan (see the module docstring): :meth:`of` builds it when
     every group takes the native loops, :meth:`prepare` gathers a step (None: decline it), :meth:`run` steps it."""
 
-    def __init__(self, rule: str, groups: list[tuple[dict, str, bool, list[_Tensor], list[torch.Tensor]]]):
-        self.rule = rule
+    def __init__(self, base_cls: type, groups: list[tuple[dict, str, bool, list[_Tensor], list[torch.Tensor]]]):
+        self.base_cls, self.rule = base_cls, dispatch.FUSED_RULES[base_cls]
         self.groups = groups  # (param group, "element" or "grouped", momentum on (SGD), tensors, parameters never stepped)
 
     @classmethod
@@ -92,11 +92,12 @@ class NativeProgram:
                                        tuple((d, s, s.dtype) for d, s in counters),
                                        tuple(s.element_size() for _, s in counters), (p.numel(), p.element_size())))
             groups.append((group, name, momentum, tensors, absent))
-        return cls(rule, groups)
+        return cls(base_cls, groups)
 
     def prepare(self) -> tuple | None:
-        """This step's calls, ``[(dtype, kernel, flags, group, tensors, sizes, pointers)]``, and the step counters'
-        ``(sizes, pointers)``, or None (decline) when the full path must run it. Nothing moves."""
+        """This step's calls, ``[(dtype, kernel, flags, group, tensors, sizes, pointers, where their step counts
+        are)]``, and the step counters' ``(sizes, pointers)``, or None (decline) when the full path must run it.
+        Nothing moves."""
         adam = self.rule == "adam"
         calls, check_sizes, check_ptrs, counter_sizes, counter_ptrs = [], [], [], [], []
         for group, _, momentum, tensors, absent in self.groups:
@@ -128,12 +129,13 @@ class NativeProgram:
                     if d.get(name) is not s or not s.is_contiguous():
                         return None
                     ptrs.append(s.data_ptr())
+                batch = batches.setdefault((p.dtype, t.kernel), ([], [], [], []))
                 for d, s, dtype in t.counters:
                     if d.get("step") is not s or s.dtype != dtype:
                         return None
+                    batch[3].append(len(counter_ptrs))  # (where its count will be: one call advances them all)
                     counter_ptrs.append(s.data_ptr())
                 counter_sizes += t.counter_sizes
-                batch = batches.setdefault((p.dtype, t.kernel), ([], [], []))
                 batch[0].append(t)
                 batch[1].extend(t.extents)
                 batch[2].extend(ptrs)
@@ -149,11 +151,8 @@ class NativeProgram:
         entries a loop left for adoption (weights written outside the optimizer) take the spec's step with adoption."""
         calls, counters = prepared
         counts = native.advance(*counters) if self.rule == "adam" else None
-        done = 0
-        for dtype, kernel, flags, group, tensors, sizes, ptrs in calls:
-            mine = None if counts is None else counts[done:done + 2 * len(tensors)]
-            done += 2 * len(tensors)
-            rows = _fused.hyper_rows(group, len(tensors), mine)
+        for dtype, kernel, flags, group, tensors, sizes, ptrs, at in calls:
+            rows = _fused.hyper_rows(group, len(tensors), None if counts is None else [counts[i] for i in at])
             left = native.launch(kernel, dtype, len(tensors), sizes, ptrs, list(chain.from_iterable(rows)), flags)
             for t, changed, values in zip(tensors, left, rows):
                 if changed:
@@ -162,8 +161,7 @@ class NativeProgram:
     def _adopt(self, group: dict, t: _Tensor, values: list[float]) -> None:
         """The spec's step with adoption of the entries of ``t`` the loop left (see :func:`_fused.adopt_native`)."""
         name = next(n for g, n, *_ in self.groups if g is group)
-        base_cls = next(cls for cls, rule in dispatch.FUSED_RULES.items() if rule == self.rule)
-        flags = _fused._compiled_flags(_fused._Rule(base_cls, group, torch.device("cpu")), group, None)
+        flags = _fused._compiled_flags(_fused._Rule(self.base_cls, group, torch.device("cpu")), group, None)
         states = [None if c is None else c[2] for c in t.cells]
         _fused.adopt_native(name, flags, False, t.p.grad, t.p, t.factor, t.W, states[:3], states[3:], values, t.layout, t.extra)
 
