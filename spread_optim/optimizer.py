@@ -435,7 +435,8 @@ class SpreadOptimizer(Optimizer):
         the step; the full path runs every other step, and makes the kept plan's program."""
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         made, program = self._program
-        if made is kinds and program is not None and grad_scale is None and found_inf is None:
+        scaled = grad_scale is not None or found_inf is not None  # (GradScaler's steps: the full path's)
+        if made is kinds and program is not None and not scaled:
             calls = program.prepare()
             if calls is not None:
                 if self._base_has_work():  # (dense groups, before the sparse ones move: as the full path)
@@ -443,8 +444,8 @@ class SpreadOptimizer(Optimizer):
                 program.run(calls)
                 return
         self._full_step(kinds, grad_scale, found_inf)
-        if self._planned is not None and self._planned[-1] is kinds and (made is not kinds or program is not None):
-            self._program = (kinds, NativeProgram.of(kinds, self._base_cls, self.state))
+        if self._planned is not None and self._planned[-1] is kinds and (made is not kinds or program is not None and not scaled):
+            self._program = (kinds, NativeProgram.of(kinds, self._base_cls, self.state))  # (new, or after it declined)
 
     def _full_step(self, kinds: list[Kind], grad_scale, found_inf) -> None:
         """Check the gradients, then the factor gradients and base step of the split groups and the fused groups'

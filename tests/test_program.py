@@ -240,3 +240,29 @@ def test_a_parameter_not_stepped_yet_keeps_the_program_until_it_has_a_gradient()
     # q's base state), is built again after it and takes steps 4 and 5 (the plan is kept: q's factors were there)
     assert ran == [1, 2, 4, 5]
     assert opt.state[q]["base"]["W"]["step"] == 3
+
+
+def test_a_scaled_step_takes_the_full_path_and_keeps_the_program(monkeypatch):
+    """GradScaler hands ``grad_scale``/``found_inf`` to the step: the full path takes it (the program is not built
+    again for it), and the next unscaled step is the program's; the scaled step equals the run without a program."""
+    results = []
+    for use_program in (True, False):
+        if not use_program:
+            monkeypatch.setattr(NativeProgram, "of", classmethod(lambda cls, *args: None))
+        p = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        opt = SpreadOptimizer([p], "adam", lr=0.01, kappa=0.01)  # (GradScaler's attributes set by hand below)
+        p.grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+        opt.step()
+        program = opt._program[1]
+        assert (program is not None) == use_program
+        ran = []
+        if use_program:
+            monkeypatch.setattr(program, "run", lambda calls, run=program.run: (ran.append(1), run(calls))[1])
+        opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+        assert ran == [] and opt._program[1] is program
+        opt.step()
+        assert ran == ([1] if use_program else [])
+        results.append((p.detach().clone(), copy.deepcopy(opt.state[p])))
+    assert _equal(results[0], results[1])
