@@ -2,7 +2,8 @@
 packed into one flat tensor per step (``kernels/cpu.py``'s ``Pack``) or not.
 
 Three lists of small tensors (a 40-64-4 MLP; 62 tensors of 64 elements; ResNet-18's 62 shapes divided by 16 per
-dim) in one element-sparse group of ``SpreadAdam``: ``default`` (``fused=None``), the split path (``fused=False``,
+dim) in one element-sparse group of ``SpreadAdam`` (and the MLP column-sparse: its 1-D tensors in a second, row-sparse
+group, as ``step_speed.py`` has it): ``default`` (``fused=None``), the split path (``fused=False``,
 torch's fused Adam on the factors) with packing on and off (``cpu.PACK_MAX = 0``), and torch's fused Adam; and the
 default step and torch's with a learning-rate scheduler (``OneCycleLR``, which changes lr and beta1 at every step:
 the optimizer keeps its plan of the step, as it does when nothing changes), each step followed by the scheduler's.
@@ -26,7 +27,7 @@ from spread_optim import SpreadAdam
 from spread_optim.kernels import cpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_speed import resnet18_shapes  # noqa: E402
+from step_speed import _groups, resnet18_shapes  # noqa: E402
 
 
 def with_grads(shapes):
@@ -44,18 +45,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    cases = {"MLP 40-64-4": [(64, 40), (64,), (4, 64), (4,)], "62 x 64": [(64,)] * 62,
-             "ResNet-18 / 16": [tuple(max(1, s // 4) for s in shape) for shape in resnet18_shapes()]}
+    mlp = [(64, 40), (64,), (4, 64), (4,)]
+    cases = {"MLP 40-64-4": (mlp, "element"), "MLP 40-64-4, column": (mlp, "column"), "62 x 64": ([(64,)] * 62, "element"),
+             "ResNet-18 / 16": ([tuple(max(1, s // 4) for s in shape) for shape in resnet18_shapes()], "element")}
     default = cpu.PACK_MAX
     print(f"torch {torch.__version__}, 1 thread; ms per step (x torch fused Adam)")
     print("| tensors | default | split, unpacked | split, packed | torch Adam fused | default, scheduled | torch, scheduled |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, shapes in cases.items():
-        runs = {"default": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4), default),
-                "unpacked": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4, fused=False), 0),
-                "packed": (SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4, fused=False), default),
+    for name, (shapes, sparsity) in cases.items():
+        def spread(**kwargs):
+            return SpreadAdam(_groups(with_grads(shapes), sparsity), lr=1e-3, kappa=1e-4, **kwargs)
+
+        runs = {"default": (spread(), default), "unpacked": (spread(fused=False), 0), "packed": (spread(fused=False), default),
                 "torch": (torch.optim.Adam(with_grads(shapes), lr=1e-3, fused=True), default),
-                "scheduled": (scheduled(SpreadAdam(with_grads(shapes), lr=1e-3, kappa=1e-4), args.rounds), default),
+                "scheduled": (scheduled(spread(), args.rounds), default),
                 "torch scheduled": (scheduled(torch.optim.Adam(with_grads(shapes), lr=1e-3, fused=True), args.rounds), default)}
         times = {k: [] for k in runs}
         for round_ in range(args.rounds):

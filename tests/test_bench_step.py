@@ -42,7 +42,7 @@ def test_step_speed_quick(tmp_path):
 def test_small_tensors_runs():
     out = run("small_tensors.py", "--rounds", "8")
     lines = [line for line in out.splitlines() if line.startswith("| ") and "ms" not in line.split("|")[1]]
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["MLP 40-64-4", "62 x 64", "ResNet-18 / 16"]
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["MLP 40-64-4", "MLP 40-64-4, column", "62 x 64", "ResNet-18 / 16"]
 
 
 @pytest.mark.slow
