@@ -79,10 +79,12 @@ class NativeProgram:
                 if found is None and p.grad is None:
                     absent.append(p)  # (not stepped yet: while its gradient stays None, nothing of it moves)
                     continue
-                if (found is None or layout not in dispatch.NATIVE_LAYOUTS or p.dtype not in native.DTYPES or not p.is_cpu
-                        or not p.numel() or not p.is_contiguous()):
+                if found is None or not p.is_cpu or not p.numel() or not p.is_contiguous():
                     return None
                 factor, W, dicts, cells, counters = found
+                # (the engine the full path would choose: the gradient's dtype is checked at every step)
+                if dispatch.cpu_engine(layout, p, p, factor, {"rule": rule}, True) != "native":
+                    return None
                 if not (_fits(factor, p, factor.shape) and _fits(W, p, p.shape)
                         and all(_fits(c[2], p, (factor if i < 3 else W).shape) for i, c in enumerate(cells) if c is not None)):
                     return None
@@ -95,12 +97,12 @@ class NativeProgram:
         return cls(base_cls, groups)
 
     def prepare(self) -> tuple | None:
-        """This step's calls, ``[(dtype, kernel, flags, group, tensors, sizes, pointers, where their step counts
-        are)]``, and the step counters' ``(sizes, pointers)``, or None (decline) when the full path must run it.
+        """This step's calls, ``[(dtype, kernel, flags, group, kind's name, tensors, sizes, pointers, where their
+        step counts are)]``, and the step counters' ``(sizes, pointers)``, or None (decline) when the full path must run it.
         Nothing moves."""
         adam = self.rule == "adam"
         calls, check_sizes, check_ptrs, counter_sizes, counter_ptrs = [], [], [], [], []
-        for group, _, momentum, tensors, absent in self.groups:
+        for group, name, momentum, tensors, absent in self.groups:
             if not adam and (group.get("momentum", 0) != 0) != momentum:
                 return None
             for p in absent:
@@ -125,8 +127,8 @@ class NativeProgram:
                     if cell is None:
                         ptrs.append(0)
                         continue
-                    d, name, s = cell
-                    if d.get(name) is not s or not s.is_contiguous():
+                    d, entry, s = cell
+                    if d.get(entry) is not s or not s.is_contiguous():
                         return None
                     ptrs.append(s.data_ptr())
                 batch = batches.setdefault((p.dtype, t.kernel), ([], [], [], []))
@@ -141,7 +143,7 @@ class NativeProgram:
                 batch[2].extend(ptrs)
                 check_sizes += t.check
                 check_ptrs.append(g_ptr)
-            calls += [(dtype, kernel, flags, group, *batch) for (dtype, kernel), batch in batches.items()]
+            calls += [(dtype, kernel, flags, group, name, *batch) for (dtype, kernel), batch in batches.items()]
         if native.nonfinite_at(check_sizes, check_ptrs):
             return None  # (the full path raises, naming the parameter)
         return calls, (counter_sizes, counter_ptrs)
@@ -151,16 +153,15 @@ class NativeProgram:
         entries a loop left for adoption (weights written outside the optimizer) take the spec's step with adoption."""
         calls, counters = prepared
         counts = native.advance(*counters) if self.rule == "adam" else None
-        for dtype, kernel, flags, group, tensors, sizes, ptrs, at in calls:
+        for dtype, kernel, flags, group, name, tensors, sizes, ptrs, at in calls:
             rows = _fused.hyper_rows(group, len(tensors), None if counts is None else [counts[i] for i in at])
             left = native.launch(kernel, dtype, len(tensors), sizes, ptrs, list(chain.from_iterable(rows)), flags)
             for t, changed, values in zip(tensors, left, rows):
                 if changed:
-                    self._adopt(group, t, values)
+                    self._adopt(group, name, t, values)
 
-    def _adopt(self, group: dict, t: _Tensor, values: list[float]) -> None:
+    def _adopt(self, group: dict, name: str, t: _Tensor, values: list[float]) -> None:
         """The spec's step with adoption of the entries of ``t`` the loop left (see :func:`_fused.adopt_native`)."""
-        name = next(n for g, n, *_ in self.groups if g is group)
         flags = _fused._compiled_flags(_fused._Rule(self.base_cls, group, torch.device("cpu")), group, None)
         states = [None if c is None else c[2] for c in t.cells]
         _fused.adopt_native(name, flags, False, t.p.grad, t.p, t.factor, t.W, states[:3], states[3:], values, t.layout, t.extra)
@@ -168,7 +169,8 @@ class NativeProgram:
 
 def _found(st: dict | None, key: str, names: tuple, adam: bool) -> tuple | None:
     """``(factor, W, dicts, cells, counters)`` of :class:`_Tensor` from one parameter's state ``st`` (rule states
-    ``names``), or None when one is missing (the full path creates it)."""
+    ``names``; the cells in the order of :func:`native.pointers`' last six), or None when one is missing (the full
+    path creates it)."""
     base = st.get("base") if st else None
     fs, ws = (base.get(key), base.get("W")) if isinstance(base, dict) else (None, None)
     if not isinstance(fs, dict) or not isinstance(ws, dict) or key not in st or "W" not in st:

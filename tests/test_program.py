@@ -10,6 +10,8 @@ steps the program took, so that a program that always declines fails.
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,9 @@ import torch
 from spread_optim import SpreadOptimizer
 from spread_optim._program import NativeProgram
 from spread_optim.kernels import native
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_plan_reuse import _equal  # noqa: E402  (bit for bit, NaN where the other has NaN)
 
 pytestmark = pytest.mark.skipif(native.unavailable() is not None, reason="the native loops are not built here")
 
@@ -148,17 +153,6 @@ def _step(opt, params, dense, gen, change):
 def _snapshot(opt, params, dense):
     state = {i: copy.deepcopy(opt.state[p]) for i, p in enumerate((*params, dense)) if p in opt.state}
     return [p.detach().clone() for p in (*params, dense)], state
-
-
-def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-                and bool(((a == b) | (a != a) & (b != b)).all()))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @pytest.mark.parametrize("setup", sorted(SETUPS))
