@@ -19,7 +19,7 @@ them as they are and count them, and the caller adopts them (as after the compil
 conversions), the row kernel two of its three passes over memory, and both the per-call guards of
 ``torch.compile``.
 
-The library is built once per source and compiler (``-O3 -march=native``, no fast-math and no contraction into
+The library is built once per source, compiler and CPU (``-O3 -march=native``, no fast-math and no contraction into
 fused multiply-adds, so the numbers are the spec's) into a cache folder: ``$SPREAD_OPTIM_CACHE`` or
 ``~/.cache/spread_optim``; without a C compiler (or with ``SPREAD_OPTIM_NATIVE=0``) :func:`unavailable` says why,
 and the compiled step runs inductor's code instead.
@@ -31,6 +31,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("native_step.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-std=c99", "-shared", "-fPIC")
+#: the driver's options whose value names the target CPU or one of its features (clang)
+TARGET_OPTIONS = ("-target-cpu", "-target-feature", "-tune-cpu")
 #: the parameter dtypes it steps (factors of the same dtype)
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _RULES = {"sgd": 0, "sgd_momentum": 1, "adam": 2}
@@ -63,6 +66,27 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "spread_optim"
 
 
+def _target(cc: str) -> str:
+    """What ``-march=native`` means to this compiler on this machine, from the driver's expanded command (``-###``,
+    nothing compiled): gcc's ``-march=<cpu>`` and every ``-m`` feature, clang's ``-target-cpu`` and
+    ``-target-feature`` list. A cache folder shared by machines of different CPUs (a home folder on a cluster) then
+    holds one library per CPU, and none is loaded where its instructions do not exist."""
+    try:
+        done = subprocess.run([cc, *FLAGS[:2], "-###", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
+                              timeout=60)
+        words = [w.strip('"') for w in (done.stdout + done.stderr).split()]
+    except (OSError, subprocess.SubprocessError) as error:
+        words = [type(error).__name__]
+    named = [w for i, w in enumerate(words) if w.startswith("-m") or i and words[i - 1] in TARGET_OPTIONS]
+    return " ".join((platform.machine(), *(named or words)))
+
+
+def _build_key(cc: str) -> str:
+    """The library's name in the cache: a hash of the source, the compiler and its flags, and the CPU they target."""
+    material = SOURCE.read_bytes() + "\n".join((cc, *FLAGS, _target(cc))).encode()
+    return hashlib.sha256(material).hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | str:
     """The loaded library, or why it cannot be built here (a string)."""
@@ -73,9 +97,7 @@ def _library() -> ctypes.CDLL | str:
         return "no C compiler found (set CC, or install cc, gcc or clang)"
     if not SOURCE.is_file():
         return f"the native loops' source is missing from the installation ({SOURCE})"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"native_step_{key}.so"
+    target = _cache_dir() / f"native_step_{_build_key(cc)}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)

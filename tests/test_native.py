@@ -8,6 +8,7 @@ differ from the IEEE one by an ulp (seen on revived entries), which a cancelling
 """
 
 import itertools
+import platform
 
 import pytest
 import torch
@@ -172,6 +173,33 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
         assert native.unavailable() is None and list(tmp_path.glob("native_step_*.so")) == built
     finally:
         native._library.cache_clear()
+
+
+def test_the_library_is_built_per_cpu(monkeypatch, tmp_path):
+    """``-march=native`` binds the library to the CPU it was built on: a cache folder shared by machines of
+    different CPUs (a cluster's home folder) holds one library per CPU, the key is stable from call to call, and the
+    CPU is read off the compiler driver (gcc's expanded ``-m`` options, clang's target CPU and features)."""
+    cc = native._compiler()
+    assert native._build_key(cc) == native._build_key(cc), "the same machine, the same library"
+    assert native._target(cc).split()[0] == platform.machine() and len(native._target(cc).split()) > 1
+    for name, text in (("gcc", 'cc1 -quiet /dev/null "-march=znver4" -mmmx -mno-sse4a -mavx512f --param "l1-cache-size=48"'),
+                       ("clang", '"clang" "-cc1" "-E" "-target-cpu" "sapphirerapids" "-target-feature" "+avx512f" "-x" "c"')):
+        fake = tmp_path / name
+        fake.write_text(f"#!/bin/sh\necho '{text}' >&2\n")
+        fake.chmod(0o755)
+        expected = {"gcc": "-march=znver4 -mmmx -mno-sse4a -mavx512f", "clang": "sapphirerapids +avx512f"}[name]
+        assert native._target(str(fake)) == f"{platform.machine()} {expected}"
+    monkeypatch.setenv("SPREAD_OPTIM_CACHE", str(tmp_path / "cache"))
+    built = []
+    for cpu in ("one cpu", "another cpu", "one cpu"):
+        monkeypatch.setattr(native, "_target", lambda cc, cpu=cpu: cpu)
+        native._library.cache_clear()
+        try:
+            assert native.unavailable() is None
+            built.append(sorted(p.name for p in (tmp_path / "cache").glob("native_step_*.so")))
+        finally:
+            native._library.cache_clear()
+    assert [len(b) for b in built] == [1, 2, 2] and built[1] == built[2]
 
 
 def _rows_problem(rows: int, width: int, dtype: torch.dtype, rule: str, amsgrad: bool, momentum: bool, scale: float):
