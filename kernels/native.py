@@ -112,10 +112,11 @@ def _library() -> ctypes.CDLL | str:
         return f"the native CPU step could not be built or loaded ({type(error).__name__}: {error})"
     lib.spread_nonfinite_batch.restype = ctypes.c_int64
     lib.spread_nonfinite_batch.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3]
-    lib.spread_count_steps.restype = None
-    lib.spread_count_steps.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3]
+    for name in ("spread_count_steps", "spread_set_counts"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3]
     for suffix in DTYPES.values():
-        for kernel in KERNELS:
+        for kernel in (*KERNELS, "columns_checked"):
             batch = getattr(lib, f"spread_{kernel}_batch_{suffix}")
             batch.restype = None
             batch.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3, *[ctypes.c_int] * 6, ctypes.c_void_p]
@@ -161,13 +162,24 @@ def count_steps(steps: list[torch.Tensor]) -> list[float] | None:
     return advance([s.element_size() for s in steps], [s.data_ptr() for s in steps])
 
 
-def advance(sizes: list[int], ptrs: list[int]) -> list[float]:
-    """:func:`count_steps` of the counters at ``ptrs`` (``sizes``: their bytes, 4 or 8), checked by the caller."""
-    out = array("d", bytes(8 * len(ptrs)))
+def advance(sizes: list[int], ptrs: list[int], before: list[float] | None = None) -> list[float]:
+    """:func:`count_steps` of the counters at ``ptrs`` (``sizes``: their bytes, 4 or 8), checked by the caller;
+    ``before`` receives the counts they had (for :func:`set_counts`)."""
+    count = len(ptrs)
+    out = array("d", bytes(16 * count))
     if ptrs:
         sizes, ptrs = array("q", sizes), array("q", ptrs)
-        _library().spread_count_steps(len(out), sizes.buffer_info()[0], ptrs.buffer_info()[0], out.buffer_info()[0])
-    return out.tolist()
+        _library().spread_count_steps(count, sizes.buffer_info()[0], ptrs.buffer_info()[0], out.buffer_info()[0])
+    if before is not None:
+        before[:] = out[count:].tolist()
+    return out[:count].tolist()
+
+
+def set_counts(sizes: list[int], ptrs: list[int], values: list[float]) -> None:
+    """Put the counters at ``ptrs`` back to ``values`` (:func:`advance`'s ``before``)."""
+    if ptrs:
+        sizes, ptrs, values = array("q", sizes), array("q", ptrs), array("d", values)
+        _library().spread_set_counts(len(ptrs), sizes.buffer_info()[0], ptrs.buffer_info()[0], values.buffer_info()[0])
 
 
 def _code(rule: str, momentum: bool) -> int:
@@ -231,15 +243,9 @@ def launch(kernel: str, dtype: torch.dtype, count: int, sizes, ptrs, h, flags: t
     loop, so the numbers do not depend on the thread count."""
     fn = getattr(_library(), f"spread_{kernel}_batch_{DTYPES[dtype]}")
     sizes, ptrs, h = array("q", sizes), array("q", ptrs), array("d", h)  # (flat C arrays: built faster than ctypes')
-    threads = torch.get_num_threads()
-    shared = threads > 1 and (kernel != "columns" or count > 1)  # (a columns tensor is not cut: its sums span all rows)
-    total = sum(sizes[3 * i] * sizes[3 * i + 1] for i in range(count)) if shared else 0
-    if total < PARALLEL_MIN:
-        changed = array("q", bytes(8 * count))
-        fn(count, sizes.buffer_info()[0], ptrs.buffer_info()[0], h.buffer_info()[0], *flags, changed.buffer_info()[0])
-        if min(changed, default=0) < 0:
-            raise MemoryError(_NO_SCRATCH)
-        return changed.tolist()
+    if one_call(kernel, count, sizes):
+        return _call(fn, count, sizes, ptrs, h, flags).tolist()
+    threads, total = torch.get_num_threads(), sum(sizes[3 * i] * sizes[3 * i + 1] for i in range(count))
     records = [(i, sizes[3 * i:3 * i + 3], ptrs[10 * i:10 * i + 10], h[13 * i:13 * i + 13]) for i in range(count)]
     shares = _whole_shares(records, threads) if kernel == "columns" else _shares(records, threads, total, dtype.itemsize, kernel)
 
@@ -260,6 +266,31 @@ def launch(kernel: str, dtype: torch.dtype, count: int, sizes, ptrs, h, flags: t
                 raise MemoryError(_NO_SCRATCH)
             left[i] += c
     return left
+
+
+def one_call(kernel: str, count: int, sizes) -> bool:
+    """Whether :func:`launch` steps these tensors in one call on one thread (else: one per torch CPU thread)."""
+    if torch.get_num_threads() == 1 or kernel == "columns" and count == 1:  # (a columns tensor is not cut: its sums span all rows)
+        return True
+    return sum(sizes[3 * i] * sizes[3 * i + 1] for i in range(count)) < PARALLEL_MIN
+
+
+def launch_checked(dtype: torch.dtype, count: int, sizes, ptrs, h, flags: tuple[int, ...]) -> list[int] | None:
+    """:func:`launch` of the columns loop with the optimizer's non-finite-gradient check taken by its sums pass
+    (which reads every gradient anyway), where :func:`one_call` holds: every tensor's sums first, then the rest of
+    every step. None, with nothing moved, when a sum ``g*W`` is not finite (an inf or a NaN in a gradient always
+    makes it so; the caller's own check then decides, and names the parameter)."""
+    fn = getattr(_library(), f"spread_columns_checked_batch_{DTYPES[dtype]}")
+    changed = _call(fn, count, array("q", sizes), array("q", ptrs), array("d", h), flags, checked=True)
+    return None if -2 in changed else changed.tolist()
+
+
+def _call(fn, count: int, sizes: array, ptrs: array, h: array, flags: tuple[int, ...], checked: bool = False) -> array:
+    changed = array("q", bytes(8 * count))
+    fn(count, sizes.buffer_info()[0], ptrs.buffer_info()[0], h.buffer_info()[0], *flags, changed.buffer_info()[0])
+    if -1 in changed or not checked and min(changed, default=0) < 0:
+        raise MemoryError(_NO_SCRATCH)
+    return changed
 
 
 def _shares(records: list, threads: int, total: int, itemsize: int, kernel: str) -> list[list]:

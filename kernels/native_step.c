@@ -93,9 +93,9 @@ static inline real rule_##suffix(int rule, int amsgrad, int nesterov, int first,
 static inline __attribute__((always_inline)) int64_t element_loop_##suffix(                                       \
         int64_t n, int64_t width, int64_t inner, const real *restrict grad, real *restrict p, real *restrict U,     \
         real *restrict W, real *restrict sU0, real *restrict sU1, real *restrict sU2, real *restrict sW0, real *restrict sW1,        \
-        real *restrict sW2, const consts_##suffix *restrict c, int rule, int amsgrad, int nesterov, int first,     \
-        int scaled) {                                                                                              \
-    (void)width; (void)inner;                                                                                      \
+        real *restrict sW2, void *pre, const consts_##suffix *restrict c, int rule, int amsgrad, int nesterov,     \
+        int first, int scaled) {                                                                                   \
+    (void)width; (void)inner; (void)pre;                                                                           \
     int64_t changed = 0;                                                                                           \
     for (int64_t i = 0; i < n; i++) {                                                                              \
         const real g = grad_##suffix(grad[i], scaled, c);                                                          \
@@ -144,9 +144,9 @@ static inline real total_##suffix(const real *acc) {                            
 static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(                                          \
         int64_t n, int64_t width, int64_t inner, const real *restrict grad, real *restrict p, real *restrict u,     \
         real *restrict W, real *restrict su0, real *restrict su1, real *restrict su2, real *restrict sW0,          \
-        real *restrict sW1, real *restrict sW2, const consts_##suffix *restrict c, int rule, int amsgrad,           \
-        int nesterov, int first, int scaled) {                                                                     \
-    (void)inner;                                                                                                   \
+        real *restrict sW1, real *restrict sW2, void *pre, const consts_##suffix *restrict c, int rule,            \
+        int amsgrad, int nesterov, int first, int scaled) {                                                        \
+    (void)inner; (void)pre;                                                                                        \
     int64_t changed = 0;                                                                                           \
     if (width == 1) {  /* one entry per row (biases, norms' scales): rows side by side, vectorised, the same numbers */ \
         for (int64_t r = 0; r < n; r++) {                                                                          \
@@ -279,21 +279,24 @@ static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(        
    the step needs, and where the sums outgrow the L1 cache (rows over 4 KB) they take two rows at once (each sum      \
    loaded and stored once per pair, the same additions in the same order). Returns the number of groups left for      \
    adoption (-1: no memory for the scratch; then nothing has moved). */                                               \
-static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(                                           \
-        int64_t n, int64_t K, int64_t r, const real *restrict grad, real *restrict p, real *restrict u,               \
-        real *restrict W, real *restrict su0, real *restrict su1, real *restrict su2, real *restrict sW0,             \
-        real *restrict sW1, real *restrict sW2, const consts_##suffix *restrict c, int rule, int amsgrad,             \
-        int nesterov, int first, int scaled) {                                                                        \
+typedef struct { real *scratch; int64_t *list; int *diffs, *mode; } colsums_##suffix;  /* (a)'s results */        \
+                                                                                                                      \
+/* sweep (a), which moves nothing, into s (its scratch freed by columns_loop, or by the caller when that does not     \
+   run); returns -1 (no memory: nothing allocated), else 1 when a sum g*W is not finite (a gradient's inf or NaN      \
+   always makes its sum so; finite gradients only when the sum overflows), else 0 */                                  \
+static inline __attribute__((always_inline)) int columns_sums_##suffix(                                               \
+        int64_t n, int64_t K, int64_t r, const real *restrict grad, const real *restrict p, const real *restrict u,   \
+        const real *restrict W, const consts_##suffix *restrict c, int scaled, colsums_##suffix *s) {                 \
+    s->scratch = NULL; s->list = NULL; s->diffs = NULL; s->mode = NULL;                                               \
     if (n == 0 || K == 0 || r == 0) return 0;                                                                         \
     const int64_t G = K / r, S = K + 16;  /* (scratch arrays S apart: not 4 KB apart, no false store-to-load waits) */ \
-    real *scratch = calloc((size_t)(10 * S + 2 * G), sizeof(real));                                                       \
+    real *scratch = calloc((size_t)(10 * S + 2 * G), sizeof(real));                                                   \
     int64_t *list = malloc(sizeof(int64_t) * (size_t)K);                                                              \
     int *diffs = calloc((size_t)K, sizeof(int)), *mode = calloc((size_t)G, sizeof(int));                              \
     if (!scratch || !list || !diffs || !mode) { free(scratch); free(list); free(diffs); free(mode); return -1; }      \
+    s->scratch = scratch; s->list = list; s->diffs = diffs; s->mode = mode;                                           \
     real *restrict uo = scratch, *restrict gw = uo + S, *restrict wsq = gw + S, *restrict gsq = wsq + S;              \
-    real *restrict osq = gsq + S, *restrict w1sq = osq + S, *restrict wold = w1sq + S;                                \
-    real *restrict up = wold + S, *restrict dir = up + S, *restrict keep = dir + S, *restrict u1g = keep + S;         \
-    real *restrict norm = u1g + G;  /* (per group: u's new value above, theta's new norm here) */                     \
+    real *restrict osq = gsq + S;                                                                                     \
     int dead_possible = 0;  /* (a dead group has u = 0) */                                                            \
     for (int64_t j = 0; j < G; j++) dead_possible |= u[j] == 0;                                                       \
     for (int64_t k = 0; k < K; k++) uo[k] = u[k / r];                                                                 \
@@ -325,6 +328,32 @@ static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(     
         if (rowdiff)                                                                                                  \
             for (int64_t k = 0; k < K; k++) diffs[k] |= (uo[k] * wi[k] != pi[k]) | (o && uo[k] * wi[o + k] != pi[o + k]); \
     }                                                                                                                 \
+    int nonfinite = 0;                                                                                                \
+    for (int64_t k = 0; k < K; k++) nonfinite |= !(gw[k] - gw[k] == 0);                                              \
+    return nonfinite;                                                                                                 \
+}                                                                                                                     \
+                                                                                                                      \
+/* sweep (a), unless `pre` holds its results (columns_sums: then the caller has checked them), and the rest */       \
+static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(                                           \
+        int64_t n, int64_t K, int64_t r, const real *restrict grad, real *restrict p, real *restrict u,               \
+        real *restrict W, real *restrict su0, real *restrict su1, real *restrict su2, real *restrict sW0,             \
+        real *restrict sW1, real *restrict sW2, void *pre, const consts_##suffix *restrict c, int rule, int amsgrad,  \
+        int nesterov, int first, int scaled) {                                                                        \
+    colsums_##suffix own, *sums = pre;                                                                                \
+    if (!sums) {                                                                                                      \
+        sums = &own;                                                                                                  \
+        if (columns_sums_##suffix(n, K, r, grad, p, u, W, c, scaled, sums) < 0) return -1;                            \
+    }                                                                                                                 \
+    if (!sums->scratch) return 0;  /* (an empty tensor) */                                                            \
+    const int64_t G = K / r, S = K + 16;                                                                              \
+    real *scratch = sums->scratch;                                                                                    \
+    int64_t *list = sums->list;                                                                                       \
+    int *diffs = sums->diffs, *mode = sums->mode;                                                                     \
+    real *restrict uo = scratch, *restrict gw = uo + S, *restrict wsq = gw + S, *restrict gsq = wsq + S;              \
+    real *restrict osq = gsq + S, *restrict w1sq = osq + S, *restrict wold = w1sq + S;                                \
+    real *restrict up = wold + S, *restrict dir = up + S, *restrict keep = dir + S, *restrict u1g = keep + S;         \
+    real *restrict norm = u1g + G;  /* (per group: u's new value above, theta's new norm here) */                     \
+    const int pairs = K * (int64_t)sizeof(real) > 4096;                                                               \
     int64_t changed = 0, written = 0, held = 0, snapped = 0;                                                          \
     for (int64_t j = 0; j < G; j++) {                                                                                 \
         int any = 0;                                                                                                  \
@@ -440,8 +469,8 @@ DEFINE_COLUMNS(double, f64, sqrt, fabs)
    `maximize` is a factor of -1 (an exact negation); `first`: the momentum buffer is created in this step. */
 #define ARGS(real) int64_t n, int64_t width, int64_t inner, const real *restrict g, real *restrict p, real *restrict U,            \
     real *restrict W, real *restrict sU0, real *restrict sU1, real *restrict sU2, real *restrict sW0,               \
-    real *restrict sW1, real *restrict sW2
-#define PASS n, width, inner, g, p, U, W, sU0, sU1, sU2, sW0, sW1, sW2
+    real *restrict sW1, real *restrict sW2, void *pre
+#define PASS n, width, inner, g, p, U, W, sU0, sU1, sU2, sW0, sW1, sW2, pre
 #define LOOP(kernel, suffix, real, name, RULE, AMSGRAD, NESTEROV, FIRST, SCALED)                                  \
 static int64_t kernel##_##name##_##suffix(ARGS(real), const consts_##suffix *c) {                                 \
     return kernel##_loop_##suffix(PASS, c, RULE, AMSGRAD, NESTEROV, FIRST, SCALED);                                \
@@ -477,8 +506,8 @@ void spread_##kernel##_batch_##suffix(int64_t count, const int64_t *sizes, real 
     for (int64_t i = 0; i < count; i++) {                                                                          \
         real *const *q = ptrs + 10 * i;                                                                            \
         changed[i] = spread_##kernel##_##suffix(sizes[3 * i], sizes[3 * i + 1], sizes[3 * i + 2], q[0], q[1], q[2],\
-                                                q[3], q[4], q[5], q[6], q[7], q[8], q[9], h + 13 * i, rule, amsgrad,\
-                                                nesterov, first, maximize, scaled);                                \
+                                                q[3], q[4], q[5], q[6], q[7], q[8], q[9], NULL, h + 13 * i, rule,   \
+                                                amsgrad, nesterov, first, maximize, scaled);                       \
     }                                                                                                              \
 }
 
@@ -488,6 +517,46 @@ ENTRY(rows, f32, float)
 ENTRY(rows, f64, double)
 ENTRY(columns, f32, float)
 ENTRY(columns, f64, double)
+
+/* The columns batch with the optimizer's non-finite-gradient check taken by sweep (a), which reads every gradient
+   anyway (the separate check's read of them is saved): every tensor's sweep (a) first, the last tensor first, then,
+   when every sum g*W is finite, the rest of each tensor's step, the first tensor first (so that the small early
+   tensors of a model find their sums pass's data still in cache). Else nothing moves, and changed[i] is -2 for each
+   tensor whose sums are not finite (a non-finite gradient, or rarely an overflow: the caller's own check decides).
+   changed[i] -1: no memory for the scratch (when sweep (a) finds none, nothing has moved). */
+#define DEFINE_CHECKED(suffix, real)                                                                               \
+void spread_columns_checked_batch_##suffix(int64_t count, const int64_t *sizes, real *const *ptrs, const double *h,\
+                                           int rule, int amsgrad, int nesterov, int first, int maximize,          \
+                                           int scaled, int64_t *changed) {                                         \
+    colsums_##suffix *sums = calloc((size_t)(count > 0 ? count : 1), sizeof *sums);                                \
+    int failed = !sums;                                                                                            \
+    for (int64_t i = 0; i < count; i++) changed[i] = failed ? -1 : 0;                                              \
+    for (int64_t i = count - 1; i >= 0 && !failed; i--) {                                                          \
+        real *const *q = ptrs + 10 * i;                                                                            \
+        const consts_##suffix k = consts_of_##suffix(h + 13 * i, maximize ? -1 : 1);                               \
+        const int got = columns_sums_##suffix(sizes[3 * i], sizes[3 * i + 1], sizes[3 * i + 2], q[0], q[1], q[2],  \
+                                              q[3], &k, scaled, sums + i);                                         \
+        changed[i] = got < 0 ? -1 : got ? -2 : 0;                                                                  \
+        failed |= got < 0;                                                                                         \
+    }                                                                                                              \
+    for (int64_t i = 0; i < count; i++) failed |= changed[i] != 0;                                                 \
+    if (failed) {                                                                                                  \
+        for (int64_t i = 0; sums && i < count; i++) {                                                              \
+            free(sums[i].scratch); free(sums[i].list); free(sums[i].diffs); free(sums[i].mode);                    \
+        }                                                                                                          \
+        free(sums);                                                                                                \
+        return;                                                                                                    \
+    }                                                                                                              \
+    for (int64_t i = 0; i < count; i++) {  /* (each call frees its sums) */                                        \
+        real *const *q = ptrs + 10 * i;                                                                            \
+        changed[i] = spread_columns_##suffix(sizes[3 * i], sizes[3 * i + 1], sizes[3 * i + 2], q[0], q[1], q[2],   \
+                                             q[3], q[4], q[5], q[6], q[7], q[8], q[9], sums + i, h + 13 * i, rule, \
+                                             amsgrad, nesterov, first, maximize, scaled);                          \
+    }                                                                                                              \
+    free(sums);                                                                                                    \
+}
+DEFINE_CHECKED(f32, float)
+DEFINE_CHECKED(f64, double)
 
 /* 1 when one of the n entries is an inf or a NaN (its exponent bits all set), else 0: the optimizer's
    non-finite-gradient check, one read of the gradient (integer compares: vectorised, no float traps). A plain loop:
@@ -514,10 +583,19 @@ int64_t spread_nonfinite_batch(int64_t count, const int64_t *sizes, const void *
 }
 
 /* Adam's step counters, torch's 0-dimensional tensors: counter i at ptrs[i] (sizes[i] bytes: 4, float32, or 8,
-   float64) is advanced by one, as torch's add does in its own type; out[i] receives the new count. */
+   float64) is advanced by one, as torch's add does in its own type; out[i] receives the new count, out[count + i]
+   the one it had. */
 void spread_count_steps(int64_t count, const int64_t *sizes, void *const *ptrs, double *out) {
     for (int64_t i = 0; i < count; i++) {
-        if (sizes[i] == 8) { double *s = ptrs[i]; *s += 1.0; out[i] = *s; }
-        else { float *s = ptrs[i]; *s += 1.0f; out[i] = (double)*s; }
+        if (sizes[i] == 8) { double *s = ptrs[i]; out[count + i] = *s; *s += 1.0; out[i] = *s; }
+        else { float *s = ptrs[i]; out[count + i] = (double)*s; *s += 1.0f; out[i] = (double)*s; }
+    }
+}
+
+/* The counters put back to the counts they had (values[i], as spread_count_steps gave them: exact in their type). */
+void spread_set_counts(int64_t count, const int64_t *sizes, void *const *ptrs, const double *values) {
+    for (int64_t i = 0; i < count; i++) {
+        if (sizes[i] == 8) *(double *)ptrs[i] = values[i];
+        else *(float *)ptrs[i] = (float)values[i];
     }
 }

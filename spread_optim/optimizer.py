@@ -438,10 +438,8 @@ class SpreadOptimizer(Optimizer):
         scaled = grad_scale is not None or found_inf is not None  # (GradScaler's steps: the full path's)
         if made is kinds and program is not None and not scaled:
             calls = program.prepare()
-            if calls is not None:
-                if self._base_has_work():  # (dense groups, before the sparse ones move: as the full path)
-                    self._hidden.step()
-                program.run(calls)
+            # (dense groups move once the gradients are checked, before the sparse ones: as the full path)
+            if calls is not None and program.run(calls, self._hidden.step if self._base_has_work() else None):
                 return
         self._full_step(kinds, grad_scale, found_inf)
         if self._planned is not None and self._planned[-1] is kinds and (made is not kinds or program is not None and not scaled):

@@ -9,6 +9,7 @@ differ from the IEEE one by an ulp (seen on revived entries), which a cancelling
 
 import itertools
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,17 +190,26 @@ def test_the_library_is_built_per_cpu(monkeypatch, tmp_path):
         fake.chmod(0o755)
         expected = {"gcc": "-march=znver4 -mmmx -mno-sse4a -mavx512f", "clang": "sapphirerapids +avx512f"}[name]
         assert native._target(str(fake)) == f"{platform.machine()} {expected}"
-    monkeypatch.setenv("SPREAD_OPTIM_CACHE", str(tmp_path / "cache"))
-    built = []
+    keys = {}
     for cpu in ("one cpu", "another cpu", "one cpu"):
         monkeypatch.setattr(native, "_target", lambda cc, cpu=cpu: cpu)
+        keys.setdefault(cpu, set()).add(native._build_key(cc))
+    assert len(keys["one cpu"]) == 1 and keys["one cpu"] != keys["another cpu"]
+    keys = {cpu: key for cpu, (key,) in keys.items()}
+    # the library looked up is the one named by this CPU's key: a copy of this machine's library under "one cpu"'s
+    # name is loaded as it is (nothing is built: the folder keeps one file)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    built = Path(native._library()._name)
+    (cache / f"native_step_{keys['one cpu']}.so").write_bytes(built.read_bytes())
+    monkeypatch.setenv("SPREAD_OPTIM_CACHE", str(cache))
+    monkeypatch.setattr(native, "_target", lambda cc: "one cpu")
+    native._library.cache_clear()
+    try:
+        assert native.unavailable() is None and len(list(cache.iterdir())) == 1
+        assert Path(native._library()._name).name == f"native_step_{keys['one cpu']}.so"
+    finally:
         native._library.cache_clear()
-        try:
-            assert native.unavailable() is None
-            built.append(sorted(p.name for p in (tmp_path / "cache").glob("native_step_*.so")))
-        finally:
-            native._library.cache_clear()
-    assert [len(b) for b in built] == [1, 2, 2] and built[1] == built[2]
 
 
 def _rows_problem(rows: int, width: int, dtype: torch.dtype, rule: str, amsgrad: bool, momentum: bool, scale: float):
@@ -384,8 +394,6 @@ def test_nonfinite_check_of_many_tensors_in_one_call():
 def test_the_source_ships_with_the_package_and_its_absence_is_a_reason(monkeypatch, tmp_path):
     """The C source is package data (a wheel carries it: the loops are built on the user's machine); an
     installation without it reports why the native loops are off instead of failing."""
-    from pathlib import Path
-
     tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "*.c" in pyproject["tool"]["setuptools"]["package-data"]["spread_optim.kernels"]
@@ -426,6 +434,62 @@ def test_a_step_split_across_threads_equals_one_thread(kernel, monkeypatch):
         runs.append((left, [t.clone() for item in items for t in _tensors(list(item[:6]))]))
     assert runs[0][0] == runs[1][0] and all(c > 0 for c in runs[0][0])  # (each tensor has written weights)
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def _checked_items(dtype: torch.dtype, full: dict) -> list[tuple]:
+    """Four columns tensors (Linear-like, conv-like, rows over 4 KB; dead columns in some, written weights in all)."""
+    scale = HYPER["grad_scale"] if full["scaled"] else 1.0
+    return [(*_columns_problem(*shape, dtype, full["rule"], full["amsgrad"], full["momentum"], scale,
+                               maximize=full["maximize"], dead=k % 2 == 0), list(HYPER.values()))
+            for k, shape in enumerate([(5, 48, 1), (7, 40, 9), (4, 130, 9), (3, 1100, 1)])]
+
+
+def _launch(items: list[tuple], full: dict, checked: bool):
+    sizes = [n for item in items for n in native.extents("columns", item[1])]
+    ptrs = [q for item in items for q in native.pointers(*item[:6])]
+    h = [x for item in items for x in item[6]]
+    flags = native.flags(full["rule"], full["amsgrad"], full["nesterov"], full["momentum"], full["first"],
+                         full["maximize"], full["scaled"])
+    if checked:
+        return native.launch_checked(items[0][1].dtype, len(items), sizes, ptrs, h, flags)
+    return native.launch("columns", items[0][1].dtype, len(items), sizes, ptrs, h, flags)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("flags", ROW_COMBOS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_the_checked_columns_call_equals_the_call(flags, dtype):
+    """The columns call whose sums pass is the non-finite check (every tensor's sums first, the steps after, in the
+    other order) steps as the plain call, bit for bit, with the same counts of written columns."""
+    full = _full(flags)
+    runs = []
+    for checked in (False, True):
+        items = _checked_items(dtype, full)
+        if full["first"]:
+            for item in items:
+                item[4][0].fill_(float("nan")), item[5][0].fill_(float("nan"))
+        left = _launch(items, full, checked)
+        runs.append((left, [t.clone() for item in items for t in _tensors(list(item[:6]))]))
+    assert runs[0][0] == runs[1][0] and all(c > 0 for c in runs[0][0])
+    assert all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and torch.equal(a.signbit(), b.signbit())
+               for a, b in zip(runs[0][1], runs[1][1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_the_checked_columns_call_finds_every_nonfinite_gradient_and_moves_nothing(value, dtype):
+    """An inf or a NaN anywhere in any tensor's gradient (first or last tensor and entry, a dead column's, a
+    written column's, the odd row of a pair of rows over 4 KB): None, and nothing moved."""
+    full = _full({})
+    positions = [(0, (0, 0, 0)), (3, (2, 1099, 0)), (1, (3, 0, 4)), (0, (4, 47, 0)), (2, (1, 129, 8)),
+                 (3, (2, 500, 0)), (1, (6, 39, 8))]  # (tensor 0 and 2: dead columns first; 3: rows over 4 KB)
+    for tensor, index in positions:
+        items = _checked_items(dtype, full)
+        items[tensor][0][index] = value
+        before = [t.clone() for item in items for t in _tensors(list(item[:6]))]
+        assert _launch(items, full, True) is None, (tensor, index)
+        after = [t for item in items for t in _tensors(list(item[:6]))]
+        assert all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(before, after)), (tensor, index)
+    assert _launch(_checked_items(dtype, full), full, True) is not None
 
 
 def test_the_threads_pool_is_made_again_in_a_forked_child(monkeypatch):

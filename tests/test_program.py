@@ -121,7 +121,7 @@ def _run(setup, change, use_program, monkeypatch):
     with monkeypatch.context() as patch:
         if use_program:
             run = NativeProgram.run
-            patch.setattr(NativeProgram, "run", lambda self, calls: (ran.append(1), run(self, calls))[1])
+            patch.setattr(NativeProgram, "run", lambda self, *args: _counted(ran, 1, run(self, *args)))
         else:
             patch.setattr(NativeProgram, "of", classmethod(lambda cls, *args: None))
         outcomes = [_step(opt, params, dense, gen, None) for _ in range(3)]
@@ -135,6 +135,13 @@ def _run(setup, change, use_program, monkeypatch):
             if after is not None:
                 after()
     return outcomes, len(ran)
+
+
+def _counted(ran: list, entry, took: bool) -> bool:
+    """A wrapper's record of a step the program took (:meth:`NativeProgram.run` returns False where it declines)."""
+    if took:
+        ran.append(entry)
+    return took
 
 
 def _step(opt, params, dense, gen, change):
@@ -228,7 +235,7 @@ def test_a_parameter_not_stepped_yet_keeps_the_program_until_it_has_a_gradient()
         q.grad = torch.randn(5, 3) if step >= 3 else None
         program = opt._program[1]
         if program is not None:
-            program.run = lambda calls, program=program: (ran.append(step), run(program, calls))[1]
+            program.run = lambda *args, program=program: _counted(ran, step, run(program, *args))
         opt.step()
     # step 0 plans; the program takes steps 1 and 2; it declines step 3 (q's first gradient: the full path creates
     # q's base state), is built again after it and takes steps 4 and 5 (the plan is kept: q's factors were there)
@@ -251,7 +258,7 @@ def test_a_scaled_step_takes_the_full_path_and_keeps_the_program(monkeypatch):
         assert (program is not None) == use_program
         ran = []
         if use_program:
-            monkeypatch.setattr(program, "run", lambda calls, run=program.run: (ran.append(1), run(calls))[1])
+            monkeypatch.setattr(program, "run", lambda *args, run=program.run: _counted(ran, 1, run(*args)))
         opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
         opt.step()
         del opt.grad_scale, opt.found_inf
@@ -260,3 +267,58 @@ def test_a_scaled_step_takes_the_full_path_and_keeps_the_program(monkeypatch):
         assert ran == ([1] if use_program else [])
         results.append((p.detach().clone(), copy.deepcopy(opt.state[p])))
     assert _equal(results[0], results[1])
+
+
+def _columns_run(use_program: bool, bad, monkeypatch) -> tuple[list, list]:
+    """Three steps of a column-sparse group of float32 tensors (one columns call: its sums pass is their check), a
+    row group and a dense group; then ``bad`` sets the next gradients of the first columns tensor; that step, and
+    one more with clean gradients. Returns the outcomes and the checked calls made."""
+    gen = torch.Generator().manual_seed(3)
+    params = [(torch.randn(*shape, generator=gen) * 0.3).requires_grad_() for shape in ((8, 6), (5, 3, 3), (6,))]
+    dense = torch.randn(3, generator=gen).requires_grad_()
+    opt = SpreadOptimizer([{"params": params[:2], "sparsity": "column"}, {"params": params[2:], "sparsity": "row"},
+                           {"params": [dense], "kappa": 0.0}], "adam", lr=0.05, kappa=0.02)
+    checked = []
+    launch_checked = native.launch_checked
+    monkeypatch.setattr(native, "launch_checked", lambda *args: (checked.append(1), launch_checked(*args))[1])
+    if not use_program:
+        monkeypatch.setattr(NativeProgram, "of", classmethod(lambda cls, *args: None))
+    outcomes = []
+    for step in range(5):
+        for p in (*params, dense):
+            p.grad = torch.randn(p.shape, generator=gen)
+        if step == 3:
+            bad(params[0].grad)
+        try:
+            opt.step()
+        except FloatingPointError as error:
+            outcomes.append(str(error))
+        outcomes.append(_snapshot(opt, params, dense))
+    monkeypatch.undo()
+    return outcomes, checked
+
+
+def _overflow(g):
+    g[:, 1] = 3e38  # (finite: only the sum g*W of column 1 overflows; the full path's check lets it through)
+
+
+@pytest.mark.parametrize("bad", [lambda g: g.__setitem__((7, 5), float("nan")), lambda g: g.__setitem__((0, 0), float("inf")),
+                                 _overflow], ids=["nan", "inf", "overflow"])
+def test_the_columns_call_checks_its_gradients_as_the_full_path(bad, monkeypatch):
+    """Where one columns call steps every columns tensor, its sums pass is their non-finite check: a NaN or an inf
+    raises the full path's error with nothing moved (the dense group, the step counters: put back); sums that
+    overflow on finite gradients make the full path take the step. Both bit for bit as the run without a program."""
+    programmed, checked = _columns_run(True, bad, monkeypatch)
+    full, none = _columns_run(False, bad, monkeypatch)
+    # (steps 0 and 1 plan (step 0 makes the dense group's state, which the plan reads); the program's calls at steps
+    # 2 and 3; after a refused step the next plans again, after an overflow the program takes step 4 too)
+    assert none == [] and len(checked) == (3 if bad is _overflow else 2)
+    assert len(programmed) == len(full)
+    for i, (a, b) in enumerate(zip(programmed, full)):
+        assert _equal(a, b), (i, a if isinstance(a, str) else "", b if isinstance(b, str) else "")
+    raised = [o for o in programmed if isinstance(o, str)]
+    if bad is _overflow:
+        assert raised == []
+    else:
+        assert len(raised) == 1 and "shape (8, 6)" in raised[0]
+        assert _equal(programmed[2], programmed[4])  # (the refused step moved nothing)
