@@ -22,11 +22,44 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 enum { KAPPA, LR, THRESHOLD, STEP_SIZE_0, BC2_SQRT_0, STEP_SIZE_1, BC2_SQRT_1, BETA1, BETA2, EPS, MOMENTUM,
        DAMPENING, GRAD_SCALE };
 enum { SGD = 0, SGD_MOMENTUM = 1, ADAM = 2 };  /* rules */
 #define LANES 16
+
+/* dst[0..n) = src[0..n) with non-temporal stores where the CPU has them (x86: the aligned body of the row): a line
+   written without being read first is not fetched before it is written (a plain store reads it in first). The
+   columns loop writes theta so (its move pass does not read theta: the store's fetch was a fifth of its reads);
+   the same values, put in order by STREAM_FENCE before anything else touches them. */
+#if defined(__AVX512F__)
+#define STREAM_BODY(real, V, STREAM, LOAD) {                                                                       \
+    int64_t i = 0;                                                                                                 \
+    for (; i < n && ((uintptr_t)(dst + i) & 63); i++) dst[i] = src[i];                                             \
+    for (; i + V <= n; i += V) STREAM(dst + i, LOAD(src + i));                                                    \
+    for (; i < n; i++) dst[i] = src[i];                                                                            \
+}
+static inline void stream_f32(float *restrict dst, const float *restrict src, int64_t n) STREAM_BODY(float, 16, _mm512_stream_ps, _mm512_loadu_ps)
+static inline void stream_f64(double *restrict dst, const double *restrict src, int64_t n) STREAM_BODY(double, 8, _mm512_stream_pd, _mm512_loadu_pd)
+#define STREAM_FENCE() _mm_sfence()
+#elif defined(__AVX__)
+#define STREAM_BODY(real, V, STREAM, LOAD) {                                                                       \
+    int64_t i = 0;                                                                                                 \
+    for (; i < n && ((uintptr_t)(dst + i) & 31); i++) dst[i] = src[i];                                             \
+    for (; i + V <= n; i += V) STREAM(dst + i, LOAD(src + i));                                                    \
+    for (; i < n; i++) dst[i] = src[i];                                                                            \
+}
+static inline void stream_f32(float *restrict dst, const float *restrict src, int64_t n) STREAM_BODY(float, 8, _mm256_stream_ps, _mm256_loadu_ps)
+static inline void stream_f64(double *restrict dst, const double *restrict src, int64_t n) STREAM_BODY(double, 4, _mm256_stream_pd, _mm256_loadu_pd)
+#define STREAM_FENCE() _mm_sfence()
+#else
+static inline void stream_f32(float *restrict dst, const float *restrict src, int64_t n) { for (int64_t i = 0; i < n; i++) dst[i] = src[i]; }
+static inline void stream_f64(double *restrict dst, const double *restrict src, int64_t n) { for (int64_t i = 0; i < n; i++) dst[i] = src[i]; }
+#define STREAM_FENCE() ((void)0)
+#endif
 
 /* sweep (b) of rows_loop on entry j of the row, partial sums in lane l */
 #define ROW_MOVE(real, suffix, j, l) {                                                                                   \
@@ -261,7 +294,7 @@ static inline __attribute__((always_inline)) int64_t rows_loop_##suffix(        
 #define COLUMN_MOVE_KEPT(real, suffix, e)                                                                             \
             COLUMN_MOVE(real, suffix, e)                                                                              \
             const real w2 = w1 + gk * (real)0;                                                                        \
-            wi[e] = w2; pi[e] = up[k] * w2;
+            wi[e] = w2; tb[e] = up[k] * w2;
 
 #define DEFINE_COLUMNS(real, suffix, SQRT, FABS)                                                                      \
 /* columns: n rows of K = G*r entries (the canonical (rows, G, r) view, flattened to (n, K)); group j is entries      \
@@ -290,7 +323,7 @@ static inline __attribute__((always_inline)) int columns_sums_##suffix(         
     s->scratch = NULL; s->list = NULL; s->diffs = NULL; s->mode = NULL;                                               \
     if (n == 0 || K == 0 || r == 0) return 0;                                                                         \
     const int64_t G = K / r, S = K + 16;  /* (scratch arrays S apart: not 4 KB apart, no false store-to-load waits) */ \
-    real *scratch = calloc((size_t)(10 * S + 2 * G), sizeof(real));                                                   \
+    real *scratch = calloc((size_t)(12 * S + 2 * G), sizeof(real));  /* (the last 2 S: theta's rows, see stream) */ \
     int64_t *list = malloc(sizeof(int64_t) * (size_t)K);                                                              \
     int *diffs = calloc((size_t)K, sizeof(int)), *mode = calloc((size_t)G, sizeof(int));                              \
     if (!scratch || !list || !diffs || !mode) { free(scratch); free(list); free(diffs); free(mode); return -1; }      \
@@ -353,6 +386,7 @@ static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(     
     real *restrict osq = gsq + S, *restrict w1sq = osq + S, *restrict wold = w1sq + S;                                \
     real *restrict up = wold + S, *restrict dir = up + S, *restrict keep = dir + S, *restrict u1g = keep + S;         \
     real *restrict norm = u1g + G;  /* (per group: u's new value above, theta's new norm here) */                     \
+    real *restrict tb = norm + G;  /* (theta's new rows, streamed out) */                                             \
     const int pairs = K * (int64_t)sizeof(real) > 4096;                                                               \
     int64_t changed = 0, written = 0, held = 0, snapped = 0;                                                          \
     for (int64_t j = 0; j < G; j++) {                                                                                 \
@@ -400,22 +434,26 @@ static inline __attribute__((always_inline)) int64_t columns_loop_##suffix(     
                 w1sq[k] += w1 * w1; wold[k] += w1 * t_old;                                                            \
                 const real w2 = (keep[k] != 0 ? w1 : 0) + gk * dir[k];                                                \
                 wi[k] = w2;                                                                                           \
-                pi[k] = up[k] * w2;                                                                                   \
+                tb[k] = up[k] * w2;                                                                                   \
             }                                                                                                         \
+            stream_##suffix(pi, tb, K);                                                                               \
         } else if (pairs && i + 1 < n) {  /* (the same numbers: keep is 1 and dir 0 everywhere; rows i and i+1) */    \
             _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
                 real sq, dot;                                                                                         \
                 { COLUMN_MOVE_KEPT(real, suffix, k) sq = w1sq[k] + w1 * w1; dot = wold[k] + w1 * t_old; }             \
                 { COLUMN_MOVE_KEPT(real, suffix, K + k) w1sq[k] = sq + w1 * w1; wold[k] = dot + w1 * t_old; }         \
             }                                                                                                         \
+            stream_##suffix(pi, tb, 2 * K);                                                                           \
             i++;                                                                                                      \
         } else {                                                                                                      \
             _Pragma("GCC ivdep") for (int64_t k = 0; k < K; k++) {                                                    \
                 COLUMN_MOVE_KEPT(real, suffix, k)                                                                     \
                 w1sq[k] += w1 * w1; wold[k] += w1 * t_old;                                                            \
             }                                                                                                         \
+            stream_##suffix(pi, tb, K);                                                                               \
         }                                                                                                             \
     }                                                                                                                 \
+    STREAM_FENCE();  /* (the streamed rows in place before (c) writes some of them again) */                          \
     for (int64_t i = 0, s = 0; i < n; i++)                                  /* (c) */                                 \
         for (int64_t q = 0; q < written; q++, s += 5) {                                                               \
             const int64_t k = i * K + list[q];                                                                        \
