@@ -71,10 +71,11 @@ def time_per_element(n: int, rounds: int) -> dict[str, float]:
     return {k: seconds / n * 1e9 for k, seconds in in_turns(steps, rounds).items()}
 
 
-def time_resnet_columns(rounds: int, quick: bool) -> tuple[int, int, float, float]:
+def time_resnet_columns(rounds: int, quick: bool) -> tuple[int, int, float, float, float, float]:
     """ResNet-18's tensors of two or more dimensions (the first three with ``quick``): the columns loop on all of
-    them in one call, and torch's fused Adam on the same shapes, in turns. Returns (tensors, elements, loop ms,
-    torch ms), medians."""
+    them in one call, the same after the non-finite check of their gradients (the full path's step), the checked
+    call (the kept plan's: every tensor's sums pass first, which is their check), and torch's fused Adam on the same
+    shapes, in turns. Returns (tensors, elements, loop ms, torch ms, check + loop ms, checked call ms), medians."""
     from step_speed import resnet18_shapes
 
     shapes = [s for s in resnet18_shapes() if len(s) >= 2][: 3 if quick else None]
@@ -90,9 +91,15 @@ def time_resnet_columns(rounds: int, quick: bool) -> tuple[int, int, float, floa
         q.grad = torch.randn(shape, generator=gen) * 0.01
         qs.append(q)
     adam = torch.optim.Adam(qs, lr=1e-3, fused=True)
-    steps = {"loop": lambda: native.batch_step("columns", items, rule="adam"), "torch": adam.step}
-    times = in_turns(steps, rounds)
-    return len(shapes), sum(q.numel() for q in qs), times["loop"] * 1e3, times["torch"] * 1e3
+    sizes = [n for item in items for n in native.extents("columns", item[1])]
+    ptrs = [q for item in items for q in native.pointers(*item[:6])]
+    h = [x for item in items for x in item[6]]
+    grads = [item[0] for item in items]
+    steps = {"loop": lambda: native.batch_step("columns", items, rule="adam"), "torch": adam.step,
+             "check + loop": lambda: (native.nonfinite(grads), native.batch_step("columns", items, rule="adam")),
+             "checked": lambda: native.launch_checked(torch.float32, len(items), sizes, ptrs, h, native.flags("adam"))}
+    t = {k: v * 1e3 for k, v in in_turns(steps, rounds).items()}
+    return len(shapes), sum(q.numel() for q in qs), t["loop"], t["torch"], t["check + loop"], t["checked"]
 
 
 def time_snapping(rows: int, rounds: int) -> tuple[float, float, int]:
@@ -132,9 +139,10 @@ def main(argv=None) -> None:
         base = r["torch Adam fused"]
         loops = " | ".join(f"{r[k]:.3f} ({r[k] / base:.2f})" for k in LOOPS)
         print(f"| {n} | {loops} | {base:.3f} | {r['native check']:.3f} | {r['aminmax check']:.3f} |")
-    count, elements, loop, adam = time_resnet_columns(3 if args.quick else 25, args.quick)
+    count, elements, loop, adam, both, checked = time_resnet_columns(3 if args.quick else 25, args.quick)
     print(f"\nResNet-18's {count} column tensors ({elements} elements), one call: columns loop {loop:.4f} ms, "
-          f"torch Adam fused {adam:.4f} ms, {loop / adam:.2f}x")
+          f"torch Adam fused {adam:.4f} ms, {loop / adam:.2f}x; with the non-finite check before it {both:.4f} ms "
+          f"({both / adam:.2f}x), the checked call (the check in its sums pass) {checked:.4f} ms ({checked / adam:.2f}x)")
     rows = 64 if args.quick else 4096
     none, half, snapped = time_snapping(rows, 3 if args.quick else 7)
     print(f"A ({rows}, 1024) tensor, columns loop: {none:.3f} ms when no column snaps, {half:.3f} ms when {snapped} of "
