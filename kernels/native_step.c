@@ -36,30 +36,31 @@ enum { SGD = 0, SGD_MOMENTUM = 1, ADAM = 2 };  /* rules */
    columns loop writes theta so (its move pass does not read theta: the store's fetch was a fifth of its reads);
    the same values, put in order by STREAM_FENCE before anything else touches them. */
 #if defined(__AVX512F__)
-#define STREAM_BODY(real, V, STREAM, LOAD) {                                                                       \
-    int64_t i = 0;                                                                                                 \
-    for (; i < n && ((uintptr_t)(dst + i) & 63); i++) dst[i] = src[i];                                             \
-    for (; i + V <= n; i += V) STREAM(dst + i, LOAD(src + i));                                                    \
-    for (; i < n; i++) dst[i] = src[i];                                                                            \
-}
-static inline void stream_f32(float *restrict dst, const float *restrict src, int64_t n) STREAM_BODY(float, 16, _mm512_stream_ps, _mm512_loadu_ps)
-static inline void stream_f64(double *restrict dst, const double *restrict src, int64_t n) STREAM_BODY(double, 8, _mm512_stream_pd, _mm512_loadu_pd)
+#define STREAM_ALIGN 64
+#define STREAM_F32(d, s) _mm512_stream_ps(d, _mm512_loadu_ps(s))
+#define STREAM_F64(d, s) _mm512_stream_pd(d, _mm512_loadu_pd(s))
 #define STREAM_FENCE() _mm_sfence()
 #elif defined(__AVX__)
-#define STREAM_BODY(real, V, STREAM, LOAD) {                                                                       \
-    int64_t i = 0;                                                                                                 \
-    for (; i < n && ((uintptr_t)(dst + i) & 31); i++) dst[i] = src[i];                                             \
-    for (; i + V <= n; i += V) STREAM(dst + i, LOAD(src + i));                                                    \
-    for (; i < n; i++) dst[i] = src[i];                                                                            \
-}
-static inline void stream_f32(float *restrict dst, const float *restrict src, int64_t n) STREAM_BODY(float, 8, _mm256_stream_ps, _mm256_loadu_ps)
-static inline void stream_f64(double *restrict dst, const double *restrict src, int64_t n) STREAM_BODY(double, 4, _mm256_stream_pd, _mm256_loadu_pd)
+#define STREAM_ALIGN 32
+#define STREAM_F32(d, s) _mm256_stream_ps(d, _mm256_loadu_ps(s))
+#define STREAM_F64(d, s) _mm256_stream_pd(d, _mm256_loadu_pd(s))
 #define STREAM_FENCE() _mm_sfence()
 #else
-static inline void stream_f32(float *restrict dst, const float *restrict src, int64_t n) { for (int64_t i = 0; i < n; i++) dst[i] = src[i]; }
-static inline void stream_f64(double *restrict dst, const double *restrict src, int64_t n) { for (int64_t i = 0; i < n; i++) dst[i] = src[i]; }
+#define STREAM_ALIGN 0  /* (plain stores) */
+#define STREAM_F32(d, s) ((void)0)
+#define STREAM_F64(d, s) ((void)0)
 #define STREAM_FENCE() ((void)0)
 #endif
+#define DEFINE_STREAM(real, suffix, STREAM)                                                                        \
+static inline void stream_##suffix(real *restrict dst, const real *restrict src, int64_t n) {                      \
+    const int64_t V = STREAM_ALIGN / (int64_t)sizeof(real);                                                        \
+    int64_t i = 0;                                                                                                 \
+    for (; STREAM_ALIGN && i < n && ((uintptr_t)(dst + i) & (STREAM_ALIGN - 1)); i++) dst[i] = src[i];             \
+    for (; STREAM_ALIGN && i + V <= n; i += V) STREAM(dst + i, src + i);                                           \
+    for (; i < n; i++) dst[i] = src[i];                                                                            \
+}
+DEFINE_STREAM(float, f32, STREAM_F32)
+DEFINE_STREAM(double, f64, STREAM_F64)
 
 /* sweep (b) of rows_loop on entry j of the row, partial sums in lane l */
 #define ROW_MOVE(real, suffix, j, l) {                                                                                   \
