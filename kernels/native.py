@@ -279,16 +279,19 @@ def launch_checked(dtype: torch.dtype, count: int, sizes, ptrs, h, flags: tuple[
     """:func:`launch` of the columns loop with the optimizer's non-finite-gradient check taken by its sums pass
     (which reads every gradient anyway), where :func:`one_call` holds: every tensor's sums first, then the rest of
     every step. None, with nothing moved, when a sum ``g*W`` is not finite (an inf or a NaN in a gradient always
-    makes it so; the caller's own check then decides, and names the parameter)."""
+    makes it so; the caller's own check then decides, and names the parameter) or the sums found no memory (the
+    caller's plain step then raises where it finds none too)."""
     fn = getattr(_library(), f"spread_columns_checked_batch_{DTYPES[dtype]}")
-    changed = _call(fn, count, array("q", sizes), array("q", ptrs), array("d", h), flags, checked=True)
-    return None if -2 in changed else changed.tolist()
+    changed = _call(fn, count, array("q", sizes), array("q", ptrs), array("d", h), flags)
+    return None if -2 in changed or -3 in changed else changed.tolist()
 
 
-def _call(fn, count: int, sizes: array, ptrs: array, h: array, flags: tuple[int, ...], checked: bool = False) -> array:
+def _call(fn, count: int, sizes: array, ptrs: array, h: array, flags: tuple[int, ...]) -> array:
+    """One call of a batch entry point: per tensor what it left for adoption (-1: no scratch memory, raised; -2, -3:
+    a checked call's non-finite sums, or no memory for them: nothing moved)."""
     changed = array("q", bytes(8 * count))
     fn(count, sizes.buffer_info()[0], ptrs.buffer_info()[0], h.buffer_info()[0], *flags, changed.buffer_info()[0])
-    if -1 in changed or not checked and min(changed, default=0) < 0:
+    if -1 in changed:
         raise MemoryError(_NO_SCRATCH)
     return changed
 

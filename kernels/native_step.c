@@ -561,21 +561,21 @@ ENTRY(columns, f64, double)
    anyway (the separate check's read of them is saved): every tensor's sweep (a) first, the last tensor first, then,
    when every sum g*W is finite, the rest of each tensor's step, the first tensor first (so that the small early
    tensors of a model find their sums pass's data still in cache). Else nothing moves, and changed[i] is -2 for each
-   tensor whose sums are not finite (a non-finite gradient, or rarely an overflow: the caller's own check decides).
-   changed[i] -1: no memory for the scratch (when sweep (a) finds none, nothing has moved). */
+   tensor whose sums are not finite (a non-finite gradient, or rarely an overflow: the caller's own check decides),
+   -3 where sweep (a) found no memory for its scratch (nothing moved either), -1 where a step found none. */
 #define DEFINE_CHECKED(suffix, real)                                                                               \
 void spread_columns_checked_batch_##suffix(int64_t count, const int64_t *sizes, real *const *ptrs, const double *h,\
                                            int rule, int amsgrad, int nesterov, int first, int maximize,          \
                                            int scaled, int64_t *changed) {                                         \
     colsums_##suffix *sums = calloc((size_t)(count > 0 ? count : 1), sizeof *sums);                                \
     int failed = !sums;                                                                                            \
-    for (int64_t i = 0; i < count; i++) changed[i] = failed ? -1 : 0;                                              \
+    for (int64_t i = 0; i < count; i++) changed[i] = failed ? -3 : 0;                                              \
     for (int64_t i = count - 1; i >= 0 && !failed; i--) {                                                          \
         real *const *q = ptrs + 10 * i;                                                                            \
         const consts_##suffix k = consts_of_##suffix(h + 13 * i, maximize ? -1 : 1);                               \
         const int got = columns_sums_##suffix(sizes[3 * i], sizes[3 * i + 1], sizes[3 * i + 2], q[0], q[1], q[2],  \
                                               q[3], &k, scaled, sums + i);                                         \
-        changed[i] = got < 0 ? -1 : got ? -2 : 0;                                                                  \
+        changed[i] = got < 0 ? -3 : got ? -2 : 0;                                                                  \
         failed |= got < 0;                                                                                         \
     }                                                                                                              \
     for (int64_t i = 0; i < count; i++) failed |= changed[i] != 0;                                                 \

@@ -438,7 +438,7 @@ class SpreadOptimizer(Optimizer):
         scaled = grad_scale is not None or found_inf is not None  # (GradScaler's steps: the full path's)
         if made is kinds and program is not None and not scaled:
             calls = program.prepare()
-            # (dense groups move once the gradients are checked, before the sparse ones: as the full path)
+            # (dense groups move once every gradient is checked, as in the full path: see NativeProgram.run)
             if calls is not None and program.run(calls, self._hidden.step if self._base_has_work() else None):
                 return
         self._full_step(kinds, grad_scale, found_inf)
