@@ -91,13 +91,10 @@ def time_resnet_columns(rounds: int, quick: bool) -> tuple[int, int, float, floa
         q.grad = torch.randn(shape, generator=gen) * 0.01
         qs.append(q)
     adam = torch.optim.Adam(qs, lr=1e-3, fused=True)
-    sizes = [n for item in items for n in native.extents("columns", item[1])]
-    ptrs = [q for item in items for q in native.pointers(*item[:6])]
-    h = [x for item in items for x in item[6]]
     grads = [item[0] for item in items]
     steps = {"loop": lambda: native.batch_step("columns", items, rule="adam"), "torch": adam.step,
              "check + loop": lambda: (native.nonfinite(grads), native.batch_step("columns", items, rule="adam")),
-             "checked": lambda: native.launch_checked(torch.float32, len(items), sizes, ptrs, h, native.flags("adam"))}
+             "checked": lambda: native.batch_step("columns", items, rule="adam", checked=True)}
     t = {k: v * 1e3 for k, v in in_turns(steps, rounds).items()}
     return len(shapes), sum(q.numel() for q in qs), t["loop"], t["torch"], t["check + loop"], t["checked"]
 

@@ -196,17 +196,22 @@ _NO_SCRATCH = "the native columns step could not allocate its scratch memory; th
 
 
 def batch_step(kernel: str, items: list[tuple], *, rule: str, amsgrad: bool = False, nesterov: bool = False,
-               momentum: bool = False, first: bool = False, maximize: bool = False, scaled: bool = False, **_) -> list[int]:
+               momentum: bool = False, first: bool = False, maximize: bool = False, scaled: bool = False,
+               checked: bool = False, **_) -> list[int] | None:
     """Many tensors of one dtype in one call (``kernel``: ``"element"``, ``"rows"`` or ``"columns"``): ``items``
     are the arguments of :func:`element_step` / :func:`rows_step` / :func:`columns_step` without the flags, ``(g, p,
-    factor, W, state_factor, state_W, hyper)``; returns what each of those calls would return (:func:`launch`)."""
+    factor, W, state_factor, state_W, hyper)``; returns what each of those calls would return (:func:`launch`;
+    ``checked``, columns only: :func:`launch_checked`, None where it declines)."""
     sizes, ptrs, h = [], [], []
     for g, p, factor, W, state_factor, state_W, hyper in items:
         sizes += extents(kernel, p)
         ptrs += pointers(g, p, factor, W, state_factor, state_W)
         h += hyper
-    return launch(kernel, items[0][1].dtype, len(items), sizes, ptrs, h,
-                  flags(rule, amsgrad, nesterov, momentum, first, maximize, scaled))
+    codes = flags(rule, amsgrad, nesterov, momentum, first, maximize, scaled)
+    if checked:
+        assert kernel == "columns", "only the columns loop checks its gradients in its sums pass"
+        return launch_checked(items[0][1].dtype, len(items), sizes, ptrs, h, codes)
+    return launch(kernel, items[0][1].dtype, len(items), sizes, ptrs, h, codes)
 
 
 def extents(kernel: str, p: torch.Tensor) -> tuple[int, int, int]:

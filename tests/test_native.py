@@ -445,14 +445,7 @@ def _checked_items(dtype: torch.dtype, full: dict) -> list[tuple]:
 
 
 def _launch(items: list[tuple], full: dict, checked: bool):
-    sizes = [n for item in items for n in native.extents("columns", item[1])]
-    ptrs = [q for item in items for q in native.pointers(*item[:6])]
-    h = [x for item in items for x in item[6]]
-    flags = native.flags(full["rule"], full["amsgrad"], full["nesterov"], full["momentum"], full["first"],
-                         full["maximize"], full["scaled"])
-    if checked:
-        return native.launch_checked(items[0][1].dtype, len(items), sizes, ptrs, h, flags)
-    return native.launch("columns", items[0][1].dtype, len(items), sizes, ptrs, h, flags)
+    return native.batch_step("columns", items, **full, checked=checked)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
